@@ -1,0 +1,234 @@
+"""Per-user adaptation and scoring, vectorised over users.
+
+The SDK (``learner.adapt``), batch jobs and the gRPC server all come through here, and here
+through the learner's single pure adaptation function (``MetaLearner.adapt_user``). Requests are
+padded into a few fixed shapes (users, support size and candidates each rounded up to a bucket),
+so compiled code is traced once per bucket and never per request.
+"""
+
+import numpy as np
+import pandas as pd
+from keras import ops
+
+from metarec import backend
+
+
+def bucket(n, minimum=1):
+    """Smallest power of two >= max(n, minimum) up to 1024, then the next multiple of 1024."""
+    n = max(int(n), minimum, 1)
+    if n <= 1024:
+        return 1 << (n - 1).bit_length()
+    return -(-n // 1024) * 1024
+
+
+def _broadcast_user(user_inputs, n):
+    """One user's feature dict ``{name: [...]}`` repeated over ``n`` rows."""
+    return {k: ops.broadcast_to(ops.expand_dims(v, 0), (n,) + tuple(v.shape)) for k, v in user_inputs.items()}
+
+
+class AdaptedUser:
+    """A personal model: the meta-model's weights after a few steps on one user's interactions.
+
+    Obtained from ``learner.adapt(...)`` or ``learner.adapt_many(...)``.
+    """
+
+    def __init__(self, learner, weights, user_inputs, seen_items):
+        self.learner = learner
+        self.weights = weights  # adapted weights, numpy, in learner.forward.adapt_index order
+        self.user_inputs = user_inputs  # {name: numpy array} of this user's features
+        self.seen_items = seen_items  # raw item ids of the support set
+
+    def score(self, item_ids=None):
+        """Scores (predicted rating, or probability for implicit feedback) of raw item ids;
+        ``None`` scores the whole catalogue in index order (``learner.encoder.item_ids[1:]``)."""
+        return self.learner.score_many([self], None if item_ids is None else [item_ids])[0]
+
+    def recommend(self, k=10, exclude_seen=True, candidates=None):
+        """Top-``k`` as a DataFrame (``item_id``, ``score``), best first."""
+        ids, scores = self.learner.recommend_many([self], k, exclude_seen, candidates)[0]
+        return pd.DataFrame({"item_id": ids, "score": scores})
+
+
+class AdaptationMixin:
+    """``adapt`` / ``adapt_many`` / ``score_many`` / ``recommend_many`` for ``MetaLearner``."""
+
+    # ------------------------------------------------------------------ encoding requests
+    def _require_encoder(self):
+        if self.encoder is None:
+            raise ValueError(
+                "This learner has no feature encoder: fit it on a TaskSet, or pass encoder=."
+            )
+        return self.encoder
+
+    def encode_supports(self, supports, user_features=None):
+        """Pad users' support frames into arrays ``[B_bucket, S_bucket]``; returns the arrays,
+        the number of real users and each user's feature dict."""
+        encoder = self._require_encoder()
+        if isinstance(supports, pd.DataFrame):
+            raise ValueError("supports must be a list of DataFrames, one per user; received one DataFrame.")
+        supports = list(supports)
+        if not supports:
+            raise ValueError("supports is empty: pass at least one user's interactions.")
+        n_users = len(supports)
+        if user_features is None:
+            user_features = [{}] * n_users
+        if len(user_features) != n_users:
+            raise ValueError(
+                f"user_features has {len(user_features)} entries for {n_users} users."
+            )
+        encoded = [encoder.encode_interactions(frame) for frame in supports]
+        b = bucket(n_users)
+        s = bucket(max(len(idx) for idx, _ in encoded), minimum=8)
+        item_idx = np.zeros((b, s), np.int32)
+        target = np.zeros((b, s), np.float32)
+        mask = np.zeros((b, s), np.float32)
+        for u, (idx, y) in enumerate(encoded):
+            item_idx[u, : len(idx)] = idx
+            target[u, : len(idx)] = y
+            mask[u, : len(idx)] = 1.0
+        users = encoder.user_inputs_from_features(
+            [dict(f or {}) for f in user_features] + [{}] * (b - n_users)
+        )
+        inputs = encoder.item_inputs(item_idx)
+        inputs.update({k: np.repeat(v[:, None], s, axis=1) for k, v in users.items()})
+        per_user = [{k: v[u] for k, v in users.items()} for u in range(n_users)]
+        return (inputs, target, mask), users, per_user
+
+    # ------------------------------------------------------------------ compiled kernels
+    def _kernel(self, name, build):
+        # Settings are baked in at trace time: key the cache on them too.
+        key = (name, self.inner_steps, self.feedback)
+        cache = self.__dict__.setdefault("_kernel_cache", {})
+        if key not in cache:
+            cache[key] = backend.jit(build())
+        return cache[key]
+
+    def _adapt_kernel(self):
+        def build():
+            def fn(params, non_trainable, inputs, target, mask):
+                def one(inputs, target, mask):
+                    adapted, _ = self.adapt_user(params, non_trainable, inputs, target, mask)
+                    return adapted
+
+                return backend.vmap(one, (0, 0, 0))(inputs, target, mask)
+
+            return fn
+
+        return self._kernel("adapt", build)
+
+    def _score_kernel(self, shared):
+        def build():
+            def fn(params, non_trainable, adapted, users, items):
+                model_params, _ = self._split_meta(params)
+                _, fixed = self.forward.split(model_params)
+
+                def one(adapted, user, items):
+                    n = ops.shape(items["item_id"])[0]
+                    inputs = dict(items)
+                    inputs.update(_broadcast_user(user, n))
+                    out = self.forward(adapted, fixed, non_trainable, inputs)
+                    return out if self.feedback == "explicit" else ops.sigmoid(out)
+
+                return backend.vmap(one, (0, 0, None if shared else 0))(adapted, users, items)
+
+            return fn
+
+        return self._kernel(f"score_shared={shared}", build)
+
+    # ------------------------------------------------------------------ public API
+    def adapt(self, interactions, user_features=None):
+        """Adapt the meta-model to one user's few interactions (a DataFrame with ``item_id`` and
+        ``rating``); returns an ``AdaptedUser`` with ``score`` and ``recommend``."""
+        return self.adapt_many([interactions], None if user_features is None else [user_features])[0]
+
+    def adapt_many(self, supports, user_features=None):
+        """Adapt to many users at once (one vectorised, compiled call per bucket of users)."""
+        (inputs, target, mask), _, per_user = self.encode_supports(supports, user_features)
+        params, non_trainable = self.snapshot()
+        adapted = self._adapt_kernel()(params, non_trainable, inputs, target, mask)
+        adapted = [backend.to_numpy(w) for w in adapted]
+        return [
+            AdaptedUser(self, [w[u] for w in adapted], per_user[u], np.asarray(frame["item_id"]))
+            for u, frame in enumerate(supports)
+        ]
+
+    def _candidate_index(self, candidates, n_users):
+        """Per-user candidate index arrays, or one shared array (the catalogue) when None."""
+        encoder = self._require_encoder()
+        if candidates is None:
+            return np.arange(1, encoder.num_items, dtype=np.int32), True
+        if len(candidates) != n_users:
+            raise ValueError(f"candidates has {len(candidates)} entries for {n_users} users.")
+        return [encoder.item_index(np.asarray(c)) for c in candidates], False
+
+    def score_many(self, adapted_users, candidates=None):
+        """Scores of each user's candidates (raw item ids; None = whole catalogue)."""
+        if not adapted_users:
+            return []
+        n = len(adapted_users)
+        b = bucket(n)
+        weights = [
+            np.stack([u.weights[i] for u in adapted_users] + [adapted_users[0].weights[i]] * (b - n))
+            for i in range(len(adapted_users[0].weights))
+        ]
+        users = {
+            k: np.stack([u.user_inputs[k] for u in adapted_users] + [adapted_users[0].user_inputs[k]] * (b - n))
+            for k in adapted_users[0].user_inputs
+        }
+        index, shared = self._candidate_index(candidates, n)
+        encoder = self.encoder
+        if shared:
+            items = encoder.item_inputs(index)
+            sizes = [len(index)] * n
+        else:
+            sizes = [len(i) for i in index]
+            c = bucket(max(sizes), minimum=8)
+            padded = np.zeros((b, c), np.int32)
+            for u, idx in enumerate(index):
+                padded[u, : len(idx)] = idx
+            items = encoder.item_inputs(padded)
+        params, non_trainable = self.snapshot()
+        scores = backend.to_numpy(
+            self._score_kernel(shared)(params, non_trainable, weights, users, items)
+        )
+        return [scores[u, : sizes[u]] for u in range(n)]
+
+    def recommend_many(self, adapted_users, k=10, exclude_seen=True, candidates=None):
+        """Top-``k`` (item ids, scores) per user, best first; seen items excluded by default."""
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer; received k={k!r}.")
+        all_scores = self.score_many(adapted_users, candidates)
+        catalogue = self.encoder.item_ids[1:]
+        results = []
+        for u, scores in enumerate(all_scores):
+            ids = catalogue if candidates is None else np.asarray(candidates[u])
+            scores = scores.astype(np.float64)
+            if exclude_seen:
+                scores[np.isin(ids, adapted_users[u].seen_items)] = -np.inf
+            kk = min(k, int(np.isfinite(scores).sum()))
+            top = np.argpartition(-scores, kk - 1)[:kk] if kk else np.array([], int)
+            top = top[np.argsort(-scores[top], kind="stable")]
+            results.append((ids[top], scores[top].astype(np.float32)))
+        return results
+
+    def predict_items(self, item_ids, user_features=None):
+        """Plain, non-adaptive scores of raw item ids for one user (the reference point)."""
+        encoder = self._require_encoder()
+        idx = encoder.item_index(np.asarray(item_ids))
+        inputs = encoder.item_inputs(idx)
+        user = encoder.user_inputs_from_features(dict(user_features or {}))
+        inputs.update({k: np.repeat(v, len(idx), axis=0) for k, v in user.items()})
+        params, non_trainable = self.snapshot()
+        return backend.to_numpy(self._predict_kernel()(params, non_trainable, inputs))
+
+    def _predict_kernel(self):
+        def build():
+            def fn(params, non_trainable, inputs):
+                model_params, _ = self._split_meta(params)
+                adapted, fixed = self.forward.split(model_params)
+                out = self.forward(adapted, fixed, non_trainable, inputs)
+                return out if self.feedback == "explicit" else ops.sigmoid(out)
+
+            return fn
+
+        return self._kernel("predict", build)

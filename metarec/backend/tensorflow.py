@@ -1,0 +1,93 @@
+"""TensorFlow implementations of the backend primitives (see ``metarec.backend``)."""
+
+import numpy as np
+import tensorflow as tf
+
+
+def _dense(grad, like):
+    # Embedding gradients arrive as IndexedSlices; `w - lr * g` needs a dense tensor.
+    if grad is None:
+        return tf.zeros_like(like)
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.convert_to_tensor(grad)
+    return grad
+
+
+def value_and_grad(fn, has_aux=False):
+    """Value and gradient of ``fn(params, *args)`` with respect to the list ``params``.
+
+    Called inside an outer ``GradientTape`` (the MAML meta-step), the inner tape's gradient
+    computation is itself recorded, which is what makes second-order meta-gradients exact.
+    """
+
+    def wrapped(params, *args):
+        params = list(params)
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            out = fn(params, *args)
+            value = out[0] if has_aux else out
+        grads = tape.gradient(value, params)
+        grads = [_dense(g, p) for g, p in zip(grads, params)]
+        return out, grads
+
+    return wrapped
+
+
+def vmap(fn, in_axes):
+    """Vectorise ``fn`` over axis 0 of the arguments marked 0 in ``in_axes``."""
+    in_axes = tuple(in_axes)
+
+    def wrapped(*args):
+        if len(args) != len(in_axes):
+            raise ValueError(f"vmap expected {len(in_axes)} arguments, received {len(args)}.")
+        mapped = tuple(a for a, ax in zip(args, in_axes) if ax == 0)
+
+        def per_element(elems):
+            it = iter(elems)
+            full = [next(it) if ax == 0 else a for a, ax in zip(args, in_axes)]
+            return fn(*full)
+
+        return tf.vectorized_map(per_element, mapped, fallback_to_while_loop=True)
+
+    return wrapped
+
+
+def jit(fn):
+    """Compile with ``tf.function``; shapes come from a few buckets, so retracing is rare."""
+    return tf.function(fn, reduce_retracing=True)
+
+
+def to_numpy(x):
+    return np.asarray(x)
+
+
+class TrainStep:
+    """One compiled meta-update: ``loss, grads = grad_fn(params, batch)``, then the optimizer.
+
+    On TensorFlow the optimizer updates the Keras variables in place inside the ``tf.function``,
+    as Keras's own TensorFlow trainer does.
+    """
+
+    def __init__(self, grad_fn, optimizer, variables, non_trainable_variables):
+        self.optimizer = optimizer
+        self.variables = list(variables)
+        self.non_trainable_variables = list(non_trainable_variables)
+        optimizer.build(self.variables)
+
+        def step(batch):
+            params = [tf.convert_to_tensor(v.value) for v in self.variables]
+            non_trainable = [tf.convert_to_tensor(v.value) for v in self.non_trainable_variables]
+            logs, grads = grad_fn(params, non_trainable, batch)
+            self.optimizer.apply(grads, self.variables)
+            return logs
+
+        self._step = tf.function(step, reduce_retracing=True)
+
+    def __call__(self, batch):
+        return self._step(batch)
+
+    def sync(self):
+        """Variables are updated in place; nothing to write back."""
+
+    def reload(self):
+        """Variables are read at every step; nothing to re-read."""

@@ -1,0 +1,361 @@
+"""``MetaLearner``: the Keras-native base of every meta-learner.
+
+A meta-learner is a ``keras.Model`` that wraps the user's model. ``compile`` takes any Keras
+optimizer (the outer loop), ``fit`` meta-trains over a ``TaskSet`` with callbacks and a progress
+bar, ``save`` writes one ``.keras`` file holding the model, every metarec setting and the
+feature encoder, and ``adapt`` / ``adapt_many`` turn a few interactions into personal models.
+
+Subclasses implement one method, ``meta_gradients``: the outer-loop gradient of one meta-batch.
+"""
+
+import json
+import os
+import re
+
+import keras
+import numpy as np
+from keras import ops
+
+from metarec import backend
+from metarec.adaptation import AdaptationMixin
+from metarec.inner_loop import Forward, inner_loop, masked_loss
+
+ADAPT_CHOICES = ("all", "decision_layers")
+LEARN_LR_CHOICES = (None, "per_layer", "per_parameter")
+
+
+def resolve_adapt(model, adapt):
+    """Positions in ``model.trainable_variables`` of the weights that adapt per user.
+
+    ``adapt`` is "all", "decision_layers" (layers named ``decision*``, or else the trailing run
+    of Dense layers: the MeLU split), a callable on variable paths, or a list of path regexes.
+    """
+    variables = model.trainable_variables
+    paths = [v.path for v in variables]
+    if isinstance(adapt, str):
+        if adapt == "all":
+            index = list(range(len(paths)))
+        elif adapt == "decision_layers":
+            index = [i for i, p in enumerate(paths) if re.search(r"(^|/)decision", p)]
+            if not index:
+                index = _trailing_dense_index(model)
+        else:
+            raise ValueError(
+                f"adapt must be one of {ADAPT_CHOICES}, a callable or a list of variable-path "
+                f"patterns; received adapt={adapt!r}."
+            )
+    elif callable(adapt):
+        index = [i for i, p in enumerate(paths) if adapt(p)]
+    elif isinstance(adapt, (list, tuple)):
+        index = [i for i, p in enumerate(paths) if any(re.search(pat, p) for pat in adapt)]
+    else:
+        raise ValueError(f"adapt must be a string, a callable or a list; received adapt={adapt!r}.")
+    if not index:
+        raise ValueError(
+            f"adapt={adapt!r} selects no trainable weight of the model; its weights are {paths}."
+        )
+    return index
+
+
+def _trailing_dense_index(model):
+    layers = [layer for layer in model.layers if layer.trainable_weights]
+    trailing = []
+    for layer in reversed(layers):
+        if not isinstance(layer, keras.layers.Dense):
+            break
+        trailing.append(layer)
+    ids = {id(v) for layer in trailing for v in layer.trainable_weights}
+    return [i for i, v in enumerate(model.trainable_variables) if id(v) in ids]
+
+
+class MetaLearner(AdaptationMixin, keras.Model):
+    """Base class: settings, the training loop, evaluation and saving.
+
+    Args:
+        model: a Keras 3 model over the feature dict (see ``metarec.models``); it must be built.
+        inner_steps: gradient steps on a user's support set, in training and at adaptation.
+        inner_lr: the inner learning rate (the initial value when it is learned).
+        adapt: which weights adapt per user: "all", "decision_layers", a callable on variable
+            paths, or a list of path regexes. The others change only in the outer loop.
+        clipnorm: global-norm clip of each inner gradient (None to disable).
+        learn_inner_lr: None, "per_layer" or "per_parameter" (Meta-SGD): meta-learn the inner
+            learning rates jointly with the initialisation.
+        feedback: "explicit" or "implicit"; taken from the training tasks when None.
+        encoder: the ``FeatureEncoder`` that turns raw ids into inputs; taken from the training
+            tasks when None. Saved with the model.
+    """
+
+    def __init__(
+        self,
+        model,
+        inner_steps=5,
+        inner_lr=0.01,
+        adapt="decision_layers",
+        clipnorm=5.0,
+        learn_inner_lr=None,
+        feedback=None,
+        encoder=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(model, keras.Model) or not model.built:
+            raise ValueError(f"model must be a built keras.Model; received model={model!r}.")
+        if not isinstance(inner_steps, (int, np.integer)) or inner_steps < 0:
+            raise ValueError(f"inner_steps must be an integer >= 0; received {inner_steps!r}.")
+        if not np.isfinite(inner_lr) or inner_lr < 0:
+            raise ValueError(f"inner_lr must be a finite number >= 0; received {inner_lr!r}.")
+        if clipnorm is not None and not clipnorm > 0:
+            raise ValueError(f"clipnorm must be > 0 or None; received {clipnorm!r}.")
+        if learn_inner_lr not in LEARN_LR_CHOICES:
+            raise ValueError(f"learn_inner_lr must be one of {LEARN_LR_CHOICES}; received {learn_inner_lr!r}.")
+        if feedback not in (None, "explicit", "implicit"):
+            raise ValueError(f"feedback must be 'explicit' or 'implicit'; received {feedback!r}.")
+        self.model = model
+        self.inner_steps = int(inner_steps)
+        self.inner_lr = float(inner_lr)
+        self.adapt = adapt
+        self.clipnorm = None if clipnorm is None else float(clipnorm)
+        self.learn_inner_lr = learn_inner_lr
+        self.feedback = feedback
+        self.encoder = encoder
+        self.forward = Forward(model, resolve_adapt(model, adapt))
+        self.inner_lr_weights = self._make_inner_lr_weights()
+        self.built = True
+
+    # ------------------------------------------------------------------ weights
+    def _make_inner_lr_weights(self):
+        if self.learn_inner_lr is None:
+            return []
+        adapted = [self.model.trainable_variables[i] for i in self.forward.adapt_index]
+        weights = []
+        for i, v in enumerate(adapted):
+            shape = () if self.learn_inner_lr == "per_layer" else tuple(v.shape)
+            weights.append(
+                self.add_weight(
+                    shape=shape,
+                    initializer=keras.initializers.Constant(self.inner_lr),
+                    name=f"inner_lr_{i}",
+                )
+            )
+        return weights
+
+    @property
+    def meta_variables(self):
+        """Everything the outer loop updates: the model's trainable weights, then the rates."""
+        return list(self.model.trainable_variables) + list(self.inner_lr_weights)
+
+    def _split_meta(self, params):
+        n = len(self.model.trainable_variables)
+        return params[:n], params[n:]
+
+    def _learning_rates(self, lr_params, dtype="float32"):
+        if self.learn_inner_lr is None:
+            rate = ops.convert_to_tensor(self.inner_lr, dtype=dtype)
+            return [rate] * len(self.forward.adapt_index)
+        return list(lr_params)
+
+    def snapshot(self):
+        """Current weight values as tensors: (meta params, non-trainable values)."""
+        params = [v.value for v in self.meta_variables]
+        non_trainable = [v.value for v in self.model.non_trainable_variables]
+        return params, non_trainable
+
+    # ------------------------------------------------------------------ maths
+    def adapt_user(self, params, non_trainable, inputs, target, mask, steps=None):
+        """Adapted weights of one user from their support set (pure; used everywhere)."""
+        model_params, lr_params = self._split_meta(params)
+        adapted, fixed = self.forward.split(model_params)
+        adapted = inner_loop(
+            self.forward,
+            adapted,
+            fixed,
+            non_trainable,
+            inputs,
+            target,
+            mask,
+            steps=self.inner_steps if steps is None else steps,
+            learning_rates=self._learning_rates(lr_params, adapted[0].dtype),
+            clipnorm=self.clipnorm,
+            first_order=getattr(self, "first_order", False),
+            feedback=self.feedback,
+        )
+        return adapted, fixed
+
+    def user_query_losses(self, params, non_trainable, episode, steps=None, with_before=True):
+        """Per-user query loss after (and, with ``with_before``, before) adaptation to the
+        support set, vectorised over the meta-batch."""
+
+        def one_user(params, non_trainable, s_x, s_y, s_m, q_x, q_y, q_m):
+            adapted, fixed = self.adapt_user(params, non_trainable, s_x, s_y, s_m, steps)
+            after = masked_loss(
+                self.forward(adapted, fixed, non_trainable, q_x), q_y, q_m, self.feedback
+            )
+            if not with_before:
+                return after
+            model_params, _ = self._split_meta(params)
+            adapted0, fixed = self.forward.split(model_params)
+            before = masked_loss(
+                self.forward(adapted0, fixed, non_trainable, q_x), q_y, q_m, self.feedback
+            )
+            return before, after
+
+        fn = backend.vmap(one_user, (None, None, 0, 0, 0, 0, 0, 0))
+        return fn(params, non_trainable, *episode)
+
+    def meta_gradients(self, params, non_trainable, episode):
+        """Outer-loop ``(logs, grads)`` for one meta-batch; implemented by each meta-learner."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ keras API
+    def call(self, inputs, training=False):
+        """The meta-model's own (non-adapted) predictions."""
+        return self.model(inputs, training=training)
+
+    def _check_ready(self, tasks):
+        if getattr(self, "optimizer", None) is None:
+            raise ValueError("Call compile(optimizer=...) before fit().")
+        if self.feedback is None:
+            self.feedback = tasks.encoder.schema.feedback
+        if self.encoder is None:
+            self.encoder = tasks.encoder
+
+    def fit(
+        self,
+        x,
+        validation_data=None,
+        epochs=1,
+        batch_size=32,
+        callbacks=None,
+        verbose="auto",
+        shuffle=True,
+        seed=None,
+        max_query=128,
+        initial_epoch=0,
+        validation_freq=1,
+    ):
+        """Meta-train over the users of the ``TaskSet`` ``x``; returns a ``History``.
+
+        One step is one meta-batch of ``batch_size`` users. ``validation_data`` (a ``TaskSet``)
+        is scored after each epoch as ``val_loss``: the query loss after adapting to each
+        validation user's support set, which is what callbacks such as EarlyStopping watch.
+        """
+        self._check_ready(x)
+        verbose = 1 if verbose == "auto" else verbose
+        steps = x.num_batches(batch_size)
+        train_step = backend.TrainStep(
+            self.meta_gradients, self.optimizer, self.meta_variables,
+            self.model.non_trainable_variables,
+        )
+        if not isinstance(callbacks, keras.callbacks.CallbackList):
+            callbacks = keras.callbacks.CallbackList(
+                callbacks, add_history=True, add_progbar=verbose != 0, model=self,
+                verbose=verbose, epochs=epochs, steps=steps,
+            )
+        self.stop_training = False
+        callbacks.on_train_begin()
+        base_seed = 0 if seed is None else int(seed)
+        logs = {}
+        for epoch in range(initial_epoch, epochs):
+            callbacks.on_epoch_begin(epoch)
+            totals = {}
+            batches = x.episodes(
+                batch_size, shuffle=shuffle, seed=base_seed + epoch, max_query=max_query,
+                resample=True,
+            )
+            for step, episode in enumerate(batches):
+                callbacks.on_train_batch_begin(step)
+                step_logs = train_step(episode)
+                for k, v in step_logs.items():
+                    totals[k] = totals.get(k, 0.0) + float(backend.to_numpy(v))
+                logs = {k: v / (step + 1) for k, v in totals.items()}
+                callbacks.on_train_batch_end(step, logs)
+                if self.stop_training:
+                    break
+            train_step.sync()
+            if validation_data is not None and (epoch + 1) % validation_freq == 0:
+                val = self.evaluate(validation_data, batch_size=batch_size, verbose=0)
+                logs.update({f"val_{k}": v for k, v in val.items()})
+            callbacks.on_epoch_end(epoch, logs)
+            train_step.reload()  # callbacks may have changed the weights
+            if self.stop_training:
+                break
+        callbacks.on_train_end(logs)
+        return self.history
+
+    def evaluate(self, x, batch_size=32, verbose="auto", steps=None):
+        """Mean query loss over the users of ``x`` after (``loss``) and before (``loss_before``)
+        adaptation to their support sets. Returns a dict."""
+        if self.feedback is None:
+            self.feedback = x.encoder.schema.feedback
+        verbose = 1 if verbose == "auto" else verbose
+        fn = self._jit_eval()
+        params, non_trainable = self.snapshot()
+        sums = np.zeros(2)
+        users = 0.0
+        progbar = keras.utils.Progbar(x.num_batches(batch_size)) if verbose else None
+        for i, episode in enumerate(x.episodes(batch_size, shuffle=False)):
+            before, after, weight = (backend.to_numpy(t) for t in fn(params, non_trainable, episode))
+            sums += [float((before * weight).sum()), float((after * weight).sum())]
+            users += float(weight.sum())
+            if progbar:
+                progbar.update(i + 1)
+        users = max(users, 1.0)
+        return {"loss": sums[1] / users, "loss_before": sums[0] / users}
+
+    # ------------------------------------------------------------------ compiled functions
+    def _jit_eval(self):
+        if getattr(self, "_eval_fn", None) is None:
+
+            def eval_fn(params, non_trainable, episode):
+                before, after = self.user_query_losses(params, non_trainable, episode)
+                weight = ops.cast(ops.sum(episode.query_mask, axis=1) > 0, before.dtype)
+                return before, after, weight
+
+            self._eval_fn = backend.jit(eval_fn)
+        return self._eval_fn
+
+    # ------------------------------------------------------------------ saving
+    def get_config(self):
+        config = super().get_config()
+        adapt = self.adapt
+        if callable(adapt) and not isinstance(adapt, str):
+            # A callable cannot be serialised: store the variable paths it selected.
+            paths = [self.model.trainable_variables[i].path for i in self.forward.adapt_index]
+            adapt = ["^" + re.escape(p) + "$" for p in paths]
+        config.update(
+            {
+                "model": keras.saving.serialize_keras_object(self.model),
+                "inner_steps": self.inner_steps,
+                "inner_lr": self.inner_lr,
+                "adapt": list(adapt) if isinstance(adapt, tuple) else adapt,
+                "clipnorm": self.clipnorm,
+                "learn_inner_lr": self.learn_inner_lr,
+                "feedback": self.feedback,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["model"] = keras.saving.deserialize_keras_object(config["model"])
+        return cls(**config)
+
+    def save_assets(self, dir_path):
+        """Keras calls this while saving: the feature encoder travels inside the .keras file."""
+        if self.encoder is None:
+            return
+        with open(os.path.join(dir_path, "encoder.json"), "w") as f:
+            json.dump(self.encoder.get_config(), f)
+        np.savez(os.path.join(dir_path, "encoder.npz"), **self.encoder.to_arrays())
+
+    def load_assets(self, dir_path):
+        path = os.path.join(dir_path, "encoder.json")
+        if not os.path.exists(path):
+            return
+        from metarec.encoding import FeatureEncoder
+
+        with open(path) as f:
+            config = json.load(f)
+        with np.load(os.path.join(dir_path, "encoder.npz"), allow_pickle=False) as arrays:
+            self.encoder = FeatureEncoder.from_config(config, dict(arrays))

@@ -1,0 +1,91 @@
+"""Meta-gradients are checked numerically and across backends.
+
+Each backend runs ``tests/gradcheck.py`` in its own process (float64 is process-wide on JAX).
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.gradcheck import episode
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BACKENDS = ("tensorflow", "jax")
+
+
+@pytest.fixture(scope="module")
+def gradients(tmp_path_factory):
+    out = {}
+    for name in BACKENDS:
+        path = tmp_path_factory.mktemp(name) / "grads.npz"
+        env = dict(os.environ, KERAS_BACKEND=name)
+        proc = subprocess.run(
+            [sys.executable, os.path.join(HERE, "gradcheck.py"), str(path)],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = dict(np.load(path))
+    return out
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_second_order_matches_finite_differences(gradients, name):
+    g = gradients[name]
+    np.testing.assert_allclose(g["second_order"], g["finite_difference"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_first_order_differs_from_exact(gradients, name):
+    g = gradients[name]
+    gap = np.abs(g["first_order"] - g["finite_difference"]).max()
+    assert gap > 1e-3, "first-order MAML should drop the second-order terms"
+
+
+def test_backends_agree(gradients):
+    for key in ("second_order", "first_order", "reptile_after"):
+        np.testing.assert_allclose(
+            gradients["tensorflow"][key], gradients["jax"][key], rtol=1e-9, atol=1e-10
+        )
+
+
+def _forward(w, x):
+    h = np.tanh(x @ w[0] + w[1])
+    return h, (h @ w[2] + w[3]).ravel()
+
+
+def _sgd_reference(w, x, t, m, steps, lr):
+    """Hand-written backprop of the masked squared error of the tiny model."""
+    w = [a.copy() for a in w]
+    for _ in range(steps):
+        h, y = _forward(w, x)
+        dy = 2.0 * m * (y - t) / max(m.sum(), 1.0)
+        dh = np.outer(dy, w[2].ravel())
+        dz = dh * (1.0 - h**2)
+        grads = [x.T @ dz, dz.sum(0), (h.T @ dy).reshape(w[2].shape), np.array([dy.sum()])]
+        w = [a - lr * g for a, g in zip(w, grads)]
+    return w
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_reptile_update_equals_definition(gradients, name):
+    g = gradients[name]
+    shapes = [(3, 4), (4,), (4, 1), (1,)]
+    flat, w0, start = g["reptile_before"], [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        w0.append(flat[start:start + size].reshape(shape))
+        start += size
+    ep = episode()
+    adapted = []
+    for u in range(3):
+        x = np.concatenate([ep.support["x"][u], ep.query["x"][u]])
+        t = np.concatenate([ep.support_y[u], ep.query_y[u]])
+        m = np.concatenate([ep.support_mask[u], ep.query_mask[u]])
+        adapted.append(_sgd_reference(w0, x, t, m, steps=3, lr=0.2))
+    expected = [a + 0.5 * (np.mean([w[i] for w in adapted], axis=0) - a) for i, a in enumerate(w0)]
+    np.testing.assert_allclose(
+        g["reptile_after"], np.concatenate([e.ravel() for e in expected]), rtol=1e-8, atol=1e-10
+    )
