@@ -25,8 +25,10 @@ from metarec.tasks import Episode  # noqa: E402
 
 
 def tiny_model():
+    # sigmoid, not tanh: Keras's tanh activation computes in float32 on JAX, which would spoil
+    # a float64 finite-difference check.
     x = keras.Input((3,), name="x", dtype="float64")
-    h = keras.layers.Dense(4, activation="tanh", name="body")(x)
+    h = keras.layers.Dense(4, activation="sigmoid", name="body")(x)
     out = keras.layers.Dense(1, name="decision_out")(h)
     model = keras.Model({"x": x}, out)
     rng = np.random.default_rng(42)
