@@ -93,8 +93,8 @@ def _encode_multi_hot(values: pd.Series, spec: FeatureSpec, vocabulary: pd.Index
     for row, cell in enumerate(values.tolist()):
         tokens = _cell_tokens(cell, spec.separator)
         if tokens:
+            # Unknown tokens (-1) land in column 0, the OOV bucket.
             out[row, vocabulary.get_indexer(pd.Index(tokens, dtype=object)) + 1] = 1.0
-    out[:, 0] = np.minimum(out[:, 0], 1.0)
     return out
 
 
@@ -363,16 +363,16 @@ class FeatureEncoder:
             raise ValueError(f"ratings must be numbers, got {frame['rating'].iloc[0]!r}") from exc
         bad = ~np.isfinite(ratings)
         if bad.any():
-            raise ValueError(f"ratings must be finite, got {ratings[bad][0]!r}")
+            raise ValueError(f"ratings must be finite, got {ratings[bad][0].item()!r}")
         if self._schema.feedback == "implicit":
             bad = ~np.isin(ratings, (0.0, 1.0))
             if bad.any():
-                raise ValueError(f"implicit feedback needs 0/1 labels, got {ratings[bad][0]!r}")
+                raise ValueError(f"implicit feedback needs 0/1 labels, got {ratings[bad][0].item()!r}")
         elif self._schema.rating_range is not None:
             low, high = self._schema.rating_range
             bad = (ratings < low) | (ratings > high)
             if bad.any():
-                raise ValueError(f"rating {ratings[bad][0]!r} is outside the rating range "
+                raise ValueError(f"rating {ratings[bad][0].item()!r} is outside the rating range "
                                  f"{self._schema.rating_range}")
         return self.item_index(frame["item_id"].to_numpy()), ratings.astype(np.float32)
 

@@ -12,6 +12,11 @@ DUPLICATE_POLICIES = ("error", "last", "mean")
 MISSING_FEATURE_POLICIES = ("error", "default")
 
 
+def _py(value):
+    """Plain Python scalar for error messages (``1`` rather than ``np.int64(1)``)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _feature_frame(frame: pd.DataFrame | None, id_column: str) -> pd.DataFrame | None:
     """A copy of a user / item frame indexed by ``id_column`` (accepts index or column)."""
     if frame is None:
@@ -105,18 +110,20 @@ class InteractionData:
             if frame[column].isna().any():
                 row = int(np.flatnonzero(frame[column].isna().to_numpy())[0])
                 raise ValueError(f"interactions have a missing {column} (first at row {row})")
-        if not pd.api.types.is_numeric_dtype(frame["rating"]) or pd.api.types.is_bool_dtype(frame["rating"]):
-            try:
-                frame["rating"] = pd.to_numeric(frame["rating"]).astype(np.float64)
-            except (ValueError, TypeError) as exc:
-                raise ValueError(f"ratings must be numbers; got dtype {interactions['rating'].dtype} "
-                                 f"with first value {interactions['rating'].iloc[0]!r}") from exc
+        if not pd.api.types.is_numeric_dtype(frame["rating"]):  # bool is numeric: True → 1.0
+            numbers = pd.to_numeric(frame["rating"], errors="coerce")
+            bad = numbers.isna() & frame["rating"].notna()
+            if bad.any():
+                row = int(np.flatnonzero(bad.to_numpy())[0])
+                raise ValueError(f"ratings must be numbers; got {_py(frame['rating'].iloc[row])!r} "
+                                 f"at row {row} (dtype {frame['rating'].dtype})")
+            frame["rating"] = numbers
         frame["rating"] = frame["rating"].astype(np.float64)
         ratings = frame["rating"].to_numpy()
         bad = ~np.isfinite(ratings)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"ratings must be finite; got {ratings[row]!r} at row {row} "
+            raise ValueError(f"ratings must be finite; got {ratings[row].item()!r} at row {row} "
                              f"({int(bad.sum())} bad rows)")
         if "timestamp" in frame.columns:
             ts = frame["timestamp"]
@@ -138,13 +145,13 @@ class InteractionData:
             bad = ~np.isin(values, (0.0, 1.0))
             if bad.any():
                 row = int(np.flatnonzero(bad)[0])
-                raise ValueError(f"implicit feedback needs 0/1 labels; got {values[row]!r} at row {row}")
+                raise ValueError(f"implicit feedback needs 0/1 labels; got {values[row].item()!r} at row {row}")
         elif schema.rating_range is not None:
             low, high = schema.rating_range
             bad = (values < low) | (values > high)
             if bad.any():
                 row = int(np.flatnonzero(bad)[0])
-                raise ValueError(f"rating {values[row]!r} at row {row} is outside the schema's "
+                raise ValueError(f"rating {values[row].item()!r} at row {row} is outside the schema's "
                                  f"rating_range {schema.rating_range}")
 
     @staticmethod
@@ -156,7 +163,7 @@ class InteractionData:
             first = frame.loc[dup, ["user_id", "item_id"]].iloc[0]
             raise ValueError(
                 f"interactions have {int(dup.sum())} rows with a repeated (user_id, item_id) pair, "
-                f"e.g. ({first['user_id']!r}, {first['item_id']!r}); pass duplicates='last' or 'mean'"
+                f"e.g. ({_py(first['user_id'])!r}, {_py(first['item_id'])!r}); pass duplicates='last' or 'mean'"
             )
         has_time = "timestamp" in frame.columns
         if policy == "last":
