@@ -95,7 +95,8 @@ def synthetic(
         gaps = rng.exponential(scale=6 * 3600, size=counts[u]).astype(np.int64) + 1
         user_col.append(np.full(counts[u], u))
         item_col.append(chosen)
-        time_col.append(arrival[u] + np.cumsum(gaps))
+        # The first interaction happens on arrival, so first timestamps follow the user order.
+        time_col.append(arrival[u] + np.cumsum(gaps) - gaps[0])
     u_idx, i_idx = np.concatenate(user_col), np.concatenate(item_col)
     affinity = np.einsum("nd,nd->n", user_latent[u_idx], item_latent[i_idx]) / np.sqrt(latent_dim)
     score = user_bias[u_idx] + item_bias[i_idx] + affinity
