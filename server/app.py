@@ -1,0 +1,252 @@
+"""Assembly of the metarec gRPC server (``grpc.aio``).
+
+:class:`MetarecServer` wires together the model registries (hot reload), the micro-batcher,
+the adapted-user cache, the interaction log, the ``RecommenderService``, the standard
+``grpc.health.v1`` service, server reflection, optional TLS and bearer-token auth, message-size
+and concurrency limits, and a graceful shutdown that finishes in-flight requests.
+
+Secure defaults: it binds ``127.0.0.1`` (reachable from this machine only) unless told
+otherwise, and models are loaded in Keras safe mode. Put TLS in front of the token whenever
+the port is reachable from other machines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from server._generated.metarec.v1 import recommender_pb2_grpc as pb_grpc
+from server.auth import BearerTokenInterceptor
+from server.batcher import BatcherConfig
+from server.cache import AdaptedUserCache
+from server.inference import load_serving_model, make_check
+from server.interaction_log import InteractionLog
+from server.registry import ModelRegistry
+from server.service import SERVICE_NAME, RecommenderService
+from server.validation import Limits
+
+log = logging.getLogger(__name__)
+
+#: How often the health status is refreshed from the registries.
+HEALTH_REFRESH_S = 0.2
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    """Everything ``metarec serve`` can set.
+
+    Args:
+        model_dir: folder of numbered versions (``DIR/1/model.keras``, ``DIR/2/...``).
+        model_name: the name requests use for it (an empty name means this default model).
+        extra_models: more models to serve, name → folder.
+        host, port: where to listen; ``port=0`` picks a free port (see ``MetarecServer.port``).
+        log_path: the SQLite interaction log.
+        tls_cert_file, tls_key_file: PEM files; both or neither.
+        auth_token: when set, every call except health checks needs
+            ``authorization: Bearer <token>`` metadata.
+        max_message_bytes: largest request or response accepted (gRPC answers
+            ``RESOURCE_EXHAUSTED`` beyond it).
+        max_concurrent_rpcs: calls in progress at once before gRPC answers
+            ``RESOURCE_EXHAUSTED``; ``None`` for no limit.
+        batching: micro-batching limits.
+        cache_entries: adapted users kept (0 disables the cache).
+        poll_interval_s: how often the model folders are checked for new versions.
+        grace_s: how long shutdown waits for in-flight calls.
+        limits: per-request limits.
+        loader, check: how a version is loaded and verified (defaults: ``metarec.load`` in
+            safe mode, and a test prediction that also warms up the compiled kernels).
+    """
+
+    model_dir: str | Path
+    model_name: str = "default"
+    extra_models: Mapping[str, str | Path] = dataclasses.field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 8500
+    log_path: str | Path = "metarec-interactions.sqlite"
+    tls_cert_file: str | Path | None = None
+    tls_key_file: str | Path | None = None
+    auth_token: str | None = None
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_concurrent_rpcs: int | None = 4096
+    batching: BatcherConfig = dataclasses.field(default_factory=BatcherConfig)
+    cache_entries: int = 10_000
+    poll_interval_s: float = 5.0
+    grace_s: float = 10.0
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    loader: Callable[[Path], Any] = load_serving_model
+    check: Callable[[Any], None] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS needs both a certificate file and a key file")
+        if self.model_name in self.extra_models:
+            raise ValueError(f"model name {self.model_name!r} is given twice")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class MetarecServer:
+    """A configured server; ``await start()``, then ``await stop()`` (or ``serve()``)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.cache = AdaptedUserCache(config.cache_entries)
+        check = config.check
+        if check is None:
+            # Warm the kernels for a lone request and for a full batch.
+            check = make_check(batch_sizes=sorted({1, config.batching.max_batch_size}))
+        folders = {config.model_name: Path(config.model_dir), **{n: Path(p) for n, p in config.extra_models.items()}}
+        self.registries = {
+            name: ModelRegistry(
+                name,
+                folder,
+                loader=config.loader,
+                check=check,
+                poll_interval_s=config.poll_interval_s,
+                on_swap=lambda served: self.cache.drop_model(served.name, served.version),
+            )
+            for name, folder in folders.items()
+        }
+        self.interaction_log = InteractionLog(config.log_path)
+        self.service = RecommenderService(
+            self.registries,
+            config.model_name,
+            self.interaction_log,
+            cache=self.cache,
+            batching=config.batching,
+            limits=config.limits,
+        )
+        self.health = HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._health_task: asyncio.Task | None = None
+        self.port: int | None = None
+        self._stopped = False
+
+    # ------------------------------------------------------------------ start
+    async def start(self) -> int:
+        """Bind, start serving and start the model watchers; returns the bound port.
+
+        Requests get ``UNAVAILABLE`` (and health ``NOT_SERVING``) until the default model's
+        first version is loaded: see :meth:`wait_until_serving`.
+        """
+        config = self.config
+        interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                # Without this a second server on the same port would silently share it.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_RecommenderServiceServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+        address = _address(config.host, config.port)
+        if config.tls_cert_file is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(Path(config.tls_key_file).read_bytes(), Path(config.tls_cert_file).read_bytes())]
+            )
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+        if not port:
+            raise RuntimeError(f"could not bind {address}")
+        await self._refresh_health()
+        await server.start()
+        self._server = server
+        self.port = port
+        for registry in self.registries.values():
+            registry.start()
+        self._health_task = asyncio.get_running_loop().create_task(self._health_loop(), name="metarec-health")
+        log.info(
+            "metarec server listening on %s (%s%s)",
+            _address(config.host, port),
+            "TLS" if config.tls_cert_file else "plaintext",
+            ", token auth" if config.auth_token else "",
+        )
+        return port
+
+    async def wait_until_serving(self, timeout: float | None = None) -> bool:
+        """Wait for the default model's first scan; ``True`` when a version then serves."""
+        registry = self.registries[self.config.model_name]
+
+        async def wait() -> bool:
+            while not registry.has_polled:
+                await asyncio.sleep(0.02)
+            return registry.current is not None
+
+        return await asyncio.wait_for(wait(), timeout)
+
+    # ------------------------------------------------------------------ health
+    def _serving(self) -> bool:
+        return not self.service.draining and self.registries[self.config.model_name].current is not None
+
+    async def _refresh_health(self) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if self._serving() else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    async def _health_loop(self) -> None:
+        # Swaps happen on the watcher threads; polling here keeps health updates on the loop.
+        while not self._stopped:
+            await self._refresh_health()
+            await asyncio.sleep(HEALTH_REFRESH_S)
+
+    # ------------------------------------------------------------------ stop
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: refuse new calls, finish in-flight ones (up to ``grace``
+        seconds), then stop the batcher, the watchers and the log. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace_s if grace is None else grace
+        self.service.draining = True
+        if self._health_task is not None:
+            self._health_task.cancel()
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.service.aclose()
+        for registry in self.registries.values():
+            registry.stop(timeout=grace)
+        self.interaction_log.close()
+        log.info("metarec server stopped")
+
+    async def serve(self, ready: Callable[[int], None] | None = None) -> None:
+        """Start, call ``ready(port)``, run until SIGINT / SIGTERM, then stop gracefully."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            port = await self.start()
+            if ready is not None:
+                ready(port)
+            await stop.wait()
+            log.info("signal received: draining (grace %.1f s)", self.config.grace_s)
+        finally:
+            await self.stop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)

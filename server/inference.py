@@ -1,0 +1,235 @@
+"""The model side of the server: a loaded meta-learner and the maths of one micro-batch.
+
+:class:`ServingModel` wraps a ``metarec`` meta-learner with what request handling needs
+(a string → index catalogue for validation, the user-feature specs, the rating range).
+:func:`run_batch` runs in the batcher's worker thread: it adapts every user of the batch whose
+adapted weights are not cached in one vectorised ``adapt_many`` call, scores all candidates in
+one ``score_many`` call and takes each request's top k. Nothing here runs on the event loop.
+
+Scores are those of the SDK: a predicted rating for explicit feedback, a probability for
+implicit feedback; ``Recommend`` ranks exactly like ``AdaptedUser.recommend``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.cache import AdaptedUserCache, CacheKey
+from server.registry import model_file
+
+RECOMMEND = "recommend"
+SCORE = "score"
+
+
+class Catalog:
+    """The served model's items, addressed by the string form of their raw ids.
+
+    The API carries item ids as strings. For a catalogue of integer ids only the canonical
+    decimal form is known ("42", not "042" or "42.0"), so every id has exactly one spelling.
+    """
+
+    def __init__(self, raw_ids: Sequence[Any]) -> None:
+        raw = list(raw_ids)
+        self.id_type = (
+            "int"
+            if raw and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in raw)
+            else "string"
+        )
+        # Entry i is item index i + 1 (index 0 is the encoder's out-of-vocabulary row).
+        self.raw_ids = np.asarray(raw, dtype=np.int64 if self.id_type == "int" else object)
+        self.str_ids = np.asarray([str(v) for v in raw], dtype=object)
+        self._index = {s: i + 1 for i, s in enumerate(self.str_ids)}
+        self.all_indices = np.arange(1, len(raw) + 1, dtype=np.int32)
+
+    @classmethod
+    def from_encoder(cls, encoder) -> Catalog:
+        return cls(list(encoder.item_ids[1:]))
+
+    def __len__(self) -> int:
+        return len(self.str_ids)
+
+    def index(self, item_ids: Sequence[str]) -> np.ndarray:
+        """int32 item indices of string ids; 0 for unknown ids."""
+        get = self._index.get
+        return np.fromiter((get(s, 0) for s in item_ids), dtype=np.int32, count=len(item_ids))
+
+    def raw(self, indices: np.ndarray) -> np.ndarray:
+        """Raw ids (the training data's type) of item indices >= 1."""
+        return self.raw_ids[np.asarray(indices) - 1]
+
+    def strings(self, indices: np.ndarray) -> list[str]:
+        """String ids of item indices >= 1."""
+        return self.str_ids[np.asarray(indices) - 1].tolist()
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingModel:
+    """A meta-learner ready to serve."""
+
+    learner: Any
+    catalog: Catalog
+    feedback: str
+    rating_range: tuple[float, float] | None
+    user_features: dict[str, Any]  # name -> metarec FeatureSpec
+
+    @classmethod
+    def from_learner(cls, learner) -> ServingModel:
+        encoder = learner.encoder
+        if encoder is None:
+            raise ValueError("the model has no feature encoder (was it fitted on a TaskSet?)")
+        schema = encoder.schema
+        feedback = learner.feedback or schema.feedback
+        if feedback == "implicit":
+            rating_range = (0.0, 1.0)
+        elif schema.rating_range is not None:
+            rating_range = tuple(float(v) for v in schema.rating_range)
+        else:
+            rating_range = None
+        return cls(
+            learner=learner,
+            catalog=Catalog.from_encoder(encoder),
+            feedback=feedback,
+            rating_range=rating_range,
+            user_features={spec.name: spec for spec in schema.user_features},
+        )
+
+
+def load_serving_model(version_dir: Path) -> ServingModel:
+    """Default loader: ``metarec.load`` of the version's ``.keras`` file in Keras safe mode."""
+    import metarec  # imported lazily: Keras/TensorFlow take seconds to import
+
+    return ServingModel.from_learner(metarec.load(model_file(Path(version_dir)), safe_mode=True))
+
+
+def make_check(batch_sizes: Sequence[int] = (1,), num_candidates: int = 1000) -> Any:
+    """A registry check: test predictions that must be finite and well shaped.
+
+    It runs the same path as requests (adapt, score per-user candidates and the whole
+    catalogue) for each batch size, which also traces the compiled kernels for those shapes
+    before the version takes traffic, so the first requests after a swap are not slow.
+    """
+
+    def check(model: ServingModel) -> None:
+        n_items = len(model.catalog)
+        if n_items == 0:
+            raise ValueError("the model's catalogue is empty")
+        low, high = model.rating_range or (0.0, 1.0)
+        support = model.catalog.all_indices[: min(5, n_items)]
+        ratings = np.full(len(support), high if model.feedback == "implicit" else (low + high) / 2, np.float32)
+        candidates = model.catalog.all_indices[: min(num_candidates, n_items)]
+        for size in batch_sizes:
+            jobs = [
+                Job(RECOMMEND, support, ratings, None, {}, candidates, 10, True, None),
+            ] * size
+            results = run_batch(model, jobs, None)
+            results += run_batch(model, [dataclasses.replace(jobs[0], candidates=None, mode=SCORE)], None)
+            for result in results:
+                if not np.all(np.isfinite(result.scores)):
+                    raise ValueError("test prediction produced non-finite scores")
+            if len(results[0].item_idx) != min(10, len(candidates) - len(support)) and len(candidates) > len(support):
+                raise ValueError(f"test recommendation returned {len(results[0].item_idx)} items")
+            if len(results[-1].scores) != n_items:
+                raise ValueError(
+                    f"test scoring returned {len(results[-1].scores)} scores for {n_items} items"
+                )
+
+    return check
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One validated request, in item indices.
+
+    ``candidates`` is ``None`` for the whole catalogue. ``cache_key`` is ``None`` when the
+    adapted user must not be cached.
+    """
+
+    mode: str
+    support_idx: np.ndarray  # int32 [n] item indices (all known)
+    ratings: np.ndarray  # float32 [n]
+    timestamps: np.ndarray | None  # int64 [n] or None
+    user_features: dict[str, Any]
+    candidates: np.ndarray | None  # int32 [c] item indices, or None
+    k: int
+    exclude_seen: bool
+    cache_key: CacheKey | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    item_idx: np.ndarray  # int32 item indices, ranked (recommend) or in request order (score)
+    scores: np.ndarray  # float32
+
+
+def candidate_bucket(job: Job) -> int:
+    """Batching key part: jobs whose candidate lists pad to the same size batch together.
+
+    Mixing a 100-candidate request with a 50,000-candidate one would pad both to 50,000.
+    ``0`` stands for the whole catalogue (a shared candidate array).
+    """
+    if job.candidates is None:
+        return 0
+    n = max(len(job.candidates), 8)
+    return 1 << (n - 1).bit_length() if n <= 1024 else -(-n // 1024) * 1024
+
+
+def run_batch(model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache | None) -> list[Result]:
+    """Adapt (cache misses only), score and rank a batch of jobs for one model version."""
+    import pandas as pd  # the SDK's adaptation API takes DataFrames
+
+    learner, catalog = model.learner, model.catalog
+    adapted: list[Any] = [None] * len(jobs)
+    if cache is not None:
+        for i, job in enumerate(jobs):
+            if job.cache_key is not None:
+                adapted[i] = cache.get(job.cache_key)
+    missing = [i for i, a in enumerate(adapted) if a is None]
+    if missing:
+        supports, features = [], []
+        for i in missing:
+            job = jobs[i]
+            frame = {"item_id": catalog.raw(job.support_idx), "rating": job.ratings}
+            if job.timestamps is not None:
+                frame["timestamp"] = job.timestamps
+            supports.append(pd.DataFrame(frame))
+            features.append(job.user_features or None)
+        new = learner.adapt_many(supports, user_features=features)
+        for i, user in zip(missing, new):
+            adapted[i] = user
+            if cache is not None and jobs[i].cache_key is not None:
+                cache.put(jobs[i].cache_key, user)
+
+    if all(job.candidates is None for job in jobs):
+        scores = learner.score_many(adapted, None)  # one shared catalogue array
+        cand_idx = [catalog.all_indices] * len(jobs)
+    else:
+        cand_idx = [catalog.all_indices if j.candidates is None else j.candidates for j in jobs]
+        scores = learner.score_many(adapted, [catalog.raw(c) for c in cand_idx])
+
+    results = []
+    for job, idx, s in zip(jobs, cand_idx, scores):
+        s = np.asarray(s, dtype=np.float32)
+        if job.mode == SCORE:
+            results.append(Result(idx, s))
+        else:
+            results.append(_top_k(idx, s, job))
+    return results
+
+
+def _top_k(idx: np.ndarray, scores: np.ndarray, job: Job) -> Result:
+    """Best ``k`` candidates, ties broken by candidate order, as ``recommend_many`` does."""
+    ranked = scores.astype(np.float64)
+    if job.exclude_seen and len(job.support_idx):
+        ranked[np.isin(idx, job.support_idx)] = -math.inf
+    k = min(job.k, int(np.isfinite(ranked).sum()))
+    if k == 0:
+        return Result(np.zeros(0, np.int32), np.zeros(0, np.float32))
+    top = np.argpartition(-ranked, k - 1)[:k]
+    top = top[np.argsort(-ranked[top], kind="stable")]
+    return Result(idx[top], scores[top])

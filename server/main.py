@@ -1,0 +1,104 @@
+"""``metarec serve``: run the gRPC server from the command line.
+
+Call :func:`serve_main` with the arguments after ``serve`` (``metarec.cli`` does), or run
+``python -m server.main --model-dir DIR --port N``. The server prints one line
+``metarec server listening on HOST:PORT`` on stdout once it accepts connections (scripts and
+tests wait for it), runs until SIGINT / SIGTERM, then drains gracefully.
+
+The auth token is read from ``--token-file`` or the ``METAREC_AUTH_TOKEN`` environment
+variable, never from the command line, where other local users could read it in ``ps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from server.app import MetarecServer, ServerConfig
+from server.batcher import BatcherConfig
+from server.validation import Limits
+
+TOKEN_ENV = "METAREC_AUTH_TOKEN"
+
+
+def build_parser(prog: str = "metarec serve") -> argparse.ArgumentParser:
+    d_batch, d_limits = BatcherConfig(), Limits()
+    p = argparse.ArgumentParser(prog=prog, description="Serve a meta-learned recommender over gRPC.")
+    p.add_argument("--model-dir", required=True, type=Path, help="folder of numbered versions: DIR/1/model.keras, ...")
+    p.add_argument("--model-name", default="default", help="the model's name in requests (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8500, help="port (0 picks a free one; default: %(default)s)")
+    p.add_argument("--log-db", type=Path, default=Path("metarec-interactions.sqlite"),
+                   help="SQLite interaction log (default: %(default)s)")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain; enables TLS with --tls-key")
+    p.add_argument("--tls-key", type=Path, help="PEM private key")
+    p.add_argument("--token-file", type=Path, help=f"file holding the bearer token (or set ${TOKEN_ENV})")
+    p.add_argument("--max-batch-size", type=int, default=d_batch.max_batch_size)
+    p.add_argument("--max-batch-delay-ms", type=float, default=d_batch.max_delay_s * 1000)
+    p.add_argument("--max-queue", type=int, default=d_batch.max_queue)
+    p.add_argument("--cache-size", type=int, default=10_000, help="adapted users cached (0 disables)")
+    p.add_argument("--poll-interval", type=float, default=5.0, help="seconds between model-folder scans")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds to finish in-flight calls on shutdown")
+    p.add_argument("--max-message-mb", type=float, default=4.0)
+    p.add_argument("--max-concurrent-rpcs", type=int, default=4096)
+    p.add_argument("--max-interactions", type=int, default=d_limits.max_interactions)
+    p.add_argument("--max-candidates", type=int, default=d_limits.max_candidates)
+    p.add_argument("--max-k", type=int, default=d_limits.max_k)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    token = None
+    if args.token_file is not None:
+        token = args.token_file.read_text().strip()
+        if not token:
+            raise SystemExit(f"{args.token_file} is empty")
+    elif os.environ.get(TOKEN_ENV):
+        token = os.environ[TOKEN_ENV]
+    return ServerConfig(
+        model_dir=args.model_dir,
+        model_name=args.model_name,
+        host=args.host,
+        port=args.port,
+        log_path=args.log_db,
+        tls_cert_file=args.tls_cert,
+        tls_key_file=args.tls_key,
+        auth_token=token,
+        max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        batching=BatcherConfig(args.max_batch_size, args.max_batch_delay_ms / 1000, args.max_queue),
+        cache_entries=args.cache_size,
+        poll_interval_s=args.poll_interval,
+        grace_s=args.grace,
+        limits=Limits(
+            max_interactions=args.max_interactions, max_candidates=args.max_candidates, max_k=args.max_k
+        ),
+    )
+
+
+def serve_main(argv: list[str] | None = None, prog: str = "metarec serve") -> int:
+    """Parse ``argv`` (the arguments after ``serve``), serve until a signal; exit status."""
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    server = MetarecServer(config)
+
+    def ready(port: int) -> None:
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        print(f"metarec server listening on {host}:{port}", flush=True)
+
+    asyncio.run(server.serve(ready))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve_main(prog="python -m server.main"))

@@ -1,0 +1,219 @@
+"""Request validation: every bad input becomes a :class:`RequestError` with a precise code.
+
+Choices (also in the API docs of ``protos/metarec/v1/recommender.proto``):
+
+* Unknown item ids in a request's interactions or candidates are ``INVALID_ARGUMENT``: the
+  encoder would silently map them to its out-of-vocabulary row, which gives a plausible but
+  meaningless score, so the caller is told instead. (The catalogue is the served model's;
+  ``GetModelStatus`` reports its size.)
+* ``LogInteractions`` accepts unknown item ids: the log is training data for the next model,
+  which may know those items. When logged interactions stand in for a request's, rows on items
+  unknown to the serving model (or with ratings outside its range) are skipped.
+* Unknown *categories* of user features are accepted and map to the out-of-vocabulary bucket
+  (a new user may well have a new occupation); unknown feature *names* are rejected, as they are
+  almost always typos.
+* Ratings must be finite and inside the model's rating range (explicit feedback) or exactly
+  0 / 1 (implicit feedback). ``k`` must be at least 1. Duplicate candidates are rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from server.inference import ServingModel
+
+
+class RequestError(Exception):
+    """A request that cannot be served; ``code`` is the gRPC status to return."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Per-request limits; beyond them requests are ``INVALID_ARGUMENT``."""
+
+    max_interactions: int = 1000
+    max_candidates: int = 20_000
+    max_k: int = 1000
+    max_log_rows: int = 10_000
+    max_id_length: int = 256
+    max_user_features: int = 64
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) < 1:
+                raise ValueError(f"{field.name} must be >= 1, got {getattr(self, field.name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Interactions:
+    """Validated interactions of one user (item indices of the served model)."""
+
+    item_idx: np.ndarray  # int32
+    ratings: np.ndarray  # float32
+    timestamps: np.ndarray | None  # int64, None when no row had one
+    rows: list[tuple[str, float, int | None]]  # as sent, for the cache digest
+
+
+def check_id(value: str, what: str, limits: Limits) -> str:
+    """Non-empty and not longer than ``max_id_length``."""
+    if not value:
+        raise invalid(f"{what} must be non-empty")
+    if len(value) > limits.max_id_length:
+        raise invalid(f"{what} is {len(value)} characters long (max {limits.max_id_length})")
+    return value
+
+
+def check_rating(rating: float, model: ServingModel | None, where: str) -> None:
+    """Finite, and valid for the model's feedback kind when a model is given."""
+    if not math.isfinite(rating):
+        raise invalid(f"{where}: rating must be finite, got {rating!r}")
+    if model is None:
+        return
+    if model.feedback == "implicit":
+        if rating not in (0.0, 1.0):
+            raise invalid(f"{where}: implicit feedback needs a 0 or 1 label, got {rating!r}")
+    elif model.rating_range is not None:
+        low, high = model.rating_range
+        if not low <= rating <= high:
+            raise invalid(f"{where}: rating {rating!r} is outside the model's range [{low}, {high}]")
+
+
+def check_timestamp(message: Any, where: str) -> int | None:
+    if not message.HasField("timestamp"):
+        return None
+    if message.timestamp < 0:
+        raise invalid(f"{where}: timestamp must be >= 0, got {message.timestamp}")
+    return int(message.timestamp)
+
+
+def parse_interactions(messages: Sequence[Any], model: ServingModel, limits: Limits) -> Interactions:
+    """Request interactions → indices; unknown items, bad ratings or too many rows are invalid."""
+    if len(messages) > limits.max_interactions:
+        raise invalid(f"{len(messages)} interactions (max {limits.max_interactions})")
+    rows = []
+    for i, m in enumerate(messages):
+        where = f"interactions[{i}]"
+        check_id(m.item_id, f"{where}.item_id", limits)
+        check_rating(m.rating, model, where)
+        rows.append((m.item_id, float(m.rating), check_timestamp(m, where)))
+    item_idx = model.catalog.index([r[0] for r in rows])
+    unknown = np.flatnonzero(item_idx == 0)
+    if len(unknown):
+        names = ", ".join(repr(rows[i][0]) for i in unknown[:5])
+        raise invalid(
+            f"{len(unknown)} interaction item id(s) unknown to the model's catalogue: {names}"
+            + (" ..." if len(unknown) > 5 else "")
+        )
+    return _to_interactions(item_idx, rows)
+
+
+def usable_logged(rows: Sequence[tuple[str, float, int]], model: ServingModel) -> Interactions | None:
+    """Logged interactions the model can use (known items, valid ratings), or ``None``."""
+    item_idx = model.catalog.index([r[0] for r in rows])
+    keep = []
+    for i, (_, rating, _) in enumerate(rows):
+        if item_idx[i] == 0:
+            continue
+        try:
+            check_rating(rating, model, "logged")
+        except RequestError:
+            continue
+        keep.append(i)
+    if not keep:
+        return None
+    return _to_interactions(item_idx[keep], [rows[i] for i in keep])
+
+
+def _to_interactions(item_idx: np.ndarray, rows: list[tuple[str, float, int | None]]) -> Interactions:
+    has_time = [r[2] is not None for r in rows]
+    # The SDK orders nothing by time itself; a timestamp column is only passed when every row
+    # has one (a partial column would be NaN for the others).
+    timestamps = np.asarray([r[2] for r in rows], np.int64) if rows and all(has_time) else None
+    return Interactions(
+        item_idx=np.asarray(item_idx, np.int32),
+        ratings=np.asarray([r[1] for r in rows], np.float32),
+        timestamps=timestamps,
+        rows=rows,
+    )
+
+
+def parse_candidates(ids: Sequence[str], model: ServingModel, limits: Limits) -> np.ndarray | None:
+    """Candidate ids → indices; ``None`` (whole catalogue) when empty."""
+    if not ids:
+        return None
+    if len(ids) > limits.max_candidates:
+        raise invalid(f"{len(ids)} candidates (max {limits.max_candidates})")
+    idx = model.catalog.index(ids)
+    unknown = np.flatnonzero(idx == 0)
+    if len(unknown):
+        if any(not ids[i] for i in unknown):
+            raise invalid("candidate item ids must be non-empty")
+        names = ", ".join(repr(ids[i]) for i in unknown[:5])
+        raise invalid(
+            f"{len(unknown)} candidate item id(s) unknown to the model's catalogue: {names}"
+            + (" ..." if len(unknown) > 5 else "")
+        )
+    if len(np.unique(idx)) != len(idx):
+        raise invalid("candidate item ids contain duplicates")
+    return idx
+
+
+def parse_k(k: int, limits: Limits) -> int:
+    if k < 1:
+        raise invalid(f"k must be >= 1, got {k}")
+    if k > limits.max_k:
+        raise invalid(f"k is {k} (max {limits.max_k})")
+    return int(k)
+
+
+def parse_user_features(features: Any, model: ServingModel, limits: Limits) -> dict[str, Any]:
+    """``map<string, FeatureValue>`` → ``{name: raw value}`` checked against the model's specs."""
+    if len(features) > limits.max_user_features:
+        raise invalid(f"{len(features)} user features (max {limits.max_user_features})")
+    out: dict[str, Any] = {}
+    for name, value in features.items():
+        spec = model.user_features.get(name)
+        if spec is None:
+            known = ", ".join(sorted(model.user_features)) or "none"
+            raise invalid(f"unknown user feature {name!r} (the model knows: {known})")
+        kind = value.WhichOneof("value")
+        where = f"user feature {name!r} ({spec.kind})"
+        if kind is None:
+            raise invalid(f"{where} has no value")
+        if spec.kind == "numeric":
+            if kind not in ("number_value", "int_value"):
+                raise invalid(f"{where} needs a number, got {kind}")
+            number = float(getattr(value, kind))
+            if not math.isfinite(number):
+                raise invalid(f"{where} must be finite, got {number!r}")
+            out[name] = number
+        elif spec.kind == "categorical":
+            if kind == "string_list":
+                raise invalid(f"{where} takes one value, got a list")
+            raw = getattr(value, kind)
+            if kind == "number_value" and not math.isfinite(raw):
+                raise invalid(f"{where} must be finite, got {raw!r}")
+            out[name] = raw
+        else:  # multi_hot
+            if kind == "string_list":
+                out[name] = list(value.string_list.values)
+            elif kind == "string_value" and spec.separator is not None:
+                out[name] = value.string_value
+            else:
+                raise invalid(f"{where} needs a string list, got {kind}")
+    return out
