@@ -131,15 +131,16 @@ class _IdVocabulary:
         if len(unique) and all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
                                for v in unique):
             return cls(np.sort(np.asarray(unique, dtype=np.int64)), "int")
-        # Anything else (strings, mixed) is keyed by its string form.
-        return cls(np.sort(np.asarray([str(v) for v in unique], dtype=str)), "str")
+        # Anything else (strings, mixed) is keyed by its canonical string form, so that a
+        # float id 3.0 (ints upcast by a missing value) and the int 3 are the same id.
+        return cls(np.sort(np.asarray([canonical_token(v) for v in unique], dtype=str)), "str")
 
     def lookup(self, ids: Any) -> np.ndarray:
         values = np.asarray(ids, dtype=object) if not isinstance(ids, np.ndarray) else ids
         shape = np.shape(values)
         flat = np.ravel(values)
         if self.dtype == "str":
-            flat = np.asarray([str(v) for v in flat], dtype=object)
+            flat = np.asarray([canonical_token(v) for v in flat], dtype=object)
         elif flat.dtype.kind not in "iu":
             flat = pd.Index(flat, dtype=object)
         out = self._index.get_indexer(flat) + 1  # -1 (unknown) → OOV row 0
@@ -221,7 +222,7 @@ class FeatureEncoder:
         if frame is None:
             frame = pd.DataFrame(index=pd.Index([], dtype=object))
         if vocab.dtype == "str":
-            frame = frame.set_axis(frame.index.map(str))
+            frame = frame.set_axis(frame.index.map(canonical_token))
         aligned = frame.reindex(ids) if len(frame.columns) else pd.DataFrame(index=ids)
         return {s.name: self._encode_with_oov_row(s, aligned) for s in specs}
 

@@ -145,7 +145,8 @@ class InteractionData:
             bad = ~np.isin(values, (0.0, 1.0))
             if bad.any():
                 row = int(np.flatnonzero(bad)[0])
-                raise ValueError(f"implicit feedback needs 0/1 labels; got {values[row].item()!r} at row {row}")
+                raise ValueError(f"implicit feedback needs 0/1 labels; got {values[row].item()!r} "
+                                 f"at row {row}")
         elif schema.rating_range is not None:
             low, high = schema.rating_range
             bad = (values < low) | (values > high)
@@ -163,7 +164,8 @@ class InteractionData:
             first = frame.loc[dup, ["user_id", "item_id"]].iloc[0]
             raise ValueError(
                 f"interactions have {int(dup.sum())} rows with a repeated (user_id, item_id) pair, "
-                f"e.g. ({_py(first['user_id'])!r}, {_py(first['item_id'])!r}); pass duplicates='last' or 'mean'"
+                f"e.g. ({_py(first['user_id'])!r}, {_py(first['item_id'])!r}); "
+                "pass duplicates='last' or 'mean'"
             )
         has_time = "timestamp" in frame.columns
         if policy == "last":

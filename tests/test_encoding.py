@@ -184,3 +184,12 @@ def test_no_features_schema():
     assert enc.user_inputs_from_index(np.array([1, 2])) == {}
     assert enc.user_index(["u2"]).tolist() == [2]
     assert Schema.from_config(enc.schema.to_config()) == enc.schema
+
+
+def test_mixed_ids_are_keyed_by_canonical_strings():
+    inter = pd.DataFrame({"user_id": [1, 2, 2], "item_id": ["a", 3, 4.0], "rating": [1, 2, 3]})
+    enc = FeatureEncoder.fit(InteractionData(inter))
+    assert enc.item_ids.tolist() == [None, "3", "4", "a"]
+    assert enc.item_index([3, "3", 3.0, 4, "a", 5]).tolist() == [1, 1, 1, 2, 3, 0]
+    restored = FeatureEncoder.from_config(enc.get_config(), enc.to_arrays())
+    assert restored.item_index([4.0, "a"]).tolist() == [2, 3]
