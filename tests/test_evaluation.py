@@ -255,3 +255,28 @@ def test_q1_on_movielens_100k_matches_the_orientation_figures():
     assert frame["mae"].mean() == pytest.approx(0.832, abs=0.01)
     global_mae = protocol.evaluate_method(GlobalMean().fit(tasks.train), "test", 10)["mae"].mean()
     assert global_mae == pytest.approx(0.958, abs=0.01)
+
+
+# ----------------------------------------------------------------------------- learners
+def test_learner_method_plugs_a_meta_learner_into_the_evaluation(data):
+    import keras
+
+    import metarec
+    from metarec.evaluation import LearnerMethod
+
+    def build(train_tasks, seed):
+        keras.utils.set_random_seed(seed)
+        model = metarec.models.rating_mlp(train_tasks.encoder, embedding_dim=4, hidden_units=(8,))
+        learner = metarec.MAML(model, inner_steps=1, inner_lr=0.05)
+        learner.compile(optimizer=keras.optimizers.Adam(1e-2))
+        return learner
+
+    protocol = Q1Protocol(data, k_values=(10,))
+    method = LearnerMethod("maml", build, {"epochs": 1, "batch_size": 128}, batch_users=40)
+    method.fit(protocol.tasks(10).train, protocol.tasks(10).val, seed=0)
+    queries = protocol.queries("test", 10)
+    predictions = method.predict_many(queries)  # 98 users in three chunks of <= 40
+    assert [len(p) for p in predictions] == [len(q.item_ids) for q in queries]
+    frame = protocol.evaluate_method(method, "test", 10)
+    assert frame["mae"].between(0, 4).all()
+    assert np.std(predictions[0]) > 0  # item-dependent, not a constant

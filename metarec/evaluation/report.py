@@ -301,7 +301,7 @@ class Report:
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         chosen = self._chosen_params()
         if chosen:
-            lines += ["", "## Hyper-parameters (chosen on validation users)", ""]
+            lines += ["", "## Hyper-parameters in use (tuned ones chosen on validation users only)", ""]
             lines += [f"- {method}, K={k}: {params}" for (method, k), params in chosen.items()]
         return "\n".join(lines) + "\n"
 
