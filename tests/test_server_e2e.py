@@ -1,0 +1,381 @@
+"""End to end with a real meta-learned model: a real server on loopback and the SDK client.
+
+One small MAML model is trained once for the module (a few seconds) and saved as version 1.
+"""
+
+import concurrent.futures
+import os
+import shutil
+import threading
+import time
+
+import grpc
+import numpy as np
+import pandas as pd
+import pytest
+
+keras = pytest.importorskip("keras")
+metarec = pytest.importorskip("metarec")
+
+from metarec.client import Client  # noqa: E402
+from server._generated.metarec.v1 import recommender_pb2 as pb  # noqa: E402
+from server._generated.metarec.v1 import recommender_pb2_grpc as pb_grpc  # noqa: E402
+from server.app import ServerConfig  # noqa: E402
+from server.background import BackgroundServer  # noqa: E402
+from server.batcher import BatcherConfig  # noqa: E402
+from server.validation import Limits  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    data = metarec.datasets.synthetic(seed=0)
+    tasks = metarec.UserTasks(data, support_size=10)
+    model = metarec.models.rating_mlp(tasks.encoder)
+    learner = metarec.MAML(model, inner_steps=2, inner_lr=0.05, adapt="decision_layers")
+    learner.compile(optimizer=keras.optimizers.Adam(1e-3))
+    learner.fit(tasks.train, epochs=1, batch_size=32, verbose=0)
+    path = tmp_path_factory.mktemp("trained") / "model.keras"
+    learner.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sdk(model_file):
+    """The same model loaded through the SDK, as a user of the library would."""
+    return metarec.load(model_file)
+
+
+def publish(model_dir, version, source):
+    """Publish a version atomically: copy into a hidden folder, then rename."""
+    tmp = model_dir / f".tmp-{version}"
+    tmp.mkdir(parents=True)
+    shutil.copy(source, tmp / "model.keras")
+    os.rename(tmp, model_dir / str(version))
+
+
+@pytest.fixture(scope="module")
+def running(model_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    publish(root / "models", 1, model_file)
+    config = ServerConfig(
+        model_dir=root / "models",
+        port=0,
+        log_path=root / "log.sqlite",
+        poll_interval_s=0.1,
+        batching=BatcherConfig(max_batch_size=16, max_delay_s=0.002),
+        limits=Limits(max_interactions=50, max_candidates=500, max_k=100),
+        grace_s=5.0,
+    )
+    with BackgroundServer(config) as server:
+        assert server.serving
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(running):
+    with Client(running.address, timeout=30) as c:
+        yield c
+
+
+SUPPORT = pd.DataFrame({"item_id": [5, 17, 42, 99, 230, 301], "rating": [5.0, 4.0, 1.0, 3.0, 2.0, 4.0]})
+FEATURES = {"segment": "segment_1", "age": 31}
+CANDIDATES = [3, 8, 17, 64, 128, 200, 250, 399]
+
+
+def sdk_scores(sdk, support, features, candidates=None):
+    adapted = sdk.adapt_many([support], [features])[0]
+    return adapted, adapted.score(candidates)
+
+
+# ---------------------------------------------------------------------------- correctness
+def test_score_equals_sdk_adapt_then_score(client, sdk):
+    _, expected = sdk_scores(sdk, SUPPORT, FEATURES, CANDIDATES)
+    got = client.score(SUPPORT, CANDIDATES, user_features=FEATURES)
+    assert got.item_ids == CANDIDATES
+    np.testing.assert_allclose(got.scores, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_recommend_equals_sdk_recommend(client, sdk):
+    adapted, _ = sdk_scores(sdk, SUPPORT, FEATURES)
+    expected = adapted.learner.recommend_many([adapted], 10, True, None)[0]
+    got = client.recommend(SUPPORT, k=10, user_features=FEATURES)
+    assert got.item_ids == expected[0].tolist()
+    np.testing.assert_allclose(got.scores, expected[1], rtol=1e-6, atol=1e-6)
+    assert not set(got.item_ids) & set(SUPPORT["item_id"])  # seen items excluded by default
+    assert (got.model_name, got.model_version) == ("default", 1)
+
+
+def test_whole_catalogue_scores_and_include_seen(client, sdk):
+    _, expected = sdk_scores(sdk, SUPPORT, FEATURES)
+    got = client.score(SUPPORT, user_features=FEATURES)
+    assert got.item_ids == sdk.encoder.item_ids[1:].tolist()
+    np.testing.assert_allclose(got.scores, expected, rtol=1e-6, atol=1e-6)
+    ids = np.asarray(got.item_ids)
+    order = np.argsort(-got.scores.astype(np.float64), kind="stable")
+    seen = np.isin(ids[order], SUPPORT["item_id"])
+    with_seen = client.recommend(SUPPORT, k=100, exclude_seen=False, user_features=FEATURES)
+    without_seen = client.recommend(SUPPORT, k=100, user_features=FEATURES)
+    assert with_seen.item_ids == ids[order][:100].tolist()
+    assert without_seen.item_ids == ids[order][~seen][:100].tolist()
+    assert np.all(np.diff(with_seen.scores) <= 0)
+
+
+def test_concurrent_batched_requests_match_single_requests(client, sdk):
+    rng = np.random.default_rng(0)
+    users = []
+    for _ in range(24):
+        items = rng.choice(np.arange(1, 401), size=8, replace=False)
+        users.append(pd.DataFrame({"item_id": items, "rating": rng.integers(1, 6, size=8).astype(float)}))
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda s: client.score(s, CANDIDATES), users))
+    for support, got in zip(users, results):
+        _, expected = sdk_scores(sdk, support, None, CANDIDATES)
+        np.testing.assert_allclose(got.scores, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_returns_the_same_answer(client, running):
+    support = {11: 5.0, 12: 1.0, 13: 4.0}
+    first = client.score(support, CANDIDATES, user_id="cache-user")
+    hits = running.server.cache.hits
+    second = client.score(support, CANDIDATES, user_id="cache-user")
+    assert running.server.cache.hits == hits + 1
+    np.testing.assert_array_equal(first.scores, second.scores)
+
+
+def test_logged_interactions_stand_in_for_missing_ones(client, sdk):
+    user = "logged-user"
+    rows = [(7, 5.0, 100), (9, 1.0, 200), ("not-an-item", 3.0, 300), (21, 4.0, 400)]
+    assert client.log_interactions(user, rows) == 4
+    got = client.score(user_id=user, candidates=CANDIDATES)
+    # The unknown item is skipped; the others are used in time order.
+    known = pd.DataFrame({"item_id": [7, 9, 21], "rating": [5.0, 1.0, 4.0], "timestamp": [100, 200, 400]})
+    _, expected = sdk_scores(sdk, known, None, CANDIDATES)
+    np.testing.assert_allclose(got.scores, expected, rtol=1e-6, atol=1e-6)
+    recs = client.recommend(user_id=user, k=5)
+    assert not {7, 9, 21} & set(recs.item_ids)
+
+
+def test_client_accepts_every_interaction_shape(client):
+    frame = client.score(SUPPORT, CANDIDATES).scores
+    as_dict = client.score(dict(zip(SUPPORT.item_id, SUPPORT.rating)), CANDIDATES).scores
+    as_tuples = client.score(list(zip(SUPPORT.item_id, SUPPORT.rating)), CANDIDATES).scores
+    as_records = client.score(SUPPORT.to_dict("records"), np.asarray(CANDIDATES)).scores
+    for other in (as_dict, as_tuples, as_records):
+        np.testing.assert_array_equal(frame, other)
+    status = client.model_status()[0]
+    assert status["state"] == "AVAILABLE" and status["num_items"] == 400
+    assert status["rating_range"] == (1.0, 5.0) and status["item_id_type"] == "int"
+
+
+# ---------------------------------------------------------------------------- bad input
+def raw_stub(running):
+    channel = grpc.insecure_channel(running.address)
+    return channel, pb_grpc.RecommenderServiceStub(channel)
+
+
+def user(*interactions, **features):
+    return pb.UserContext(
+        interactions=[pb.Interaction(item_id=str(i), rating=r) for i, r in interactions],
+        features={k: v for k, v in features.items()},
+    )
+
+
+GOOD_USER = user((5, 5.0), (17, 2.0))
+BAD_REQUESTS = {
+    "no-interactions-no-user": (pb.RecommendRequest(user=pb.UserContext(), k=5), grpc.StatusCode.INVALID_ARGUMENT),
+    "user-without-log": (
+        pb.RecommendRequest(user=pb.UserContext(user_id="never-logged"), k=5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "unknown-item": (pb.RecommendRequest(user=user(("999999", 4.0)), k=5), grpc.StatusCode.INVALID_ARGUMENT),
+    "empty-item": (pb.RecommendRequest(user=user(("", 4.0)), k=5), grpc.StatusCode.INVALID_ARGUMENT),
+    "non-canonical-id": (pb.RecommendRequest(user=user(("05", 4.0)), k=5), grpc.StatusCode.INVALID_ARGUMENT),
+    "nan-rating": (pb.RecommendRequest(user=user((5, float("nan"))), k=5), grpc.StatusCode.INVALID_ARGUMENT),
+    "rating-above-range": (pb.RecommendRequest(user=user((5, 6.0)), k=5), grpc.StatusCode.INVALID_ARGUMENT),
+    "rating-below-range": (pb.RecommendRequest(user=user((5, 0.0)), k=5), grpc.StatusCode.INVALID_ARGUMENT),
+    "k-zero": (pb.RecommendRequest(user=GOOD_USER, k=0), grpc.StatusCode.INVALID_ARGUMENT),
+    "k-too-big": (pb.RecommendRequest(user=GOOD_USER, k=101), grpc.StatusCode.INVALID_ARGUMENT),
+    "too-many-interactions": (
+        pb.RecommendRequest(user=user(*[(i, 3.0) for i in range(1, 52)]), k=5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "too-many-candidates": (
+        pb.RecommendRequest(user=GOOD_USER, k=5, candidate_item_ids=[str(i) for i in range(1, 400)][:400] * 2),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "unknown-candidate": (
+        pb.RecommendRequest(user=GOOD_USER, k=5, candidate_item_ids=["1", "nope"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "duplicate-candidates": (
+        pb.RecommendRequest(user=GOOD_USER, k=5, candidate_item_ids=["1", "2", "1"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "unknown-feature": (
+        pb.RecommendRequest(user=user((5, 5.0), agee=pb.FeatureValue(number_value=3)), k=5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "nan-numeric-feature": (
+        pb.RecommendRequest(user=user((5, 5.0), age=pb.FeatureValue(number_value=float("nan"))), k=5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "text-for-numeric-feature": (
+        pb.RecommendRequest(user=user((5, 5.0), age=pb.FeatureValue(string_value="old")), k=5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "unknown-model": (
+        pb.RecommendRequest(model=pb.ModelSpec(name="other"), user=GOOD_USER, k=5),
+        grpc.StatusCode.NOT_FOUND,
+    ),
+    "unserved-version": (
+        pb.RecommendRequest(model=pb.ModelSpec(version=7), user=GOOD_USER, k=5),
+        grpc.StatusCode.NOT_FOUND,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_REQUESTS))
+def test_bad_requests_get_their_status_and_the_server_keeps_serving(running, name):
+    request, code = BAD_REQUESTS[name]
+    channel, api = raw_stub(running)
+    with channel:
+        with pytest.raises(grpc.RpcError) as info:
+            api.Recommend(request, timeout=30)
+        assert info.value.code() == code, info.value.details()
+        assert info.value.details()  # a message saying what was wrong
+        reply = api.Recommend(pb.RecommendRequest(user=GOOD_USER, k=3), timeout=30)
+        assert len(reply.item_ids) == 3
+
+
+def test_unknown_categories_are_accepted_as_out_of_vocabulary(client):
+    got = client.recommend(SUPPORT, k=3, user_features={"segment": "brand-new-segment"})
+    assert len(got) == 3
+
+
+def test_deadline_exceeded_and_server_keeps_serving(running, client):
+    channel, api = raw_stub(running)
+    with channel:
+        with pytest.raises(grpc.RpcError) as info:
+            api.Recommend(pb.RecommendRequest(user=GOOD_USER, k=3), timeout=0.0005)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert len(client.recommend(SUPPORT, k=3)) == 3
+
+
+# ---------------------------------------------------------------------------- overload & shutdown
+def test_full_queue_is_resource_exhausted(model_file, tmp_path):
+    publish(tmp_path / "models", 1, model_file)
+    config = ServerConfig(
+        model_dir=tmp_path / "models",
+        port=0,
+        log_path=tmp_path / "log.sqlite",
+        batching=BatcherConfig(max_batch_size=1, max_delay_s=0, max_queue=1),
+        cache_entries=0,
+        check=lambda model: None,
+    )
+    with BackgroundServer(config) as server:
+        channel, api = raw_stub(server)
+        with channel:
+            requests = [pb.RecommendRequest(user=user((i, 3.0), (i + 1, 4.0)), k=3) for i in range(1, 60)]
+            futures = [api.Recommend.future(r, timeout=60) for r in requests]
+            codes = []
+            for f in futures:
+                try:
+                    f.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+            assert grpc.StatusCode.OK in codes
+            assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert len(api.Recommend(requests[0], timeout=30).item_ids) == 3  # recovers
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(model_file, tmp_path):
+    publish(tmp_path / "models", 1, model_file)
+    config = ServerConfig(
+        model_dir=tmp_path / "models",
+        port=0,
+        log_path=tmp_path / "log.sqlite",
+        batching=BatcherConfig(max_batch_size=2, max_delay_s=0.001, max_queue=1000),
+        cache_entries=0,
+        grace_s=30,
+        check=lambda model: None,
+    )
+    server = BackgroundServer(config).start()
+    channel, api = raw_stub(server)
+    try:
+        requests = [pb.RecommendRequest(user=user((i, 3.0), (i + 1, 4.0)), k=3) for i in range(1, 41)]
+        futures = [api.Recommend.future(r, timeout=60) for r in requests]
+        time.sleep(0.05)  # let the calls reach the server
+        server.stop()
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(len(f.result().item_ids))
+            except grpc.RpcError as e:
+                outcomes.append(e.code())
+        # Every call that reached the server before the stop completed; none was cut off.
+        assert all(o == 3 or o == grpc.StatusCode.UNAVAILABLE for o in outcomes), outcomes
+        assert outcomes.count(3) >= 1
+    finally:
+        channel.close()
+        server.stop()
+
+
+# ---------------------------------------------------------------------------- hot reload
+def test_hot_reload_under_load_loses_no_request_and_refuses_a_corrupt_version(model_file, running, client, sdk):
+    model_dir = running.server.config.model_dir
+    stop = threading.Event()
+    outcomes = []  # (worker, version) or ("error", details)
+    lock = threading.Lock()
+
+    def load(worker):
+        with Client(running.address, timeout=30) as c:
+            i = 0
+            while not stop.is_set():
+                try:
+                    got = c.recommend({(worker * 7 + i) % 400 + 1: 4.0, 5: 2.0}, k=5, candidates=CANDIDATES)
+                    with lock:
+                        outcomes.append((worker, got.model_version))
+                except grpc.RpcError as e:
+                    with lock:
+                        outcomes.append(("error", f"{e.code()}: {e.details()}"))
+                i += 1
+
+    threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        publish(model_dir, 2, model_file)  # a good new version, published under traffic
+        deadline = time.monotonic() + 60
+        while running.server.registries["default"].current.version != 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running.server.registries["default"].current.version == 2
+        # A corrupt version 3: half a model file.
+        tmp = model_dir / ".tmp-3"
+        tmp.mkdir()
+        data = model_file.read_bytes()
+        (tmp / "model.keras").write_bytes(data[: len(data) // 2])
+        os.rename(tmp, model_dir / "3")
+        while not running.server.registries["default"].refused and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # traffic keeps flowing after the refusal
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+
+    errors = [o for o in outcomes if o[0] == "error"]
+    assert not errors, errors[:5]
+    versions = [v for _, v in outcomes]
+    assert 1 in versions and 2 in versions and 3 not in versions
+    for w in range(4):  # each client sees the swap once, never going back
+        seen = [v for worker, v in outcomes if worker == w]
+        assert seen == sorted(seen)
+    status = client.model_status()[0]
+    assert status["version"] == 2 and [r["version"] for r in status["refused"]] == [3]
+    # Version 2 (same weights) answers exactly like the SDK.
+    _, expected = sdk_scores(sdk, SUPPORT, FEATURES, CANDIDATES)
+    got = client.score(SUPPORT, CANDIDATES, user_features=FEATURES, version=2)
+    np.testing.assert_allclose(got.scores, expected, rtol=1e-6, atol=1e-6)
