@@ -5,16 +5,21 @@ any Keras 3 model so that a few gradient steps on a new user's first interaction
 personal model.
 """
 
-from metarec import datasets, models
-from metarec.adaptation import AdaptedUser
-from metarec.encoding import FeatureEncoder
-from metarec.interactions import InteractionData
-from metarec.learner import MetaLearner
-from metarec.maml import MAML, MetaSGD
-from metarec.reptile import Reptile
-from metarec.saving import load
-from metarec.schema import FeatureSpec, Schema
-from metarec.tasks import Episode, TaskSet, UserTasks
+import os
+
+# TensorFlow's C++ start-up chatter (CPU features, missing CUDA) is noise for library users.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from metarec import datasets, models  # noqa: E402
+from metarec.adaptation import AdaptedUser  # noqa: E402
+from metarec.encoding import FeatureEncoder  # noqa: E402
+from metarec.interactions import InteractionData  # noqa: E402
+from metarec.learner import MetaLearner  # noqa: E402
+from metarec.maml import MAML, MetaSGD  # noqa: E402
+from metarec.reptile import Reptile  # noqa: E402
+from metarec.saving import load  # noqa: E402
+from metarec.schema import FeatureSpec, Schema  # noqa: E402
+from metarec.tasks import Episode, TaskSet, UserTasks  # noqa: E402
 
 __version__ = "0.1.0"
 

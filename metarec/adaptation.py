@@ -191,7 +191,7 @@ class AdaptationMixin:
         scores = backend.to_numpy(
             self._score_kernel(shared)(params, non_trainable, weights, users, items)
         )
-        return [scores[u, : sizes[u]] for u in range(n)]
+        return [np.array(scores[u, : sizes[u]]) for u in range(n)]  # writable copies
 
     def recommend_many(self, adapted_users, k=10, exclude_seen=True, candidates=None):
         """Top-``k`` (item ids, scores) per user, best first; seen items excluded by default."""

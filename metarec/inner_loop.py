@@ -36,8 +36,10 @@ def guard_gradients(grads, clipnorm):
     if clipnorm is None:
         return grads
     sq = [ops.sum(ops.square(g)) for g in grads]
-    norm = ops.sqrt(sum(sq[1:], sq[0]))
-    scale = ops.minimum(1.0, clipnorm / ops.maximum(norm, 1e-12))
+    # The floor keeps sqrt differentiable when every gradient is zero (a padded user with no
+    # interactions): sqrt'(0) is infinite and would turn second-order meta-gradients into NaN.
+    norm = ops.sqrt(ops.maximum(sum(sq[1:], sq[0]), 1e-24))
+    scale = ops.minimum(1.0, clipnorm / norm)
     return [g * ops.cast(scale, g.dtype) for g in grads]
 
 

@@ -113,7 +113,8 @@ class MetaLearner(AdaptationMixin, keras.Model):
         self.model = model
         self.inner_steps = int(inner_steps)
         self.inner_lr = float(inner_lr)
-        self.adapt = adapt
+        # Stored under another name: `adapt` is the method that adapts to a user.
+        self.adapt_spec = adapt
         self.clipnorm = None if clipnorm is None else float(clipnorm)
         self.learn_inner_lr = learn_inner_lr
         self.feedback = feedback
@@ -317,7 +318,7 @@ class MetaLearner(AdaptationMixin, keras.Model):
     # ------------------------------------------------------------------ saving
     def get_config(self):
         config = super().get_config()
-        adapt = self.adapt
+        adapt = self.adapt_spec
         if callable(adapt) and not isinstance(adapt, str):
             # A callable cannot be serialised: store the variable paths it selected.
             paths = [self.model.trainable_variables[i].path for i in self.forward.adapt_index]

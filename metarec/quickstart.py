@@ -18,12 +18,19 @@ from metarec.pretraining import fit_global_model
 from metarec.tasks import UserTasks
 
 
-def cold_start_scores(taskset, score_fn, rating_range):
+def user_features(data, user_ids):
+    """Each user's raw feature dict (what a request for that user would carry)."""
+    if data.users is None or data.users.empty:
+        return [{} for _ in user_ids]
+    return [data.users.loc[u].to_dict() for u in user_ids]
+
+
+def cold_start_scores(data, taskset, score_fn, rating_range):
     """Mean MAE and nDCG@3 over the users of ``taskset``: ``score_fn(supports, features,
     query_item_ids) -> list of predicted ratings``."""
     supports = [taskset.support_frame(i) for i in range(len(taskset))]
     queries = [taskset.query_frame(i) for i in range(len(taskset))]
-    features = [taskset.user_features(i) for i in range(len(taskset))]
+    features = user_features(data, taskset.user_ids)
     preds = score_fn(supports, features, [q["item_id"].to_numpy() for q in queries])
     maes, ndcgs = [], []
     for q, p in zip(queries, preds):
@@ -74,9 +81,9 @@ def run_quickstart(seed=0, epochs=15, inner_steps=3, inner_lr=0.05, support_size
     global_learner = MAML(global_model, inner_steps=0, encoder=tasks.encoder,
                           feedback=tasks.encoder.schema.feedback)
     rows = [
-        ("global model, no adaptation", *cold_start_scores(tasks.test, plain(global_learner), rating_range)),
-        ("MAML meta-model, no adaptation", *cold_start_scores(tasks.test, plain(learner), rating_range)),
-        ("MAML meta-model, adapted", *cold_start_scores(tasks.test, adapted, rating_range)),
+        ("global model, no adaptation", *cold_start_scores(data, tasks.test, plain(global_learner), rating_range)),
+        ("MAML meta-model, no adaptation", *cold_start_scores(data, tasks.test, plain(learner), rating_range)),
+        ("MAML meta-model, adapted", *cold_start_scores(data, tasks.test, adapted, rating_range)),
     ]
     print_fn(f"\nCold-start test users ({len(tasks.test)}), query = the ratings after the first "
              f"{support_size}:")

@@ -1,0 +1,215 @@
+"""Meta-learners as a user runs them: fit with callbacks, adapt, score, recommend, save, load."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+import metarec
+from metarec.pretraining import fit_global_model
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    data = metarec.datasets.synthetic(seed=0)
+    return data, metarec.UserTasks(data, support_size=10, split="time", user_split="time")
+
+
+def make_learner(tasks, cls=metarec.MAML, learning_rate=3e-3, **kwargs):
+    keras.utils.set_random_seed(0)
+    model = metarec.models.rating_mlp(tasks.encoder, embedding_dim=8, hidden_units=(16, 16))
+    kwargs.setdefault("inner_steps", 2)
+    kwargs.setdefault("inner_lr", 0.05)
+    learner = cls(model, **kwargs)
+    learner.compile(optimizer=keras.optimizers.Adam(learning_rate))
+    return learner
+
+
+@pytest.fixture(scope="module")
+def trained(tasks):
+    _, t = tasks
+    keras.utils.set_random_seed(0)
+    learner = metarec.MAML(metarec.models.rating_mlp(t.encoder), inner_steps=3, inner_lr=0.05)
+    learner.compile(optimizer=keras.optimizers.Adam(1e-3))
+    history = learner.fit(t.train, validation_data=t.val, epochs=15, batch_size=32, verbose=0, seed=0)
+    return learner, history
+
+
+def test_fit_history_and_validation(trained):
+    learner, history = trained
+    assert set(history.history) >= {"loss", "val_loss", "val_loss_before"}
+    losses = history.history["loss"]
+    assert len(losses) == 15 and losses[-1] < losses[0]
+
+
+def test_meta_training_lowers_adapted_query_loss(tasks, trained):
+    _, t = tasks
+    learner, _ = trained
+    untrained = make_learner(t)
+    untrained.feedback = "explicit"
+    assert learner.evaluate(t.test, verbose=0)["loss"] < untrained.evaluate(t.test, verbose=0)["loss"]
+
+
+def test_adaptation_lowers_query_loss(tasks, trained):
+    _, t = tasks
+    learner, _ = trained
+    scores = learner.evaluate(t.test, verbose=0)
+    assert scores["loss"] < scores["loss_before"]
+
+
+def test_meta_learning_beats_ordinary_training_after_adaptation(tasks, trained):
+    """The same network trained the ordinary way adapts worse than the meta-learned one."""
+    _, t = tasks
+    learner, _ = trained
+    keras.utils.set_random_seed(0)
+    plain = metarec.models.rating_mlp(t.encoder)
+    fit_global_model(plain, t.train, t.val, epochs=15, verbose=0)
+    as_init = metarec.MAML(plain, inner_steps=learner.inner_steps, inner_lr=learner.inner_lr,
+                           feedback="explicit", encoder=t.encoder)
+    assert learner.evaluate(t.test, verbose=0)["loss"] < as_init.evaluate(t.test, verbose=0)["loss"]
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (metarec.MAML, {"first_order": True}),
+    (metarec.Reptile, {}),
+    (metarec.MetaSGD, {}),
+    (metarec.MAML, {"adapt": "all"}),
+])
+def test_other_learners_train(tasks, cls, kwargs):
+    _, t = tasks
+    learner = make_learner(t, cls, **kwargs)
+    before = learner.evaluate(t.val, verbose=0)["loss"] if learner.feedback else None
+    history = learner.fit(t.train, epochs=2, batch_size=32, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    after = learner.evaluate(t.val, verbose=0)["loss"]
+    assert np.isfinite(after)
+    if before is not None:
+        assert after < before
+
+
+def test_callbacks(tasks, tmp_path):
+    _, t = tasks
+    learner = make_learner(t)
+    ckpt = tmp_path / "best.keras"
+    history = learner.fit(
+        t.train, validation_data=t.val, epochs=30, batch_size=64, verbose=0,
+        callbacks=[
+            keras.callbacks.EarlyStopping(patience=0, min_delta=10.0, restore_best_weights=True),
+            keras.callbacks.ModelCheckpoint(str(ckpt), monitor="val_loss", save_best_only=True),
+            keras.callbacks.TensorBoard(log_dir=str(tmp_path / "tb")),
+        ],
+    )
+    # min_delta=10 means no epoch counts as an improvement: stops after the second epoch.
+    assert len(history.history["loss"]) == 2
+    assert ckpt.exists() and os.listdir(tmp_path / "tb")
+    assert isinstance(metarec.load(ckpt), metarec.MAML)
+
+
+def test_adapt_score_recommend(tasks, trained):
+    data, t = tasks
+    learner, _ = trained
+    support = t.test.support_frame(0)
+    features = data.users.loc[t.test.user_ids[0]].to_dict()
+    user = learner.adapt(support, features)
+    items = data.items.index.to_numpy()[:20]
+    scores = user.score(items)
+    assert scores.shape == (20,) and np.all(np.isfinite(scores))
+    recs = user.recommend(k=5)
+    assert list(recs.columns) == ["item_id", "score"] and len(recs) == 5
+    assert not set(recs["item_id"]) & set(support["item_id"])
+    assert np.all(np.diff(recs["score"].to_numpy()) <= 0)
+    # The catalogue ranking agrees with scoring every item.
+    all_scores = user.score(None)
+    seen = np.isin(learner.encoder.item_ids[1:], support["item_id"].to_numpy())
+    all_scores[seen] = -np.inf
+    assert recs["item_id"].iloc[0] == learner.encoder.item_ids[1:][np.argmax(all_scores)]
+    # Adaptation changes the scores; zero inner steps reproduces the plain model.
+    assert not np.allclose(scores, learner.predict_items(items, features))
+
+
+def test_adapt_many_matches_single_users(tasks, trained):
+    data, t = tasks
+    learner, _ = trained
+    supports = [t.test.support_frame(i) for i in range(5)]
+    features = [data.users.loc[u].to_dict() for u in t.test.user_ids[:5]]
+    items = [t.test.query_frame(i)["item_id"].to_numpy() for i in range(5)]
+    batched = learner.score_many(learner.adapt_many(supports, features), items)
+    for i in range(5):
+        single = learner.adapt(supports[i], features[i]).score(items[i])
+        np.testing.assert_allclose(batched[i], single, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs(tasks, trained):
+    _, t = tasks
+    learner, _ = trained
+    support = t.test.support_frame(0)
+    with pytest.raises(ValueError, match="finite"):
+        learner.adapt(support.assign(rating=np.nan))
+    with pytest.raises(ValueError, match="outside"):
+        learner.adapt(support.assign(rating=9.0))
+    with pytest.raises(ValueError, match="empty"):
+        learner.adapt_many([])
+    with pytest.raises(ValueError, match="k must"):
+        learner.adapt(support).recommend(k=0)
+    with pytest.raises(ValueError, match="adapt"):
+        metarec.MAML(learner.model, adapt="nonsense")
+    with pytest.raises(ValueError, match="inner_steps"):
+        metarec.MAML(learner.model, inner_steps=-1)
+    with pytest.raises(ValueError, match="compile"):
+        metarec.MAML(learner.model).fit(t.train)
+
+
+def test_save_load_round_trip(tasks, trained, tmp_path):
+    data, t = tasks
+    learner, _ = trained
+    path = tmp_path / "meta.keras"
+    learner.save(path)
+    loaded = metarec.load(path)
+    assert type(loaded) is type(learner)
+    assert loaded.get_config()["inner_steps"] == learner.inner_steps
+    support = t.test.support_frame(1)
+    items = data.items.index.to_numpy()[:30]
+    np.testing.assert_allclose(
+        loaded.adapt(support).score(items), learner.adapt(support).score(items), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_corrupt_model_file(tmp_path):
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="not a .keras archive"):
+        metarec.load(bad)
+    with pytest.raises(ValueError, match="No model file"):
+        metarec.load(tmp_path / "missing.keras")
+
+
+CROSS_BACKEND = """
+import sys, numpy as np, pandas as pd, metarec
+learner = metarec.load(sys.argv[1])
+support = pd.read_csv(sys.argv[2])
+items = np.load(sys.argv[3])
+np.save(sys.argv[4], learner.adapt(support).score(items))
+"""
+
+
+def test_file_loads_under_the_other_backend(tasks, trained, tmp_path):
+    data, t = tasks
+    learner, _ = trained
+    other = "jax" if keras.backend.backend() == "tensorflow" else "tensorflow"
+    path, support_csv = tmp_path / "meta.keras", tmp_path / "support.csv"
+    items, out = tmp_path / "items.npy", tmp_path / "scores.npy"
+    learner.save(path)
+    support = t.test.support_frame(2)[["item_id", "rating"]]
+    support.to_csv(support_csv, index=False)
+    np.save(items, data.items.index.to_numpy()[:40])
+    proc = subprocess.run(
+        [sys.executable, "-c", CROSS_BACKEND, str(path), str(support_csv), str(items), str(out)],
+        env=dict(os.environ, KERAS_BACKEND=other), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = learner.adapt(pd.read_csv(support_csv)).score(np.load(items))
+    np.testing.assert_allclose(np.load(out), expected, rtol=1e-5, atol=1e-5)
