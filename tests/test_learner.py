@@ -33,7 +33,8 @@ def make_learner(tasks, cls=metarec.MAML, learning_rate=3e-3, **kwargs):
 def trained(tasks):
     _, t = tasks
     keras.utils.set_random_seed(0)
-    learner = metarec.MAML(metarec.models.rating_mlp(t.encoder), inner_steps=3, inner_lr=0.05)
+    learner = metarec.MAML(metarec.models.rating_mlp(t.encoder), inner_steps=3, inner_lr=0.05,
+                           learn_inner_lr="per_layer")
     learner.compile(optimizer=keras.optimizers.Adam(1e-3))
     history = learner.fit(t.train, validation_data=t.val, epochs=15, batch_size=32, verbose=0, seed=0)
     return learner, history
@@ -62,7 +63,8 @@ def test_adaptation_lowers_query_loss(tasks, trained):
 
 
 def test_meta_learning_beats_ordinary_training_after_adaptation(tasks, trained):
-    """The same network trained the ordinary way adapts worse than the meta-learned one."""
+    """The same network trained the ordinary way does worse, adapted or not, than the
+    meta-learned one after adaptation."""
     _, t = tasks
     learner, _ = trained
     keras.utils.set_random_seed(0)
@@ -70,7 +72,9 @@ def test_meta_learning_beats_ordinary_training_after_adaptation(tasks, trained):
     fit_global_model(plain, t.train, t.val, epochs=15, verbose=0)
     as_init = metarec.MAML(plain, inner_steps=learner.inner_steps, inner_lr=learner.inner_lr,
                            feedback="explicit", encoder=t.encoder)
-    assert learner.evaluate(t.test, verbose=0)["loss"] < as_init.evaluate(t.test, verbose=0)["loss"]
+    plain_scores = as_init.evaluate(t.test, verbose=0)
+    best_plain = min(plain_scores["loss"], plain_scores["loss_before"])
+    assert learner.evaluate(t.test, verbose=0)["loss"] < best_plain - 0.005
 
 
 @pytest.mark.parametrize("cls,kwargs", [
