@@ -6,6 +6,8 @@ padded into a few fixed shapes (users, support size and candidates each rounded 
 so compiled code is traced once per bucket and never per request.
 """
 
+import threading
+
 import numpy as np
 import pandas as pd
 from keras import ops
@@ -26,6 +28,26 @@ def _broadcast_user(user_inputs, n):
     return {k: ops.broadcast_to(ops.expand_dims(v, 0), (n,) + tuple(v.shape)) for k, v in user_inputs.items()}
 
 
+class _AdaptedBatch:
+    """The adapted weights of one ``adapt_many`` call: device arrays ``[users_bucket, ...]``."""
+
+    def __init__(self, stacked, n_users):
+        self.stacked = stacked
+        self.n_users = n_users
+        self._numpy = None
+        self._lock = threading.Lock()
+
+    def numpy(self):
+        with self._lock:
+            if self._numpy is None:
+                self._numpy = [backend.to_numpy(w) for w in self.stacked]
+            return self._numpy
+
+
+_SCALAR_TYPES = (str, int, float, bool, np.integer, np.floating, np.bool_, type(None))
+_FEATURE_CACHE_SIZE = 4096
+
+
 class AdaptedUser:
     """A personal model: the meta-model's weights after a few steps on one user's interactions.
 
@@ -38,6 +60,29 @@ class AdaptedUser:
         self.user_inputs = user_inputs  # {name: numpy array} of this user's features
         self.seen_items = seen_items  # raw item ids of the support set
 
+    # Users made by one ``adapt_many`` call share an ``_AdaptedBatch``: their weights stay
+    # stacked on the device, ``score_many`` of exactly that batch passes them to the score
+    # kernel as they are, and the numpy copies are made only when ``weights`` is read.
+    _batch = None
+    _row = None
+
+    @property
+    def weights(self):
+        if self._weights is None:
+            self._weights = [w[self._row] for w in self._batch.numpy()]
+        return self._weights
+
+    @weights.setter
+    def weights(self, value):
+        self._weights = value
+        self._batch = None  # weights set by hand: the batch's device arrays no longer apply
+
+    @classmethod
+    def _from_batch(cls, learner, batch, row, user_inputs, seen_items):
+        user = cls(learner, None, user_inputs, seen_items)
+        user._batch, user._row = batch, row
+        return user
+
     def score(self, item_ids=None):
         """Scores (predicted rating, or probability for implicit feedback) of raw item ids;
         ``None`` scores the whole catalogue in index order (``learner.encoder.item_ids[1:]``)."""
@@ -45,6 +90,7 @@ class AdaptedUser:
 
     def recommend(self, k=10, exclude_seen=True, candidates=None):
         """Top-``k`` as a DataFrame (``item_id``, ``score``), best first."""
+        candidates = None if candidates is None else [candidates]
         ids, scores = self.learner.recommend_many([self], k, exclude_seen, candidates)[0]
         return pd.DataFrame({"item_id": ids, "score": scores})
 
@@ -76,7 +122,7 @@ class AdaptationMixin:
             raise ValueError(
                 f"user_features has {len(user_features)} entries for {n_users} users."
             )
-        encoded = [encoder.encode_interactions(frame) for frame in supports]
+        encoded = _encode_interactions(encoder, supports)
         b = bucket(n_users)
         s = bucket(max(len(idx) for idx, _ in encoded), minimum=8)
         item_idx = np.zeros((b, s), np.int32)
@@ -86,13 +132,46 @@ class AdaptationMixin:
             item_idx[u, : len(idx)] = idx
             target[u, : len(idx)] = y
             mask[u, : len(idx)] = 1.0
-        users = encoder.user_inputs_from_features(
-            [dict(f or {}) for f in user_features] + [{}] * (b - n_users)
-        )
+        users = self._encode_user_features(list(user_features) + [{}] * (b - n_users))
         inputs = encoder.item_inputs(item_idx)
         inputs.update({k: np.repeat(v[:, None], s, axis=1) for k, v in users.items()})
         per_user = [{k: v[u] for k, v in users.items()} for u in range(n_users)]
         return (inputs, target, mask), users, per_user
+
+    def _encode_user_features(self, user_features):
+        """``encoder.user_inputs_from_features`` of a list of dicts, one row per user.
+
+        Users' features repeat across requests (a handful of segments, ages, countries) and
+        encoding them goes through pandas (about 1 ms a call), so each distinct user's row is
+        encoded once and kept: users of scalar features only are keyed by their schema
+        features' (type, value); anything else takes the plain path.
+        """
+        encoder = self._require_encoder()
+        names = tuple(spec.name for spec in encoder.schema.user_features)
+        dicts = [dict(f or {}) for f in user_features]
+        keys = []
+        for f in dicts:
+            key = tuple((n, type(f[n]), f[n]) for n in names if n in f)
+            if not all(isinstance(v, _SCALAR_TYPES) for _, _, v in key):
+                return encoder.user_inputs_from_features(dicts)
+            keys.append(key)
+        cache = self.__dict__.get("_feature_cache")
+        if cache is None or cache[0] is not encoder:
+            cache = (encoder, {})
+            self.__dict__["_feature_cache"] = cache
+        rows = cache[1]
+        missing = [i for i, key in enumerate(keys) if key not in rows]
+        if missing:
+            if len(rows) + len(missing) > _FEATURE_CACHE_SIZE:
+                rows.clear()
+            for i in missing:
+                # One user per call, so that no user's encoding depends on the others'.
+                one = encoder.user_inputs_from_features([dicts[i]])
+                rows[keys[i]] = {k: v[0] for k, v in one.items()}
+        if not names:
+            return encoder.user_inputs_from_features(dicts)
+        got = [rows[key] for key in keys]
+        return {k: np.stack([r[k] for r in got]) for k in got[0]}
 
     # ------------------------------------------------------------------ compiled kernels
     def _kernel(self, name, build):

@@ -18,6 +18,21 @@ def _evaluate(args):
     return run_evaluate_cli(args)
 
 
+def _score_batch(args):
+    from metarec.batch_scoring import read_table, score_batch
+
+    interactions = read_table(args.interactions)
+    candidates = None
+    if args.candidates:
+        candidates = read_table(args.candidates, columns=["item_id"])["item_id"].to_numpy()
+    features = read_table(args.user_features).set_index("user_id") if args.user_features else None
+    out = score_batch(args.model, interactions, args.out, candidates=candidates, k=args.k,
+                      user_features=features, exclude_seen=not args.include_seen,
+                      chunk_users=args.chunk_users, verbose=0 if args.quiet else 1)
+    print(f"Top-{args.k} written to {out}/")
+    return 0
+
+
 def _serve(args):
     from server.main import serve_main
 
@@ -47,6 +62,18 @@ def build_parser():
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--list-methods", action="store_true")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("score-batch", help="adapt to every user of a file and write their top-k")
+    p.add_argument("--model", required=True, help="a .keras file or a folder of numbered versions")
+    p.add_argument("--interactions", required=True, help="Parquet/CSV: user_id, item_id, rating")
+    p.add_argument("--candidates", help="Parquet/CSV with an item_id column (default: catalogue)")
+    p.add_argument("--user-features", help="Parquet/CSV with user_id and feature columns")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--out", required=True, help="output folder of Parquet parts (resumable)")
+    p.add_argument("--chunk-users", type=int, default=1024)
+    p.add_argument("--include-seen", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_score_batch)
 
     p = sub.add_parser("serve", help="run the gRPC server (see `metarec serve --help`)",
                        add_help=False)

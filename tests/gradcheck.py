@@ -8,15 +8,8 @@ meta-gradients, central finite differences of the meta-loss, and the Reptile upd
 import os
 import sys
 
-if os.environ.get("KERAS_BACKEND") == "jax":
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
-
 import keras
 import numpy as np
-
-keras.config.set_floatx("float64")
 
 from metarec import backend  # noqa: E402
 from metarec.maml import MAML  # noqa: E402
@@ -54,6 +47,12 @@ def flat(arrays):
 
 
 def main(out_path):
+    # Process-wide switches: only when run as a script, never on import by the test module.
+    if os.environ.get("KERAS_BACKEND") == "jax":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    keras.config.set_floatx("float64")
     model = tiny_model()
     ep = episode()
     results = {}

@@ -1,0 +1,128 @@
+"""Batch jobs: adapt to every user of an interactions file and write their top-k.
+
+Users are processed in fixed chunks, in sorted user-id order, each chunk vectorised through
+``learner.adapt_many`` / ``recommend_many``. Every chunk is written as its own Parquet part file
+(``part-00000.parquet``, ...) inside the output folder, atomically (temporary file, then
+rename), so an interrupted job restarted with the same arguments skips the finished parts and
+never duplicates a user. A ``_manifest.json`` (ignored by Parquet readers, like every name starting with "_") records the settings a resumed run must share.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+
+from metarec.saving import load
+
+
+def resolve_model_path(path):
+    """A ``.keras`` file, or a model folder of numbered versions (the newest is used)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        versions = sorted((int(p.name), p) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
+        if versions:
+            files = sorted(versions[-1][1].glob("*.keras"))
+            if files:
+                return files[0]
+    raise ValueError(f"No model at {str(path)!r}: expected a .keras file or a folder of numbered versions.")
+
+
+def read_table(path, columns=None):
+    """A Parquet or CSV file as a DataFrame."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"No such file: {str(path)!r}.")
+    if path.suffix in (".parquet", ".pq") or path.is_dir():
+        return pd.read_parquet(path, columns=columns)
+    if path.suffix == ".csv":
+        frame = pd.read_csv(path)
+        return frame if columns is None else frame[columns]
+    raise ValueError(f"Unsupported file type {path.suffix!r} for {str(path)!r}: use .parquet or .csv.")
+
+
+def score_batch(
+    learner,
+    interactions,
+    out_dir,
+    candidates=None,
+    k=20,
+    user_features=None,
+    exclude_seen=True,
+    chunk_users=1024,
+    verbose=1,
+):
+    """Write each user's top-``k`` to Parquet parts in ``out_dir``; returns the folder.
+
+    Args:
+        learner: a ``MetaLearner`` (or a path to a ``.keras`` file / model folder).
+        interactions: DataFrame with ``user_id``, ``item_id``, ``rating``: every user's support.
+        candidates: raw item ids to rank (None: the whole catalogue).
+        user_features: optional DataFrame indexed by ``user_id``.
+        chunk_users: users per vectorised chunk (and per output part).
+    Output columns: ``user_id``, ``rank`` (1 = best), ``item_id``, ``score``.
+    """
+    if not isinstance(learner, keras.Model):
+        learner = load(resolve_model_path(learner))
+    if not isinstance(chunk_users, int) or chunk_users < 1:
+        raise ValueError(f"chunk_users must be a positive integer; received {chunk_users!r}.")
+    missing = {"user_id", "item_id", "rating"} - set(interactions.columns)
+    if missing:
+        raise ValueError(f"interactions lack columns {sorted(missing)}; received {list(interactions.columns)}.")
+    if interactions.empty:
+        raise ValueError("interactions is empty: there is no user to score.")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups = {u: g for u, g in interactions.groupby("user_id", sort=True)}
+    users = list(groups)
+    cand = None if candidates is None else np.asarray(candidates)
+    _check_manifest(out_dir, {"users": len(users), "chunk_users": chunk_users, "k": int(k),
+                              "exclude_seen": bool(exclude_seen)})
+    chunks = range(0, len(users), chunk_users)
+    progbar = keras.utils.Progbar(len(users), unit_name="user") if verbose else None
+    for c, start in enumerate(chunks):
+        part = out_dir / f"part-{c:05d}.parquet"
+        chunk = users[start:start + chunk_users]
+        if not part.exists():
+            supports = [groups[u][["item_id", "rating"]] for u in chunk]
+            features = None
+            if user_features is not None:
+                features = [
+                    user_features.loc[u].to_dict() if u in user_features.index else {} for u in chunk
+                ]
+            adapted = learner.adapt_many(supports, features)
+            recs = learner.recommend_many(
+                adapted, k=k, exclude_seen=exclude_seen,
+                candidates=None if cand is None else [cand] * len(chunk),
+            )
+            frame = pd.concat(
+                [
+                    pd.DataFrame({"user_id": u, "rank": np.arange(1, len(ids) + 1), "item_id": ids,
+                                  "score": scores})
+                    for u, (ids, scores) in zip(chunk, recs)
+                ],
+                ignore_index=True,
+            )
+            tmp = part.with_name(f".{part.name}.tmp")  # hidden from Parquet dataset readers
+            frame.to_parquet(tmp, index=False)
+            os.replace(tmp, part)  # atomic: a part is either complete or absent
+        if progbar:
+            progbar.update(min(start + chunk_users, len(users)))
+    return out_dir
+
+
+def _check_manifest(out_dir, settings):
+    path = out_dir / "_manifest.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != settings:
+            raise ValueError(
+                f"{str(out_dir)!r} holds the output of a run with other settings {previous}; "
+                f"this run has {settings}. Use another --out folder."
+            )
+    else:
+        path.write_text(json.dumps(settings))
