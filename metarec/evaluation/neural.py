@@ -1,0 +1,346 @@
+"""Neural methods of protocol Q1: baselines 4 and 5 and the meta-learners.
+
+* :class:`GlobalModel` (baseline 4): the Keras model trained the ordinary way on every rating
+  of the meta-train users (``metarec.pretraining.fit_global_model``), early stopping on the
+  validation users' ratings, no per-user adaptation.
+* :class:`FineTune` (baseline 5): that same trained global model adapted to each user by
+  plain SGD steps on their support set. A ``metarec.MAML`` wrapped around the trained model
+  *without* meta-training does exactly this in ``adapt_many``; the number of steps, the
+  learning rate and the adapted subset are tuned by validation MAE.
+* :func:`meta_learner_method`: a MAML / first-order MAML / Meta-SGD / Reptile learner as a
+  :class:`~metarec.evaluation.methods.LearnerMethod`, meta-trained with early stopping on
+  the validation users' post-adaptation query loss, the same stopping rule as the global
+  model's, so the training budgets are comparable.
+* :func:`inner_step_curve`: MAE against the number of inner steps of a fitted adaptive
+  method, by re-adapting with other ``inner_steps`` (kernels are cached per step count).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from metarec.evaluation.methods import LearnerMethod, Method, UserQuery, queries_from_tasks
+from metarec.evaluation.metrics import mae
+
+__all__ = [
+    "FineTune",
+    "GlobalModel",
+    "adaptive_learner",
+    "inner_step_curve",
+    "meta_learner_method",
+    "predict_with_learner",
+    "predict_without_adaptation",
+]
+
+DEFAULT_STEPS_GRID = (1, 3, 5, 10)
+DEFAULT_LR_GRID = (0.003, 0.01, 0.03, 0.1)
+DEFAULT_ADAPT_GRID = ("decision_layers", "all")
+LEARNER_KINDS = ("maml", "fomaml", "meta-sgd", "reptile")
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _default_model(encoder):
+    from metarec.models import rating_mlp
+
+    return rating_mlp(encoder)
+
+
+def predict_with_learner(learner, users: Sequence[UserQuery], batch_users: int = 256) -> list[np.ndarray]:
+    """Adapt ``learner`` to each user's support and score ``user.item_ids`` (chunked)."""
+    if learner.inner_steps == 0:
+        return predict_without_adaptation(learner, users)
+    out: list[np.ndarray] = []
+    for start in range(0, len(users), batch_users):
+        chunk = users[start:start + batch_users]
+        adapted = learner.adapt_many([u.support for u in chunk], [u.user_features for u in chunk])
+        scores = learner.score_many(adapted, candidates=[u.item_ids for u in chunk])
+        out.extend(np.asarray(s, dtype=np.float64) for s in scores)
+    return out
+
+
+def predict_without_adaptation(learner, users: Sequence[UserQuery]) -> list[np.ndarray]:
+    """The learner's shared (meta-)model on each user's items, with no adaptation step.
+
+    Used for zero inner steps: ``adapt_many`` with ``inner_steps=0`` currently fails inside
+    the TensorFlow vectorised map, and predicting directly is cheaper anyway.
+    """
+    encoder = learner.encoder
+    parts, sizes = [], []
+    for user in users:
+        idx = encoder.item_index(np.asarray(user.item_ids))
+        inputs = encoder.item_inputs(idx)
+        features = encoder.user_inputs_from_features(dict(user.user_features or {}))
+        inputs.update({k: np.repeat(v, len(idx), axis=0) for k, v in features.items()})
+        parts.append(inputs)
+        sizes.append(len(idx))
+    if not parts:
+        return []
+    batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    scores = np.asarray(learner.model.predict(batch, batch_size=8192, verbose=0), np.float64).reshape(-1)
+    if learner.feedback == "implicit":
+        scores = 1.0 / (1.0 + np.exp(-scores))
+    return list(np.split(scores, np.cumsum(sizes)[:-1]))
+
+
+def adaptive_learner(method: Method):
+    """The fitted meta-learner behind ``method`` (None when it does not adapt per user)."""
+    if isinstance(method, GlobalModel) and not isinstance(method, FineTune):
+        return None
+    return getattr(method, "learner", None)
+
+
+def inner_step_curve(method: Method, protocol, k: int = 10, steps: Sequence[int] = range(11),
+                     split: str = "test") -> dict[int, float]:
+    """Mean per-user MAE of a fitted adaptive ``method`` on ``split`` at ``k`` for each number
+    of inner steps (the learner's own setting is restored afterwards).
+
+    This is a diagnostic of a method already fitted and tuned on validation users; it
+    chooses nothing.
+    """
+    learner = adaptive_learner(method)
+    if learner is None:
+        raise ValueError(f"{method.name!r} has no fitted meta-learner to re-adapt; got {method!r}")
+    steps = [int(s) for s in steps]
+    if not steps or any(s < 0 for s in steps):
+        raise ValueError(f"steps must be integers >= 0, got {steps!r}")
+    original = learner.inner_steps
+    curve = {}
+    try:
+        for s in steps:
+            learner.inner_steps = s
+            curve[s] = float(np.nanmean(protocol.evaluate_method(method, split=split, k=k)["mae"]))
+    finally:
+        learner.inner_steps = original
+    return curve
+
+
+# --------------------------------------------------------------------------- baseline 4
+class GlobalModel(Method):
+    """Baseline 4: the model trained the ordinary way, with no per-user adaptation.
+
+    Args:
+        model_fn: ``model_fn(encoder) -> built keras.Model`` (default ``rating_mlp``).
+        epochs: the most epochs; training stops early on the validation users' ratings
+            (``patience`` epochs without improvement) and keeps the best weights.
+        batch_size: ratings per gradient step.
+        learning_rate: Adam's learning rate.
+        name: report label.
+
+    Trained models are kept per (training users, seed), so a :class:`FineTune` built on
+    this object reuses them instead of training the same network twice.
+    """
+
+    is_baseline = True
+
+    def __init__(self, model_fn: Callable | None = None, epochs: int = 30, batch_size: int = 256,
+                 learning_rate: float = 1e-3, patience: int = 2, name: str = "global model") -> None:
+        self.model_fn = model_fn or _default_model
+        self.epochs = _positive_int("epochs", epochs)
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.patience = _positive_int("patience", patience)
+        if not (np.isfinite(learning_rate) and learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate!r}")
+        self.learning_rate = float(learning_rate)
+        self.name = name
+        self.learner = None
+        self.epochs_trained_: int | None = None
+        self._trained: dict[tuple, tuple[Any, int]] = {}
+
+    def get_params(self) -> dict[str, Any]:
+        return {"max_epochs": self.epochs, "epochs_trained": self.epochs_trained_}
+
+    def trained_model(self, train_tasks, val_tasks, seed: int):
+        """The global model for these training users and seed (trained once, then reused)."""
+        import keras
+
+        from metarec.pretraining import fit_global_model
+
+        key = (id(train_tasks), len(train_tasks), id(val_tasks), int(seed))
+        if key not in self._trained:
+            keras.utils.set_random_seed(int(seed))
+            model = self.model_fn(train_tasks.encoder)
+            callbacks = None
+            if val_tasks is not None and len(val_tasks):
+                callbacks = [keras.callbacks.EarlyStopping(patience=self.patience, restore_best_weights=True)]
+            history = fit_global_model(model, train_tasks, val_tasks if callbacks else None,
+                                       epochs=self.epochs, batch_size=self.batch_size,
+                                       optimizer=keras.optimizers.Adam(self.learning_rate),
+                                       callbacks=callbacks, verbose=0)
+            self._trained[key] = (model, len(history.history["loss"]))
+        return self._trained[key]
+
+    def _wrap(self, model, encoder, inner_steps=0, inner_lr=0.0, adapt="decision_layers"):
+        from metarec.maml import MAML
+
+        return MAML(model, inner_steps=inner_steps, inner_lr=inner_lr, adapt=adapt,
+                    encoder=encoder, feedback=encoder.schema.feedback)
+
+    def fit(self, train_tasks, val_tasks=None, seed: int = 0) -> GlobalModel:
+        model, self.epochs_trained_ = self.trained_model(train_tasks, val_tasks, seed)
+        self.learner = self._wrap(model, train_tasks.encoder)
+        return self
+
+    def predict_many(self, users: Sequence[UserQuery]) -> list[np.ndarray]:
+        if self.learner is None:
+            raise ValueError(f"{self.name}: call fit before predict_many")
+        return predict_with_learner(self.learner, users)
+
+
+# --------------------------------------------------------------------------- baseline 5
+class FineTune(GlobalModel):
+    """Baseline 5: the global model fine-tuned per user by SGD on the support set.
+
+    Every combination of ``steps_grid`` x ``lr_grid`` x ``adapt_grid`` is scored by mean
+    per-user MAE on the validation users (support → query), and the best is kept; the whole
+    grid is in ``tuning_results_``. ``users`` (``InteractionData.users``) supplies the
+    validation users' raw features during tuning.
+
+    Args:
+        base: the :class:`GlobalModel` whose trained networks are fine-tuned (shared, so the
+            two rows of a report use the very same global model); a fresh one by default.
+    """
+
+    def __init__(self, base: GlobalModel | None = None, users: pd.DataFrame | None = None,
+                 steps_grid: Sequence[int] = DEFAULT_STEPS_GRID,
+                 lr_grid: Sequence[float] = DEFAULT_LR_GRID,
+                 adapt_grid: Sequence[Any] = DEFAULT_ADAPT_GRID, name: str = "fine-tune") -> None:
+        base = base if base is not None else GlobalModel()
+        if not isinstance(base, GlobalModel):
+            raise ValueError(f"base must be a GlobalModel, got {base!r}")
+        super().__init__(base.model_fn, base.epochs, base.batch_size, base.learning_rate,
+                         base.patience, name=name)
+        self._trained = base._trained  # share trained networks with the baseline-4 row
+        self.users = users
+        self.steps_grid = tuple(_positive_int("steps", s) for s in steps_grid)
+        self.lr_grid = tuple(float(lr) for lr in lr_grid)
+        if not self.steps_grid or not self.lr_grid or not adapt_grid:
+            raise ValueError(f"every grid needs a value, got steps={steps_grid!r}, "
+                             f"lr={lr_grid!r}, adapt={adapt_grid!r}")
+        for lr in self.lr_grid:
+            if not (np.isfinite(lr) and lr > 0):
+                raise ValueError(f"learning rates must be finite numbers > 0, got {lr!r}")
+        self.adapt_grid = tuple(adapt_grid)
+        self.params = {"steps": self.steps_grid[0], "lr": self.lr_grid[0], "adapt": self.adapt_grid[0]}
+        self.tuning_results_: pd.DataFrame | None = None
+
+    def get_params(self) -> dict[str, Any]:
+        return {**self.params, "epochs_trained": self.epochs_trained_}
+
+    def fit(self, train_tasks, val_tasks=None, seed: int = 0) -> FineTune:
+        model, self.epochs_trained_ = self.trained_model(train_tasks, val_tasks, seed)
+        encoder = train_tasks.encoder
+        if val_tasks is not None and len(val_tasks):
+            self.params = self._tune(model, encoder, val_tasks)
+        self.learner = self._wrap(model, encoder, self.params["steps"], self.params["lr"],
+                                  self.params["adapt"])
+        return self
+
+    def _tune(self, model, encoder, val_tasks) -> dict[str, Any]:
+        queries, truths = queries_from_tasks(val_tasks, self.users)
+        rating_range = encoder.schema.rating_range
+        rows = []
+        for adapt, lr in itertools.product(self.adapt_grid, self.lr_grid):
+            # The learning rate is baked into the compiled kernels: one wrapper per rate.
+            learner = self._wrap(model, encoder, self.steps_grid[0], lr, adapt)
+            for steps in self.steps_grid:
+                learner.inner_steps = steps
+                predictions = predict_with_learner(learner, queries)
+                per_user = [mae(t, p, rating_range) for t, p in zip(truths, predictions) if len(t)]
+                rows.append({"steps": steps, "lr": lr, "adapt": adapt, "val_mae": float(np.mean(per_user))})
+        self.tuning_results_ = pd.DataFrame(rows)
+        best = self.tuning_results_.iloc[int(np.argmin(self.tuning_results_["val_mae"].to_numpy()))]
+        return {"steps": int(best["steps"]), "lr": float(best["lr"]), "adapt": best["adapt"]}
+
+
+# --------------------------------------------------------------------------- meta-learners
+def meta_learner_method(
+    name: str,
+    kind: str = "maml",
+    model_fn: Callable | None = None,
+    inner_steps: int = 1,
+    inner_lr: float = 0.01,
+    adapt: Any = "decision_layers",
+    learn_inner_lr: str | None = None,
+    outer_lr: float = 1e-3,
+    epochs: int = 30,
+    batch_size: int = 32,
+    patience: int = 3,
+    max_query: int = 128,
+    clipnorm: float | None = 5.0,
+) -> LearnerMethod:
+    """A meta-learner of ``kind`` ("maml", "fomaml", "meta-sgd", "reptile") as a method.
+
+    Meta-training runs at most ``epochs`` epochs and stops when the validation users'
+    post-adaptation query loss has not improved for ``patience`` epochs, restoring the best
+    weights (the same early stopping as :class:`GlobalModel`).
+    """
+    if kind not in LEARNER_KINDS:
+        raise ValueError(f"kind must be one of {LEARNER_KINDS}, got {kind!r}")
+    epochs = _positive_int("epochs", epochs)
+    patience = _positive_int("patience", patience)
+    model_fn = model_fn or _default_model
+
+    def build(train_tasks, seed):
+        import keras
+
+        from metarec.maml import MAML, MetaSGD
+        from metarec.reptile import Reptile
+
+        keras.utils.set_random_seed(int(seed))
+        model = model_fn(train_tasks.encoder)
+        common = dict(inner_steps=inner_steps, inner_lr=inner_lr, adapt=adapt, clipnorm=clipnorm,
+                      encoder=train_tasks.encoder, feedback=train_tasks.encoder.schema.feedback)
+        if kind == "reptile":
+            learner = Reptile(model, **common)
+        elif kind == "meta-sgd":
+            learner = MetaSGD(model, learn_inner_lr=learn_inner_lr or "per_parameter", **common)
+        else:
+            learner = MAML(model, first_order=kind == "fomaml", learn_inner_lr=learn_inner_lr, **common)
+        learner.compile(optimizer=keras.optimizers.Adam(outer_lr))
+        return learner
+
+    method = _EarlyStoppedLearnerMethod(name, build, {"epochs": epochs, "batch_size": batch_size,
+                                                      "max_query": max_query})
+    method.patience = patience
+    method.settings = {"kind": kind, "inner_steps": inner_steps, "inner_lr": inner_lr,
+                       "adapt": adapt if isinstance(adapt, str) else "custom",
+                       "learn_inner_lr": learn_inner_lr, "outer_lr": outer_lr}
+    return method
+
+
+class _EarlyStoppedLearnerMethod(LearnerMethod):
+    """``LearnerMethod`` with early stopping on validation users and epochs recorded."""
+
+    patience: int = 3
+    settings: Mapping[str, Any] = {}
+
+    def fit(self, train_tasks, val_tasks=None, seed: int = 0) -> _EarlyStoppedLearnerMethod:
+        import keras
+
+        self.learner = self.build(train_tasks, seed)
+        kwargs = {"verbose": 0, **self.fit_kwargs, "seed": seed}
+        if val_tasks is not None and len(val_tasks):
+            kwargs["callbacks"] = [keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=self.patience, restore_best_weights=True)]
+        history = self.learner.fit(train_tasks, validation_data=val_tasks, **kwargs)
+        self.epochs_trained_ = len(history.history.get("loss", []))
+        return self
+
+    def get_params(self) -> dict[str, Any]:
+        return {**self.settings, "max_epochs": self.fit_kwargs.get("epochs"),
+                "epochs_trained": getattr(self, "epochs_trained_", None)}
+
+    def predict_many(self, users: Sequence[UserQuery]) -> list[np.ndarray]:
+        if self.learner is None:
+            raise ValueError(f"{self.name}: call fit before predict_many")
+        return predict_with_learner(self.learner, users, self.batch_users)

@@ -1,0 +1,83 @@
+"""Method names of ``metarec evaluate``: each name builds a fresh, untrained method.
+
+``build_methods("baselines,melu-1", data, epochs=...)`` returns the methods in order, with
+the groups ``baselines`` (the five of BENCHMARK.md) and ``learners`` expanded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from metarec.evaluation.methods import GlobalMean, ItemMean, ItemMeanUserOffset, Method
+from metarec.evaluation.neural import FineTune, GlobalModel, _EarlyStoppedLearnerMethod, meta_learner_method
+
+__all__ = ["GROUPS", "METHOD_HELP", "build_methods", "method_names"]
+
+METHOD_HELP = {
+    "global-mean": "baseline 1: the global mean rating",
+    "item-mean": "baseline 2: damped item mean (damping tuned on validation users)",
+    "item-mean-offset": "baseline 3: damped item mean + damped support offset (tuned)",
+    "global-model": "baseline 4: rating_mlp trained the ordinary way, early stopping on validation",
+    "fine-tune": "baseline 5: global model + per-user SGD (steps, lr, adapted subset tuned on validation)",
+    "melu-1": "MeLU-style second-order MAML, 1 local step (presets.melu)",
+    "melu-5": "MeLU-style second-order MAML, 5 local steps (presets.melu)",
+    "fomaml": "first-order MAML, 1 inner step, decision layers adapted",
+    "reptile": "Reptile, 5 inner steps, decision layers adapted",
+    "meta-sgd": "Meta-SGD: MAML with meta-learned per-parameter inner rates, 1 step",
+}
+GROUPS = {
+    "baselines": ("global-mean", "item-mean", "item-mean-offset", "global-model", "fine-tune"),
+    "learners": ("melu-1", "melu-5", "fomaml", "reptile", "meta-sgd"),
+}
+
+
+def method_names() -> list[str]:
+    """Every method name and group, for ``--list-methods``."""
+    return list(METHOD_HELP) + list(GROUPS)
+
+
+def _melu(name: str, steps: int, epochs: int) -> Method:
+    def build(train_tasks, seed):
+        import keras
+
+        from metarec.presets import melu
+
+        keras.utils.set_random_seed(int(seed))
+        return melu(train_tasks.encoder, local_steps=steps)
+
+    method = _EarlyStoppedLearnerMethod(name, build, {"epochs": epochs, "batch_size": 32, "max_query": 128})
+    method.settings = {"preset": f"melu(local_steps={steps})"}
+    return method
+
+
+def build_methods(spec: str, data, epochs: int | None = None) -> list[Method]:
+    """The methods named in the comma-separated ``spec``; ``epochs`` caps every neural
+    method's training epochs (default 30; early stopping on validation users still applies)."""
+    names: list[str] = []
+    for raw in str(spec).split(","):
+        name = raw.strip()
+        if not name:
+            continue
+        expanded = GROUPS.get(name, (name,))
+        for n in expanded:
+            if n not in METHOD_HELP:
+                raise ValueError(f"unknown method {n!r}; choose from {method_names()}")
+            if n not in names:
+                names.append(n)
+    if not names:
+        raise ValueError(f"no method named in --methods, got {spec!r}")
+    epochs = 30 if epochs is None else epochs
+    global_model = GlobalModel(epochs=epochs)
+    factories: dict[str, Callable[[], Method]] = {
+        "global-mean": GlobalMean,
+        "item-mean": ItemMean,
+        "item-mean-offset": ItemMeanUserOffset,
+        "global-model": lambda: global_model,
+        "fine-tune": lambda: FineTune(global_model, users=data.users),
+        "melu-1": lambda: _melu("melu-1", 1, epochs),
+        "melu-5": lambda: _melu("melu-5", 5, epochs),
+        "fomaml": lambda: meta_learner_method("fomaml", "fomaml", inner_steps=1, epochs=epochs),
+        "reptile": lambda: meta_learner_method("reptile", "reptile", inner_steps=5, epochs=epochs),
+        "meta-sgd": lambda: meta_learner_method("meta-sgd", "meta-sgd", inner_steps=1, epochs=epochs),
+    }
+    return [factories[n]() for n in names]

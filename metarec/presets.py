@@ -1,0 +1,50 @@
+"""Named, ready-to-fit meta-learner configurations.
+
+Each preset returns a *compiled* meta-learner for a ``FeatureEncoder`` (``tasks.encoder``).
+"""
+
+from __future__ import annotations
+
+__all__ = ["MELU_EMBEDDING_DIM", "MELU_HIDDEN_UNITS", "melu"]
+
+#: MeLU (Lee et al., KDD 2019): 32-wide embedding per feature, decision layers 64-64-1.
+MELU_EMBEDDING_DIM = 32
+MELU_HIDDEN_UNITS = (64, 64)
+
+
+def melu(encoder, local_steps=1, local_lr=0.01, outer_lr=1e-3, first_order=False, clipnorm=5.0):
+    """A MeLU-style MAML: feature embeddings of 32 each, decision layers 64-64-1 adapted per
+    user (the embeddings change only in the outer loop), ``local_steps`` inner SGD steps.
+
+    MeLU's published code is *effectively first-order*: after the local update it copies the
+    adapted weights back into the network (``load_state_dict``), which cuts the graph between
+    the query loss and the initial weights, so only first-order meta-gradients flow. This
+    preset is the true second-order version (gradients through every inner step); pass
+    ``first_order=True`` for the behaviour of the published code.
+
+    Args:
+        encoder: the data's ``FeatureEncoder``.
+        local_steps: inner (local) SGD steps per user, 1 or 5 in the paper's settings.
+        local_lr: inner learning rate. MeLU's own 5e-6 barely moves the weights with plain
+            SGD; 0.01 is the default here (chosen on validation users of protocol Q1).
+        outer_lr: Adam learning rate of the outer loop.
+        first_order: drop the second-order terms (first-order MAML).
+        clipnorm: global-norm clip of each inner gradient.
+
+    Returns:
+        A compiled ``metarec.MAML``.
+    """
+    import keras
+
+    from metarec.maml import MAML
+    from metarec.models import rating_mlp
+
+    if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
+        raise ValueError(f"local_steps must be a positive integer, got {local_steps!r}")
+    model = rating_mlp(encoder, embedding_dim=MELU_EMBEDDING_DIM, hidden_units=MELU_HIDDEN_UNITS,
+                       name="melu")
+    learner = MAML(model, inner_steps=local_steps, inner_lr=local_lr, adapt="decision_layers",
+                   first_order=first_order, clipnorm=clipnorm, encoder=encoder,
+                   feedback=encoder.schema.feedback)
+    learner.compile(optimizer=keras.optimizers.Adam(outer_lr))
+    return learner
