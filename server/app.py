@@ -107,8 +107,14 @@ class MetarecServer:
         self.cache = AdaptedUserCache(config.cache_entries)
         check = config.check
         if check is None:
-            # Warm the kernels for a lone request and for a full batch.
-            check = make_check(batch_sizes=sorted({1, config.batching.max_batch_size}))
+            # Warm every padded batch size a request can land in (powers of two up to the
+            # largest batch) for short, medium and 20-32-interaction supports.
+            sizes, size = [], 1
+            while size < config.batching.max_batch_size:
+                sizes.append(size)
+                size *= 2
+            sizes.append(size)
+            check = make_check(batch_sizes=sizes, support_sizes=(5, 12, 20))
         folders = {config.model_name: Path(config.model_dir), **{n: Path(p) for n, p in config.extra_models.items()}}
         self.registries = {
             name: ModelRegistry(
@@ -230,7 +236,9 @@ class MetarecServer:
             await self._server.stop(grace)
         await self.service.aclose()
         for registry in self.registries.values():
-            registry.stop(timeout=grace)
+            # A load in progress is left to finish (up to a minute): a thread still inside
+            # Keras when the interpreter exits can abort the process.
+            registry.stop(timeout=max(grace, 60.0))
         self.interaction_log.close()
         log.info("metarec server stopped")
 

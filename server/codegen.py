@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -36,22 +37,24 @@ def proto_files(proto_root: Path = PROTO_ROOT) -> list[Path]:
 
 def generate(out_dir: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
     """Run protoc into ``out_dir`` and rewrite imports; return the files written (relative)."""
-    from grpc_tools import protoc  # imported here: grpcio-tools is a dev/test dependency only
-
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [str(p) for p in proto_files(proto_root)]
     if not files:
         raise FileNotFoundError(f"no .proto files under {proto_root}")
     args = [
-        "grpc_tools.protoc",
         f"-I{proto_root}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         *files,
     ]
-    if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed: {' '.join(args)}")
+    # protoc runs in its own process: in-process it shares the protobuf C++ runtime with
+    # whatever else is loaded (TensorFlow bundles one) and can crash the interpreter.
+    done = subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", *args], capture_output=True, text=True, timeout=120
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"protoc failed ({done.returncode}): {done.stderr.strip()}")
     written = []
     for path in sorted(out_dir.rglob("*.py*")):
         if path.suffix not in (".py", ".pyi"):

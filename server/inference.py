@@ -107,12 +107,17 @@ def load_serving_model(version_dir: Path) -> ServingModel:
     return ServingModel.from_learner(metarec.load(model_file(Path(version_dir)), safe_mode=True))
 
 
-def make_check(batch_sizes: Sequence[int] = (1,), num_candidates: int = 1000) -> Any:
+def make_check(
+    batch_sizes: Sequence[int] = (1,),
+    support_sizes: Sequence[int] = (5,),
+    num_candidates: int = 1000,
+) -> Any:
     """A registry check: test predictions that must be finite and well shaped.
 
     It runs the same path as requests (adapt, score per-user candidates and the whole
-    catalogue) for each batch size, which also traces the compiled kernels for those shapes
-    before the version takes traffic, so the first requests after a swap are not slow.
+    catalogue) for every batch size x support size given. That also compiles the kernels for
+    those padded shapes before the version takes traffic: JAX compiles once per shape, so
+    without it the first requests of each new shape after a swap would wait for a compile.
     """
 
     def check(model: ServingModel) -> None:
@@ -120,24 +125,22 @@ def make_check(batch_sizes: Sequence[int] = (1,), num_candidates: int = 1000) ->
         if n_items == 0:
             raise ValueError("the model's catalogue is empty")
         low, high = model.rating_range or (0.0, 1.0)
-        support = model.catalog.all_indices[: min(5, n_items)]
-        ratings = np.full(len(support), high if model.feedback == "implicit" else (low + high) / 2, np.float32)
+        rating = high if model.feedback == "implicit" else (low + high) / 2
         candidates = model.catalog.all_indices[: min(num_candidates, n_items)]
         for size in batch_sizes:
-            jobs = [
-                Job(RECOMMEND, support, ratings, None, {}, candidates, 10, True, None),
-            ] * size
-            results = run_batch(model, jobs, None)
-            results += run_batch(model, [dataclasses.replace(jobs[0], candidates=None, mode=SCORE)], None)
-            for result in results:
-                if not np.all(np.isfinite(result.scores)):
-                    raise ValueError("test prediction produced non-finite scores")
-            if len(results[0].item_idx) != min(10, len(candidates) - len(support)) and len(candidates) > len(support):
-                raise ValueError(f"test recommendation returned {len(results[0].item_idx)} items")
-            if len(results[-1].scores) != n_items:
-                raise ValueError(
-                    f"test scoring returned {len(results[-1].scores)} scores for {n_items} items"
-                )
+            for support_size in support_sizes:
+                support = model.catalog.all_indices[: min(support_size, n_items)]
+                ratings = np.full(len(support), rating, np.float32)
+                job = Job(RECOMMEND, support, ratings, None, {}, candidates, 10, True, None)
+                for result in run_batch(model, [job] * size, None):
+                    if not np.all(np.isfinite(result.scores)):
+                        raise ValueError("test prediction produced non-finite scores")
+                    expected = min(10, len(candidates) - len(np.intersect1d(candidates, support)))
+                    if len(result.item_idx) != expected:
+                        raise ValueError(f"test recommendation returned {len(result.item_idx)} items, not {expected}")
+            whole = run_batch(model, [dataclasses.replace(job, candidates=None, mode=SCORE)] * size, None)
+            if any(len(r.scores) != n_items or not np.all(np.isfinite(r.scores)) for r in whole):
+                raise ValueError(f"test scoring of the catalogue did not return {n_items} finite scores")
 
     return check
 

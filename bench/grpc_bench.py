@@ -1,0 +1,286 @@
+"""Protocol S1 "gRPC" (../shared/BENCHMARK.md): Recommend over loopback.
+
+Each request: a new user with 20 interactions, the model's inner steps (5), 1,000 candidate
+items, top 10. Measured with 1 client (median / p99 latency over >= 200 calls after warm-up)
+and with 32 concurrent clients (requests/s, latency, errors), per Keras backend, side by side
+with the same model's plain non-adaptive ``predict_items`` on the same 1,000 items and the
+in-process SDK ``adapt_many`` + ``recommend_many`` for one user (what gRPC adds on top).
+
+The server runs in its own process (``python -m server.main``) so that client and server do
+not share a GIL; the adapted-user cache is disabled so that every call adapts. Usage:
+
+    python bench/grpc_bench.py                     # trains a small model, both backends
+    python bench/grpc_bench.py --backends tensorflow --model path/to/model.keras
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SUPPORT_SIZE = 20
+NUM_CANDIDATES = 1000
+TOP_K = 10
+INNER_STEPS = 5
+
+
+def train_model(path: Path, seed: int = 0) -> None:
+    """A MAML model over a 2,000-item synthetic catalogue with 5 inner steps."""
+    import keras
+
+    import metarec
+
+    data = metarec.datasets.synthetic(num_users=600, num_items=2000, seed=seed)
+    tasks = metarec.UserTasks(data, support_size=SUPPORT_SIZE)
+    model = metarec.models.rating_mlp(tasks.encoder)
+    learner = metarec.MAML(model, inner_steps=INNER_STEPS, inner_lr=0.05, adapt="decision_layers")
+    learner.compile(optimizer=keras.optimizers.Adam(1e-3))
+    learner.fit(tasks.train, epochs=1, batch_size=32, verbose=0)
+    learner.save(path)
+
+
+def make_users(num_items: int, n: int, seed: int = 1):
+    """``n`` random users: (support item ids, ratings, candidate ids), all known items."""
+    rng = np.random.default_rng(seed)
+    users = []
+    for _ in range(n):
+        picks = rng.choice(np.arange(1, num_items + 1), size=SUPPORT_SIZE + NUM_CANDIDATES, replace=False)
+        ratings = rng.integers(1, 6, size=SUPPORT_SIZE).astype(float)
+        users.append((picks[:SUPPORT_SIZE], ratings, picks[SUPPORT_SIZE:]))
+    return users
+
+
+def summarize(latencies_s, wall_s=None, errors=0) -> dict:
+    lat = np.asarray(latencies_s) * 1000
+    out = {
+        "calls": int(len(lat)),
+        "median_ms": round(float(np.median(lat)), 3),
+        "p99_ms": round(float(np.percentile(lat, 99)), 3),
+        "errors": int(errors),
+    }
+    if wall_s:
+        out["requests_per_s"] = round(len(lat) / wall_s, 1)
+    return out
+
+
+# ---------------------------------------------------------------------------- in-process reference
+def reference(model_path: str, calls: int) -> dict:
+    """Runs in a subprocess with KERAS_BACKEND set: plain predict and SDK adapt+recommend."""
+    import pandas as pd
+
+    import metarec
+
+    learner = metarec.load(model_path)
+    users = make_users(learner.encoder.num_items - 1, calls + 20)
+    plain, sdk = [], []
+    for i, (items, ratings, candidates) in enumerate(users):
+        t = time.perf_counter()
+        learner.predict_items(candidates)
+        if i >= 20:
+            plain.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        adapted = learner.adapt_many([pd.DataFrame({"item_id": items, "rating": ratings})])
+        learner.recommend_many(adapted, TOP_K, True, [candidates])
+        if i >= 20:
+            sdk.append(time.perf_counter() - t)
+    return {"plain_predict": summarize(plain), "sdk_adapt_recommend": summarize(sdk)}
+
+
+# ---------------------------------------------------------------------------- gRPC clients
+def requests_for(users):
+    from server._generated.metarec.v1 import recommender_pb2 as pb
+
+    return [
+        pb.RecommendRequest(
+            user=pb.UserContext(
+                interactions=[pb.Interaction(item_id=str(i), rating=r) for i, r in zip(items, ratings)]
+            ),
+            candidate_item_ids=[str(c) for c in candidates],
+            k=TOP_K,
+        )
+        for items, ratings, candidates in users
+    ]
+
+
+def one_client(address: str, requests, warmup: int) -> dict:
+    import grpc
+
+    from server._generated.metarec.v1 import recommender_pb2_grpc as pb_grpc
+
+    latencies, errors = [], 0
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        for i, request in enumerate(requests):
+            t = time.perf_counter()
+            try:
+                reply = stub.Recommend(request, timeout=30)
+                assert len(reply.item_ids) == TOP_K
+            except grpc.RpcError:
+                errors += 1
+            if i >= warmup:
+                latencies.append(time.perf_counter() - t)
+    return summarize(latencies, errors=errors)
+
+
+async def concurrent_clients(address: str, requests, clients: int, warmup: int) -> dict:
+    import grpc
+
+    from server._generated.metarec.v1 import recommender_pb2_grpc as pb_grpc
+
+    latencies, errors = [], 0
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.RecommenderServiceStub(channel)
+
+        async def worker(chunk, record):
+            nonlocal errors
+            for request in chunk:
+                t = time.perf_counter()
+                try:
+                    reply = await stub.Recommend(request, timeout=30)
+                    assert len(reply.item_ids) == TOP_K
+                except grpc.RpcError:
+                    errors += record
+                if record:
+                    latencies.append(time.perf_counter() - t)
+
+        warm = [requests[i::clients][: max(1, warmup // clients)] for i in range(clients)]
+        await asyncio.gather(*(worker(c, False) for c in warm))
+        chunks = [requests[i::clients] for i in range(clients)]
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(c, True) for c in chunks))
+        wall = time.perf_counter() - start
+    return summarize(latencies, wall_s=wall, errors=errors)
+
+
+def start_server(model_dir: Path, workdir: Path, backend: str, args) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "server.main", "--model-dir", str(model_dir), "--port", "0",
+            "--log-db", str(workdir / f"log-{backend}.sqlite"), "--cache-size", "0",
+            "--max-batch-size", str(args.max_batch_size), "--max-batch-delay-ms", str(args.max_delay_ms),
+            "--log-level", "WARNING",
+        ],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    line = proc.stdout.readline()
+    if not line.startswith("metarec server listening on"):
+        proc.kill()
+        raise RuntimeError(f"server did not start ({backend}): {line!r}")
+    return proc, line.strip().rsplit(" ", 1)[1]
+
+
+def wait_serving(address: str, timeout: float = 300) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError("the server did not load the model in time")
+
+
+def bench_backend(backend: str, model_path: Path, workdir: Path, args) -> dict:
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    ref = subprocess.run(
+        [sys.executable, __file__, "--_reference", str(model_path), "--calls", str(args.calls)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    if ref.returncode != 0:
+        raise RuntimeError(f"reference run failed on {backend}:\n{ref.stderr[-2000:]}")
+    result = json.loads(ref.stdout.strip().splitlines()[-1])
+    model_dir = workdir / f"models-{backend}"
+    (model_dir / "1").mkdir(parents=True)
+    shutil.copy(model_path, model_dir / "1" / "model.keras")
+    proc, address = start_server(model_dir, workdir, backend, args)
+    try:
+        wait_serving(address)
+        import metarec.client  # noqa: F401 - only to fail early if the client is broken
+
+        num_items = 2000
+        warmup = 50
+        users = make_users(num_items, args.calls + warmup, seed=2)
+        result["grpc_1_client"] = one_client(address, requests_for(users), warmup)
+        users = make_users(num_items, args.concurrent_calls + 2 * warmup, seed=3)
+        result[f"grpc_{args.clients}_clients"] = asyncio.run(
+            concurrent_clients(address, requests_for(users), args.clients, 2 * warmup)
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backends", default="tensorflow,jax")
+    p.add_argument("--model", type=Path, help="a saved meta-learner (default: train one)")
+    p.add_argument("--calls", type=int, default=300, help="measured calls with 1 client")
+    p.add_argument("--concurrent-calls", type=int, default=3000)
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-delay-ms", type=float, default=1.0)
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--_reference", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._reference:
+        print(json.dumps(reference(args._reference, args.calls)))
+        return 0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        model_path = args.model
+        if model_path is None:
+            model_path = workdir / "model.keras"
+            subprocess.run(
+                [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+                 f"from bench.grpc_bench import train_model; from pathlib import Path; train_model(Path({str(model_path)!r}))"],
+                cwd=ROOT, check=True, timeout=900,
+            )
+        results = {}
+        for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+            try:
+                results[backend] = bench_backend(backend, model_path, workdir, args)
+            except Exception as error:  # noqa: BLE001 - report the other backend anyway
+                results[backend] = {"error": str(error)}
+    report = {
+        "protocol": "S1 gRPC",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "settings": {
+            "support": SUPPORT_SIZE, "inner_steps": INNER_STEPS, "candidates": NUM_CANDIDATES, "k": TOP_K,
+            "max_batch_size": args.max_batch_size, "max_delay_ms": args.max_delay_ms, "cache": "off",
+        },
+        "results": results,
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
