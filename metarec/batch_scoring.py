@@ -19,10 +19,13 @@ from metarec.saving import load
 
 
 def resolve_model_path(path):
-    """A ``.keras`` file, or a model folder of numbered versions (the newest is used)."""
+    """A ``.keras`` file, a version folder holding one, or a model folder of numbered versions
+    (the newest is used)."""
     path = Path(path)
     if path.is_file():
         return path
+    if path.is_dir() and sorted(path.glob("*.keras")):
+        return sorted(path.glob("*.keras"))[0]
     if path.is_dir():
         versions = sorted((int(p.name), p) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
         if versions:

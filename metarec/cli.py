@@ -33,6 +33,17 @@ def _score_batch(args):
     return 0
 
 
+def _retrain(args):
+    from metarec.retrain import read_logs, retrain
+
+    result = retrain(args.model_dir, read_logs(args.logs), epochs=args.epochs,
+                     learning_rate=args.learning_rate, support_size=args.support_size,
+                     margin=args.margin, gate_metric=args.gate_metric, report_dir=args.report,
+                     seed=args.seed, verbose=0 if args.quiet else 1)
+    print(result.summary())
+    return 0 if result.promoted else 1
+
+
 def _serve(args):
     from server.main import serve_main
 
@@ -74,6 +85,20 @@ def build_parser():
     p.add_argument("--include-seen", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_score_batch)
+
+    p = sub.add_parser("retrain", help="retrain on logged interactions behind a promotion gate")
+    p.add_argument("--model-dir", required=True, help="folder of numbered model versions")
+    p.add_argument("--logs", required=True, help="the server's SQLite log, or Parquet/CSV")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--support-size", type=int, default=10)
+    p.add_argument("--margin", type=float, default=0.0,
+                   help="how much worse the new model may be and still be promoted")
+    p.add_argument("--gate-metric", choices=["mae", "loss"], default=None)
+    p.add_argument("--report", help="folder for report.md and learning_curves.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_retrain)
 
     p = sub.add_parser("serve", help="run the gRPC server (see `metarec serve --help`)",
                        add_help=False)
