@@ -3,40 +3,50 @@
 Users are meta-learning tasks; MAML (second and first order), Meta-SGD and Reptile meta-train
 any Keras 3 model so that a few gradient steps on a new user's first interactions give a good
 personal model.
+
+Names are imported lazily: ``import metarec.client`` or ``metarec.evaluation.metrics`` does not
+pay for importing Keras and TensorFlow; ``metarec.MAML`` and friends load them on first use.
 """
 
+import importlib
 import os
 
 # TensorFlow's C++ start-up chatter (CPU features, missing CUDA) is noise for library users.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from metarec import datasets, models  # noqa: E402
-from metarec.adaptation import AdaptedUser  # noqa: E402
-from metarec.encoding import FeatureEncoder  # noqa: E402
-from metarec.interactions import InteractionData  # noqa: E402
-from metarec.learner import MetaLearner  # noqa: E402
-from metarec.maml import MAML, MetaSGD  # noqa: E402
-from metarec.reptile import Reptile  # noqa: E402
-from metarec.saving import load  # noqa: E402
-from metarec.schema import FeatureSpec, Schema  # noqa: E402
-from metarec.tasks import Episode, TaskSet, UserTasks  # noqa: E402
-
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdaptedUser",
-    "Episode",
-    "FeatureEncoder",
-    "FeatureSpec",
-    "InteractionData",
-    "MAML",
-    "MetaLearner",
-    "MetaSGD",
-    "Reptile",
-    "Schema",
-    "TaskSet",
-    "UserTasks",
-    "datasets",
-    "load",
-    "models",
-]
+_EXPORTS = {
+    "AdaptedUser": "metarec.adaptation",
+    "ArrayTasks": "metarec.array_tasks",
+    "Episode": "metarec.tasks",
+    "FeatureEncoder": "metarec.encoding",
+    "FeatureSpec": "metarec.schema",
+    "InteractionData": "metarec.interactions",
+    "MAML": "metarec.maml",
+    "MetaLearner": "metarec.learner",
+    "MetaSGD": "metarec.maml",
+    "Reptile": "metarec.reptile",
+    "Schema": "metarec.schema",
+    "TaskSet": "metarec.tasks",
+    "UserTasks": "metarec.tasks",
+    "load": "metarec.saving",
+}
+_SUBMODULES = ("datasets", "evaluation", "models", "client", "presets")
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"metarec.{name}")
+    else:
+        raise AttributeError(f"module 'metarec' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
