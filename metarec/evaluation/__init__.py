@@ -31,13 +31,16 @@ from metarec.evaluation.metrics import (
     rank_order,
     rmse,
 )
+from metarec.evaluation.neural import FineTune, GlobalModel, inner_step_curve, meta_learner_method
 from metarec.evaluation.protocol import METRIC_COLUMNS, Q1Protocol
 from metarec.evaluation.report import ProgressBar, Report, plot_mae_vs_inner_steps, run_evaluation
 from metarec.evaluation.stats import WilcoxonResult, format_mean_std, mean_std, wilcoxon_paired
 
 __all__ = [
     "METRIC_COLUMNS",
+    "FineTune",
     "GlobalMean",
+    "GlobalModel",
     "ItemMean",
     "ItemMeanUserOffset",
     "LearnerMethod",
@@ -52,8 +55,10 @@ __all__ = [
     "catalogue_recall_at_k",
     "clip_to_range",
     "format_mean_std",
+    "inner_step_curve",
     "mae",
     "mean_std",
+    "meta_learner_method",
     "ndcg_at_k",
     "plot_mae_vs_inner_steps",
     "queries_from_tasks",
