@@ -86,3 +86,48 @@ def rating_mlp(
         1, name="decision_output", bias_initializer=keras.initializers.Constant(output_bias)
     )(x)
     return keras.Model(inputs, out, name=name)
+
+
+def residual_mlp(
+    encoder,
+    item_prior,
+    embedding_dim=32,
+    hidden_units=(64, 64),
+    use_item_id=True,
+    name="residual_mlp",
+):
+    """``rating_mlp`` that predicts on top of a fixed per-item prior (e.g. the damped item mean).
+
+    ``prediction = item_prior[item] + mlp(features)``; the prior is a frozen one-column
+    embedding, so neither loop changes it. The output layer ``decision_output`` starts at
+    zero weight and zero bias: its bias is a per-user offset that adapts in the inner loop
+    (with ``adapt="decision_layers"``, or alone with ``adapt=[r"decision_output/bias"]``).
+
+    Args:
+        encoder: the ``FeatureEncoder`` of the data.
+        item_prior: float array of length ``encoder.num_items`` indexed by item index
+            (entry 0, the unknown item, is typically the global mean).
+        embedding_dim, hidden_units, use_item_id: as in :func:`rating_mlp`.
+    """
+    import numpy as np
+
+    prior = np.asarray(item_prior, dtype="float32").reshape(-1)
+    if prior.shape != (encoder.num_items,) or not np.all(np.isfinite(prior)):
+        raise ValueError(f"item_prior must hold {encoder.num_items} finite values (one per item "
+                         f"index); received shape {prior.shape}.")
+    for units in hidden_units:
+        if not isinstance(units, int) or units < 1:
+            raise ValueError(f"hidden_units must be positive integers; received {hidden_units!r}.")
+    inputs = feature_inputs(encoder)
+    parts = embed_features(encoder, inputs, embedding_dim, exclude=() if use_item_id else ("item_id",))
+    x = keras.layers.Concatenate(name="features")(parts) if len(parts) > 1 else parts[0]
+    for i, units in enumerate(hidden_units):
+        x = keras.layers.Dense(units, activation="relu", name=f"decision_{i + 1}")(x)
+    residual = keras.layers.Dense(1, name="decision_output", kernel_initializer="zeros")(x)
+    prior_layer = keras.layers.Embedding(
+        encoder.num_items, 1, name="item_prior", trainable=False,
+        embeddings_initializer=keras.initializers.Constant(prior.reshape(-1, 1)),
+    )
+    base = keras.layers.Reshape((1,), name="item_prior_column")(prior_layer(inputs["item_id"]))
+    out = keras.layers.Add(name="prediction")([base, residual])
+    return keras.Model(inputs, out, name=name)

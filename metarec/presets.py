@@ -5,7 +5,7 @@ Each preset returns a *compiled* meta-learner for a ``FeatureEncoder`` (``tasks.
 
 from __future__ import annotations
 
-__all__ = ["MELU_EMBEDDING_DIM", "MELU_HIDDEN_UNITS", "melu"]
+__all__ = ["MELU_EMBEDDING_DIM", "MELU_HIDDEN_UNITS", "melu", "residual_maml"]
 
 #: MeLU (Lee et al., KDD 2019): 32-wide embedding per feature, decision layers 64-64-1.
 MELU_EMBEDDING_DIM = 32
@@ -44,6 +44,26 @@ def melu(encoder, local_steps=1, local_lr=0.01, outer_lr=1e-3, first_order=False
     model = rating_mlp(encoder, embedding_dim=MELU_EMBEDDING_DIM, hidden_units=MELU_HIDDEN_UNITS,
                        name="melu")
     learner = MAML(model, inner_steps=local_steps, inner_lr=local_lr, adapt="decision_layers",
+                   first_order=first_order, clipnorm=clipnorm, encoder=encoder,
+                   feedback=encoder.schema.feedback)
+    learner.compile(optimizer=keras.optimizers.Adam(outer_lr))
+    return learner
+
+
+def residual_maml(encoder, item_prior, inner_steps=1, inner_lr=0.01, adapt="decision_layers",
+                  outer_lr=1e-3, first_order=False, clipnorm=5.0):
+    """Second-order MAML over :func:`metarec.models.residual_mlp`: the network predicts the
+    residual over a fixed item prior (the damped item mean), and the decision layers, whose
+    output bias acts as a per-user offset, adapt per user. MeLU-sized (32 per feature,
+    64-64-1). Returns a compiled ``metarec.MAML``."""
+    import keras
+
+    from metarec.maml import MAML
+    from metarec.models import residual_mlp
+
+    model = residual_mlp(encoder, item_prior, embedding_dim=MELU_EMBEDDING_DIM,
+                         hidden_units=MELU_HIDDEN_UNITS)
+    learner = MAML(model, inner_steps=inner_steps, inner_lr=inner_lr, adapt=adapt,
                    first_order=first_order, clipnorm=clipnorm, encoder=encoder,
                    feedback=encoder.schema.feedback)
     learner.compile(optimizer=keras.optimizers.Adam(outer_lr))

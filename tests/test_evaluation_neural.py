@@ -141,3 +141,25 @@ def test_cli_evaluates_synthetic_data_end_to_end(tmp_path, capsys):
     assert set(per_user["method"]) == {"item mean", "global model", "fomaml"}
     assert set(per_user["k"]) == {5, 10}
     assert report["strongest_baseline"] in {"item mean", "global model"}
+
+
+def test_residual_model_predicts_on_top_of_a_frozen_item_mean_prior(protocol):
+    from metarec.evaluation import ItemMean
+    from metarec.evaluation.neural import item_mean_prior, residual_method
+    from metarec.models import residual_mlp
+
+    tasks = protocol.tasks(10)
+    prior = item_mean_prior(tasks.encoder, tasks.train, tasks.val)
+    item_mean = ItemMean().fit(tasks.train, tasks.val)
+    query = protocol.queries("test", 10)[0]
+    np.testing.assert_allclose(prior[tasks.encoder.item_index(query.item_ids)],
+                               item_mean.predict_many([query])[0], atol=1e-5)
+    # Before training, the residual is zero: the model *is* the item mean.
+    model = residual_mlp(tasks.encoder, prior, embedding_dim=4, hidden_units=(8,))
+    assert all("item_prior" not in v.path for v in model.trainable_variables)
+    method = residual_method(epochs=1)
+    method.fit(tasks.train, tasks.val, seed=0)
+    frozen = method.learner.model.get_layer("item_prior").get_weights()[0].reshape(-1)
+    np.testing.assert_allclose(frozen, prior, atol=1e-6)  # meta-training never moves the prior
+    with pytest.raises(ValueError, match=r"\(3,\)"):
+        residual_mlp(tasks.encoder, np.ones(3))

@@ -344,3 +344,45 @@ class _EarlyStoppedLearnerMethod(LearnerMethod):
         if self.learner is None:
             raise ValueError(f"{self.name}: call fit before predict_many")
         return predict_with_learner(self.learner, users, self.batch_users)
+
+
+def item_mean_prior(encoder, train_tasks, val_tasks=None) -> np.ndarray:
+    """Damped item means per item index (damping tuned on ``val_tasks``); index 0 and items
+    without a training rating get the global mean. The prior of :func:`residual_method`."""
+    from metarec.evaluation.methods import ItemMean
+
+    item_mean = ItemMean().fit(train_tasks, val_tasks)
+    ids = encoder.item_ids[1:]
+    prior = item_mean._item_predictions(np.asarray(ids.tolist()), item_mean.params["damping"])
+    return np.concatenate([[item_mean.global_mean_], prior]).astype(np.float32)
+
+
+class _ResidualLearnerMethod(_EarlyStoppedLearnerMethod):
+    """Meta-learner over an item-mean prior computed from the training users (tuned on val)."""
+
+    def fit(self, train_tasks, val_tasks=None, seed: int = 0):
+        prior = item_mean_prior(train_tasks.encoder, train_tasks, val_tasks)
+        build = self.build
+        self.build = lambda tasks, s: build(tasks, s, prior)
+        try:
+            return super().fit(train_tasks, val_tasks, seed)
+        finally:
+            self.build = build
+
+
+def residual_method(name: str = "residual-maml", inner_steps: int = 1, inner_lr: float = 0.01,
+                    epochs: int = 30, patience: int = 3) -> LearnerMethod:
+    """Second-order MAML predicting on top of the damped item mean (``presets.residual_maml``)."""
+
+    def build(train_tasks, seed, prior):
+        import keras
+
+        from metarec.presets import residual_maml
+
+        keras.utils.set_random_seed(int(seed))
+        return residual_maml(train_tasks.encoder, prior, inner_steps=inner_steps, inner_lr=inner_lr)
+
+    method = _ResidualLearnerMethod(name, build, {"epochs": epochs, "batch_size": 32, "max_query": 128})
+    method.patience = patience
+    method.settings = {"preset": f"residual_maml(inner_steps={inner_steps}, inner_lr={inner_lr})"}
+    return method

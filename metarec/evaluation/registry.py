@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from metarec.evaluation.methods import GlobalMean, ItemMean, ItemMeanUserOffset, Method
-from metarec.evaluation.neural import FineTune, GlobalModel, _EarlyStoppedLearnerMethod, meta_learner_method
+from metarec.evaluation.neural import FineTune, GlobalModel, _EarlyStoppedLearnerMethod, meta_learner_method, residual_method
 
 __all__ = ["GROUPS", "METHOD_HELP", "build_methods", "method_names"]
 
@@ -24,10 +24,11 @@ METHOD_HELP = {
     "fomaml": "first-order MAML, 1 inner step, decision layers adapted",
     "reptile": "Reptile, 5 inner steps, decision layers adapted",
     "meta-sgd": "Meta-SGD: MAML with meta-learned per-parameter inner rates, 1 step",
+    "residual-maml": "second-order MAML on top of the damped item mean, per-user offset adapts (1 step)",
 }
 GROUPS = {
     "baselines": ("global-mean", "item-mean", "item-mean-offset", "global-model", "fine-tune"),
-    "learners": ("melu-1", "melu-5", "fomaml", "reptile", "meta-sgd"),
+    "learners": ("melu-1", "melu-5", "fomaml", "reptile", "meta-sgd", "residual-maml"),
 }
 
 
@@ -79,5 +80,6 @@ def build_methods(spec: str, data, epochs: int | None = None) -> list[Method]:
         "fomaml": lambda: meta_learner_method("fomaml", "fomaml", inner_steps=1, epochs=epochs),
         "reptile": lambda: meta_learner_method("reptile", "reptile", inner_steps=5, epochs=epochs),
         "meta-sgd": lambda: meta_learner_method("meta-sgd", "meta-sgd", inner_steps=1, epochs=epochs),
+        "residual-maml": lambda: residual_method("residual-maml", inner_steps=1, epochs=epochs),
     }
     return [factories[n]() for n in names]
