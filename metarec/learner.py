@@ -68,6 +68,19 @@ def _trailing_dense_index(model):
     return [i for i, v in enumerate(model.trainable_variables) if id(v) in ids]
 
 
+class InnerLearningRates(keras.layers.Layer):
+    """The meta-learned inner learning rates: one variable per adapted weight."""
+
+    def __init__(self, shapes, initial, **kwargs):
+        super().__init__(**kwargs)
+        self.rates = [
+            self.add_weight(shape=shape, initializer=keras.initializers.Constant(initial),
+                            name=f"inner_lr_{i}")
+            for i, shape in enumerate(shapes)
+        ]
+        self.built = True
+
+
 class MetaLearner(AdaptationMixin, keras.Model):
     """Base class: settings, the training loop, evaluation and saving.
 
@@ -128,26 +141,41 @@ class MetaLearner(AdaptationMixin, keras.Model):
         if self.learn_inner_lr is None:
             return []
         adapted = [self.model.trainable_variables[i] for i in self.forward.adapt_index]
-        weights = []
-        for i, v in enumerate(adapted):
-            shape = () if self.learn_inner_lr == "per_layer" else tuple(v.shape)
-            weights.append(
-                self.add_weight(
-                    shape=shape,
-                    initializer=keras.initializers.Constant(self.inner_lr),
-                    name=f"inner_lr_{i}",
-                )
-            )
-        return weights
+        shapes = [() if self.learn_inner_lr == "per_layer" else tuple(v.shape) for v in adapted]
+        # A sub-layer created after `self.model`, so that Keras orders the learner's trainable
+        # variables as model weights, then rates: the order the optimizer state is saved in.
+        self.inner_lr_layer = InnerLearningRates(shapes, self.inner_lr)
+        return self.inner_lr_layer.rates
 
     @property
     def meta_variables(self):
-        """Everything the outer loop updates: the model's trainable weights, then the rates."""
-        return list(self.model.trainable_variables) + list(self.inner_lr_weights)
+        """Everything the outer loop updates (model weights and learned rates), in Keras's own
+        ``trainable_variables`` order: the order in which optimizer state is saved and loaded."""
+        return list(self.trainable_variables)
+
+    def _meta_positions(self):
+        if getattr(self, "_positions", None) is None:
+            where = {id(v): i for i, v in enumerate(self.meta_variables)}
+            self._positions = (
+                [where[id(v)] for v in self.model.trainable_variables],
+                [where[id(v)] for v in self.inner_lr_weights],
+            )
+        return self._positions
 
     def _split_meta(self, params):
-        n = len(self.model.trainable_variables)
-        return params[:n], params[n:]
+        """Meta parameters -> (model weights in model order, learned rates)."""
+        model_pos, lr_pos = self._meta_positions()
+        return [params[i] for i in model_pos], [params[i] for i in lr_pos]
+
+    def _merge_meta(self, model_values, lr_values):
+        """Inverse of ``_split_meta`` (e.g. to assemble gradients)."""
+        model_pos, lr_pos = self._meta_positions()
+        out = [None] * (len(model_pos) + len(lr_pos))
+        for i, v in zip(model_pos, model_values):
+            out[i] = v
+        for i, v in zip(lr_pos, lr_values):
+            out[i] = v
+        return out
 
     def _learning_rates(self, lr_params, dtype="float32"):
         if self.learn_inner_lr is None:

@@ -54,6 +54,6 @@ class Reptile(MetaLearner):
         model_params, _ = self._split_meta(params)
         initial, _ = self.forward.split(model_params)
         adapt_grads = [w0 - user_mean(w) for w0, w in zip(initial, adapted)]
-        grads = self.forward.merge(adapt_grads, [user_mean(g) for g in fixed_grads])
+        grads = self._merge_meta(self.forward.merge(adapt_grads, [user_mean(g) for g in fixed_grads]), [])
         loss = ops.sum(losses * weight) / count
         return {"loss": loss}, grads

@@ -217,3 +217,19 @@ def test_file_loads_under_the_other_backend(tasks, trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = learner.adapt(pd.read_csv(support_csv)).score(np.load(items))
     np.testing.assert_allclose(np.load(out), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_learned_inner_rates_save_and_load(tasks, tmp_path):
+    """Meta-SGD's rates train, save with the optimizer state, and load in the right places."""
+    _, t = tasks
+    learner = make_learner(t, metarec.MetaSGD)
+    initial = [np.array(w) for w in learner.inner_lr_weights]
+    learner.fit(t.train, epochs=1, verbose=0)
+    assert any(not np.allclose(np.array(w), w0) for w, w0 in zip(learner.inner_lr_weights, initial))
+    learner.save(tmp_path / "msgd.keras")
+    loaded = metarec.load(tmp_path / "msgd.keras")
+    for a, b in zip(loaded.inner_lr_weights, learner.inner_lr_weights):
+        np.testing.assert_allclose(np.array(a), np.array(b))
+    support = t.test.support_frame(0)
+    np.testing.assert_allclose(loaded.adapt(support).score([1, 2, 3]),
+                               learner.adapt(support).score([1, 2, 3]), rtol=1e-6, atol=1e-6)
