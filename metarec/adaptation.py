@@ -28,6 +28,38 @@ def _broadcast_user(user_inputs, n):
     return {k: ops.broadcast_to(ops.expand_dims(v, 0), (n,) + tuple(v.shape)) for k, v in user_inputs.items()}
 
 
+def _encode_interactions(encoder, supports):
+    """``encoder.encode_interactions`` of each frame, in one call where the frames agree.
+
+    The encoding is element-wise, so one call on the concatenated columns gives the same
+    arrays; frames whose column dtypes differ, or any error, take the per-frame path (which
+    also raises exactly the per-frame error).
+    """
+    if len(supports) > 1:
+        try:
+            items = [frame["item_id"].to_numpy() for frame in supports]
+            ratings = [frame["rating"].to_numpy() for frame in supports]
+        except (KeyError, TypeError, AttributeError):
+            items = None
+        if (
+            items is not None
+            and len({a.dtype for a in items}) == 1
+            and len({a.dtype for a in ratings}) == 1
+            and items[0].dtype.kind in "iuU"
+            and ratings[0].dtype.kind in "iuf"
+        ):
+            try:
+                idx, y = encoder.encode_interactions(
+                    pd.DataFrame({"item_id": np.concatenate(items), "rating": np.concatenate(ratings)})
+                )
+            except ValueError:
+                pass
+            else:
+                bounds = np.cumsum([len(a) for a in items])[:-1]
+                return list(zip(np.split(idx, bounds), np.split(y, bounds)))
+    return [encoder.encode_interactions(frame) for frame in supports]
+
+
 class _AdaptedBatch:
     """The adapted weights of one ``adapt_many`` call: device arrays ``[users_bucket, ...]``."""
 
@@ -46,6 +78,7 @@ class _AdaptedBatch:
 
 _SCALAR_TYPES = (str, int, float, bool, np.integer, np.floating, np.bool_, type(None))
 _FEATURE_CACHE_SIZE = 4096
+_XLA = __import__('os').environ.get('METAREC_XLA', '1') == '1'
 
 
 class AdaptedUser:
@@ -161,6 +194,8 @@ class AdaptationMixin:
             self.__dict__["_feature_cache"] = cache
         rows = cache[1]
         missing = [i for i, key in enumerate(keys) if key not in rows]
+        if not names:
+            return encoder.user_inputs_from_features(dicts)
         if missing:
             if len(rows) + len(missing) > _FEATURE_CACHE_SIZE:
                 rows.clear()
@@ -168,8 +203,6 @@ class AdaptationMixin:
                 # One user per call, so that no user's encoding depends on the others'.
                 one = encoder.user_inputs_from_features([dicts[i]])
                 rows[keys[i]] = {k: v[0] for k, v in one.items()}
-        if not names:
-            return encoder.user_inputs_from_features(dicts)
         got = [rows[key] for key in keys]
         return {k: np.stack([r[k] for r in got]) for k in got[0]}
 
@@ -179,7 +212,7 @@ class AdaptationMixin:
         key = (name, self.inner_steps, self.feedback)
         cache = self.__dict__.setdefault("_kernel_cache", {})
         if key not in cache:
-            cache[key] = backend.jit(build())
+            cache[key] = backend.jit(build(), xla=_XLA)
         return cache[key]
 
     def _adapt_kernel(self):
@@ -223,13 +256,25 @@ class AdaptationMixin:
     def adapt_many(self, supports, user_features=None):
         """Adapt to many users at once (one vectorised, compiled call per bucket of users)."""
         (inputs, target, mask), _, per_user = self.encode_supports(supports, user_features)
-        params, non_trainable = self.snapshot()
+        params, non_trainable = self._inference_weights()
         adapted = self._adapt_kernel()(params, non_trainable, inputs, target, mask)
-        adapted = [backend.to_numpy(w) for w in adapted]
+        batch = _AdaptedBatch(list(adapted), len(per_user))
         return [
-            AdaptedUser(self, [w[u] for w in adapted], per_user[u], np.asarray(frame["item_id"]))
+            AdaptedUser._from_batch(self, batch, u, per_user[u], np.asarray(frame["item_id"]))
             for u, frame in enumerate(supports)
         ]
+
+    def _inference_weights(self):
+        """``snapshot()`` as plain tensors: on TensorFlow, a ``tf.function`` called with
+        variables costs milliseconds per call more than one called with tensors."""
+        # The same values as ``snapshot()``; the variable lists are kept, since walking the
+        # layers for them costs more than the rest of a single-user request's bookkeeping.
+        cached = self.__dict__.get("_variable_lists")
+        if cached is None or cached[0] is not self.model:
+            cached = (self.model, self.meta_variables, list(self.model.non_trainable_variables))
+            self.__dict__["_variable_lists"] = cached
+        _, meta, fixed = cached
+        return backend.as_tensors([v.value for v in meta]), backend.as_tensors([v.value for v in fixed])
 
     def _candidate_index(self, candidates, n_users):
         """Per-user candidate index arrays, or one shared array (the catalogue) when None."""
@@ -246,10 +291,21 @@ class AdaptationMixin:
             return []
         n = len(adapted_users)
         b = bucket(n)
-        weights = [
-            np.stack([u.weights[i] for u in adapted_users] + [adapted_users[0].weights[i]] * (b - n))
-            for i in range(len(adapted_users[0].weights))
-        ]
+        batch = adapted_users[0]._batch
+        if (
+            batch is not None
+            and batch.n_users == n
+            and len(batch.stacked[0]) == b
+            and all(u._batch is batch and u._row == i for i, u in enumerate(adapted_users))
+        ):
+            # Exactly the users of one adapt_many call, in order: its device arrays as they
+            # are (padding rows differ from the plain path's, but padded users are dropped).
+            weights = batch.stacked
+        else:
+            weights = [
+                np.stack([u.weights[i] for u in adapted_users] + [adapted_users[0].weights[i]] * (b - n))
+                for i in range(len(adapted_users[0].weights))
+            ]
         users = {
             k: np.stack([u.user_inputs[k] for u in adapted_users] + [adapted_users[0].user_inputs[k]] * (b - n))
             for k in adapted_users[0].user_inputs
@@ -266,7 +322,7 @@ class AdaptationMixin:
             for u, idx in enumerate(index):
                 padded[u, : len(idx)] = idx
             items = encoder.item_inputs(padded)
-        params, non_trainable = self.snapshot()
+        params, non_trainable = self._inference_weights()
         scores = backend.to_numpy(
             self._score_kernel(shared)(params, non_trainable, weights, users, items)
         )
@@ -277,7 +333,7 @@ class AdaptationMixin:
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer; received k={k!r}.")
         all_scores = self.score_many(adapted_users, candidates)
-        catalogue = self.encoder.item_ids[1:]
+        catalogue = self.encoder.item_ids[1:] if candidates is None else None
         results = []
         for u, scores in enumerate(all_scores):
             ids = catalogue if candidates is None else np.asarray(candidates[u])
@@ -295,9 +351,9 @@ class AdaptationMixin:
         encoder = self._require_encoder()
         idx = encoder.item_index(np.asarray(item_ids))
         inputs = encoder.item_inputs(idx)
-        user = encoder.user_inputs_from_features(dict(user_features or {}))
+        user = self._encode_user_features([user_features])
         inputs.update({k: np.repeat(v, len(idx), axis=0) for k, v in user.items()})
-        params, non_trainable = self.snapshot()
+        params, non_trainable = self._inference_weights()
         return backend.to_numpy(self._predict_kernel()(params, non_trainable, inputs))
 
     def _predict_kernel(self):

@@ -19,7 +19,8 @@ def vmap(fn, in_axes):
     return jax.vmap(fn, in_axes=tuple(in_axes))
 
 
-def jit(fn):
+def jit(fn, xla=True):
+    """``jax.jit`` (always XLA; ``xla`` is accepted for the TensorFlow backend's sake)."""
     return jax.jit(fn)
 
 
@@ -67,3 +68,8 @@ class TrainStep:
         """Re-read the variables (after a callback changed the weights)."""
         self._params = [v.value for v in self.variables]
         self._opt_state = [v.value for v in self.optimizer.variables]
+
+
+def as_tensors(values):
+    """Plain arrays for a compiled call (JAX variables' values already are)."""
+    return list(values)

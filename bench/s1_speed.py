@@ -1,0 +1,343 @@
+"""Protocol S1 (../shared/BENCHMARK.md): adapt+score, batch adapt+score and meta-train step speed.
+
+One command measures every figure for each Keras backend (one subprocess per backend, so each
+gets a fresh process and its own backend) and prints them side by side, each next to the plain
+non-adaptive ``predict_items`` of the same model on the same 1,000 items measured in the same
+process (the ratio adaptive / plain is what stays meaningful on a noisy machine).
+
+    python bench/s1_speed.py                          # full protocol, both backends
+    python bench/s1_speed.py --quick                  # a smoke run (fewer calls / users)
+    python bench/s1_speed.py --backends jax --only train
+
+Figures:
+* ``adapt_score``: one user, K = 20 support interactions, 5 inner steps, 1,000 candidate items,
+  top 10: ``learner.adapt_many([support], [features])`` + ``learner.recommend_many(...)``
+  (the SDK path; the gRPC server calls the same two functions), median and p99 over >= 200
+  calls after warm-up; ``adapt="decision_layers"`` and ``adapt="all"``.
+* ``batch``: 10,000 users as above (each with its own 1,000 candidates) in vectorised batches
+  of ``--batch-users`` users: users/s.
+* ``train``: one meta-train step (``backend.TrainStep`` around ``meta_gradients`` and Adam, as
+  ``fit`` runs it) on a fixed Episode of 32 users, support 20, query 20, 1 and 5 inner steps,
+  for second-order MAML, first-order MAML and Reptile: user-tasks/s.
+
+Model: ``rating_mlp(encoder, embedding_dim=32, hidden_units=(64, 64))`` on a synthetic
+catalogue of 2,000 items (random meta-initialisation: speed does not depend on training).
+Results go to ``bench/results/s1_speed.json`` (and ``--markdown`` prints the tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SUPPORT = 20
+QUERY = 20
+CANDIDATES = 1000
+TOP_K = 10
+INNER_STEPS = 5
+NUM_ITEMS = 2000
+META_BATCH = 32
+
+
+# ---------------------------------------------------------------------------------- worker
+def _setup(adapt, learner_cls="MAML", inner_steps=INNER_STEPS, **kwargs):
+    import keras
+
+    import metarec
+
+    data, tasks = _data()
+    keras.utils.set_random_seed(0)
+    model = metarec.models.rating_mlp(tasks.encoder, embedding_dim=32, hidden_units=(64, 64))
+    cls = getattr(metarec, learner_cls)
+    learner = cls(model, inner_steps=inner_steps, inner_lr=0.05, adapt=adapt, **kwargs)
+    learner.compile(optimizer=keras.optimizers.Adam(1e-3))
+    learner.feedback = tasks.encoder.schema.feedback
+    learner.encoder = tasks.encoder
+    return learner
+
+
+_DATA = {}
+
+
+def _data():
+    if "tasks" not in _DATA:
+        import metarec
+
+        data = metarec.datasets.synthetic(num_users=400, num_items=NUM_ITEMS,
+                                          interactions_per_user=(45, 80), seed=0)
+        _DATA["data"] = data
+        _DATA["tasks"] = metarec.UserTasks(data, support_size=SUPPORT, split="random",
+                                           user_split="random", fractions=(1.0, 0.0, 0.0))
+    return _DATA["data"], _DATA["tasks"]
+
+
+def _users(n, seed=1):
+    """``n`` users: (support frame, features dict, candidate raw ids)."""
+    import pandas as pd
+
+    data, _ = _data()
+    rng = np.random.default_rng(seed)
+    item_ids = np.asarray(data.items.index)
+    segments = sorted(set(data.users["segment"]))
+    pool = [rng.choice(item_ids, CANDIDATES, replace=False) for _ in range(64)]
+    users = []
+    for u in range(n):
+        items = rng.choice(item_ids, SUPPORT, replace=False)
+        frame = pd.DataFrame({"item_id": items,
+                              "rating": rng.integers(1, 6, SUPPORT).astype(np.float64)})
+        features = {"segment": segments[u % len(segments)], "age": int(rng.integers(18, 70))}
+        users.append((frame, features, pool[u % len(pool)]))
+    return users
+
+
+def _stats(times_s):
+    t = np.asarray(times_s) * 1e3
+    return {"median_ms": float(np.median(t)), "p99_ms": float(np.percentile(t, 99)),
+            "mean_ms": float(t.mean()), "calls": int(len(t))}
+
+
+def _time_calls(fn, calls, warmup):
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def bench_adapt_score(adapt, calls, warmup):
+    learner = _setup(adapt)
+    users = _users(64, seed=2)
+    state = {"i": 0}
+
+    def plain():
+        frame, features, cands = users[state["i"] % len(users)]
+        state["i"] += 1
+        learner.predict_items(cands, features)
+
+    def sdk():
+        frame, features, cands = users[state["i"] % len(users)]
+        state["i"] += 1
+        adapted = learner.adapt_many([frame], [features])
+        learner.recommend_many(adapted, TOP_K, True, [cands])
+
+    # Interleave in rounds so that load from other processes hits both alike.
+    for fn in (plain, sdk):
+        _time_calls(fn, 0, warmup)
+    rounds = 4
+    res = {"plain": [], "sdk": []}
+    for _ in range(rounds):
+        res["plain"] += _time_calls(plain, calls // rounds, 2)
+        res["sdk"] += _time_calls(sdk, calls // rounds, 2)
+    plain_s, sdk_s = _stats(res["plain"]), _stats(res["sdk"])
+    return {"adapt": adapt, "plain_predict": plain_s, "adapt_score": sdk_s,
+            "ratio_median": sdk_s["median_ms"] / plain_s["median_ms"]}
+
+
+def bench_batch(adapt, n_users, batch_users, warmup_batches=1):
+    learner = _setup(adapt)
+    users = _users(n_users, seed=3)
+
+    def run(chunk):
+        frames = [u[0] for u in chunk]
+        feats = [u[1] for u in chunk]
+        cands = [u[2] for u in chunk]
+        adapted = learner.adapt_many(frames, feats)
+        return learner.recommend_many(adapted, TOP_K, True, cands)
+
+    for _ in range(warmup_batches):
+        run(users[:batch_users])
+        if n_users % batch_users:
+            run(users[: n_users % batch_users])
+    t0 = time.perf_counter()
+    for start in range(0, n_users, batch_users):
+        run(users[start:start + batch_users])
+    dt = time.perf_counter() - t0
+    return {"adapt": adapt, "users": n_users, "batch_users": batch_users, "seconds": dt,
+            "users_per_s": n_users / dt}
+
+
+def _episode():
+    from metarec.tasks import Episode
+
+    _, tasks = _data()
+    ep = tasks.train.episode_for(np.arange(META_BATCH), max_query=QUERY, seed=0)
+    query = {k: np.ascontiguousarray(v[:, :QUERY]) for k, v in ep.query.items()}
+    return Episode(ep.support, ep.support_y, ep.support_mask, query,
+                   np.ascontiguousarray(ep.query_y[:, :QUERY]),
+                   np.ascontiguousarray(ep.query_mask[:, :QUERY]))
+
+
+def bench_train(method, steps, adapt, calls, warmup):
+    from metarec import backend
+
+    if method == "maml2":
+        learner = _setup(adapt, "MAML", inner_steps=steps, first_order=False)
+    elif method == "fomaml":
+        learner = _setup(adapt, "MAML", inner_steps=steps, first_order=True)
+    else:
+        learner = _setup(adapt, "Reptile", inner_steps=steps)
+    episode = _episode()
+    step = backend.TrainStep(learner.meta_gradients, learner.optimizer, learner.meta_variables,
+                             learner.model.non_trainable_variables)
+
+    def one():
+        logs = step(episode)
+        return float(backend.to_numpy(logs["loss"]))
+
+    t0 = time.perf_counter()
+    loss = one()
+    compile_s = time.perf_counter() - t0
+    if not np.isfinite(loss):
+        raise RuntimeError(f"non-finite loss in {method}")
+    times = _time_calls(one, calls, warmup)
+    st = _stats(times)
+    return {"method": method, "inner_steps": steps, "adapt": adapt, "meta_batch": META_BATCH,
+            "step_median_ms": st["median_ms"], "step_p99_ms": st["p99_ms"],
+            "user_tasks_per_s": META_BATCH / (st["median_ms"] / 1e3), "compile_s": compile_s,
+            "calls": st["calls"]}
+
+
+def worker(args):
+    import keras
+
+    from metarec import backend
+
+    out = {"backend": backend.BACKEND, "keras": keras.__version__, "python": platform.python_version()}
+    if backend.BACKEND == "jax":
+        import jax
+
+        out["jax"] = jax.__version__
+    else:
+        import tensorflow as tf
+
+        out["tensorflow"] = tf.__version__
+    only = set(args.only.split(",")) if args.only else {"adapt", "batch", "train"}
+    quick = args.quick
+    calls = 40 if quick else args.calls
+    if "adapt" in only:
+        out["adapt_score"] = [bench_adapt_score(a, calls, 5 if quick else 20)
+                              for a in (["decision_layers"] if quick else ["decision_layers", "all"])]
+        _log(out["adapt_score"])
+    if "batch" in only:
+        n = 1024 if quick else args.batch_total
+        out["batch"] = [bench_batch(a, n, args.batch_users)
+                        for a in (["decision_layers"] if quick else ["decision_layers", "all"])]
+        _log(out["batch"])
+    if "train" in only:
+        res = []
+        tcalls = 5 if quick else args.train_calls
+        for method in ("maml2", "fomaml", "reptile"):
+            for steps in (1, 5):
+                res.append(bench_train(method, steps, "decision_layers", tcalls, 2))
+                _log(res[-1])
+        if not quick:
+            res.append(bench_train("maml2", 5, "all", tcalls, 2))
+            _log(res[-1])
+        out["train"] = res
+    return out
+
+
+def _log(x):
+    print(json.dumps(x), file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------- driver
+def markdown(results):
+    backends = [r["backend"] for r in results]
+    by = {r["backend"]: r for r in results}
+    lines = []
+    head = "| figure | " + " | ".join(backends) + " |"
+    sep = "|---|" + "---|" * len(backends)
+    if all("adapt_score" in r for r in results):
+        lines += ["### adapt + score one user (K=20, 5 inner steps, 1,000 candidates, top 10)", "",
+                  head, sep]
+        for i, a in enumerate(results[0]["adapt_score"]):
+            name = a["adapt"]
+            cells = []
+            for b in backends:
+                x = by[b]["adapt_score"][i]
+                cells.append(f"{x['adapt_score']['median_ms']:.2f} / {x['adapt_score']['p99_ms']:.2f} ms")
+            lines.append(f"| adapt+score ({name}) median / p99 | " + " | ".join(cells) + " |")
+            cells = [f"{by[b]['adapt_score'][i]['plain_predict']['median_ms']:.2f} / "
+                     f"{by[b]['adapt_score'][i]['plain_predict']['p99_ms']:.2f} ms" for b in backends]
+            lines.append(f"| plain predict_items, same run ({name}) median / p99 | " + " | ".join(cells) + " |")
+            cells = [f"{by[b]['adapt_score'][i]['ratio_median']:.1f}x" for b in backends]
+            lines.append(f"| ratio adaptive / plain (median, {name}) | " + " | ".join(cells) + " |")
+        lines.append("")
+    if all("batch" in r for r in results):
+        lines += ["### batch adapt + score (each user: own 1,000 candidates, top 10)", "", head, sep]
+        for i, a in enumerate(results[0]["batch"]):
+            cells = [f"{by[b]['batch'][i]['users_per_s']:,.0f} users/s" for b in backends]
+            lines.append(f"| {a['users']:,} users, batches of {a['batch_users']} ({a['adapt']}) | "
+                         + " | ".join(cells) + " |")
+        lines.append("")
+    if all("train" in r for r in results):
+        lines += [f"### meta-train step (meta-batch {META_BATCH}, support {SUPPORT}, query {QUERY}): "
+                  "user-tasks/s (median step ms)", "", head, sep]
+        names = {"maml2": "MAML 2nd order", "fomaml": "first-order MAML", "reptile": "Reptile"}
+        for i, t in enumerate(results[0]["train"]):
+            cells = [f"{by[b]['train'][i]['user_tasks_per_s']:,.0f} ({by[b]['train'][i]['step_median_ms']:.1f} ms)"
+                     for b in backends]
+            lines.append(f"| {names[t['method']]}, {t['inner_steps']} inner steps, adapt={t['adapt']} | "
+                         + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backends", default="tensorflow,jax")
+    p.add_argument("--quick", action="store_true", help="smoke run: fewer calls and users")
+    p.add_argument("--only", default="", help="comma list of adapt,batch,train")
+    p.add_argument("--calls", type=int, default=400, help="timed adapt+score calls (>= 200)")
+    p.add_argument("--batch-total", type=int, default=10000)
+    p.add_argument("--batch-users", type=int, default=1024)
+    p.add_argument("--train-calls", type=int, default=30)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "s1_speed.json"))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+    results = []
+    for b in args.backends.split(","):
+        cmd = [sys.executable, __file__, "--worker"] + [a for a in sys.argv[1:]]
+        env = dict(os.environ, KERAS_BACKEND=b, TF_CPP_MIN_LOG_LEVEL="2")
+        print(f"== {b}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        if proc.returncode:
+            raise SystemExit(f"{b} worker failed ({proc.returncode})")
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+        results.append(json.loads(line[len("RESULT "):]))
+    report = {
+        "protocol": "S1",
+        "command": "python bench/s1_speed.py " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()})",
+        "results": results,
+    }
+    md = markdown(results)
+    print(md)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

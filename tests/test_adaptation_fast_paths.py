@@ -1,0 +1,142 @@
+"""The fast paths of ``metarec.adaptation`` give the same results as the plain paths.
+
+* ``score_many`` of exactly one ``adapt_many`` batch reuses its stacked device weights;
+  any other list of users (a subset, another order, users with weights set by hand) stacks
+  their numpy weights as before.
+* User features are encoded once per distinct user and cached.
+* Support frames are encoded in one call when their columns agree.
+* Compiled kernels get tensor copies of the weights, read at every call.
+"""
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+import metarec
+from metarec.adaptation import AdaptedUser
+
+
+@pytest.fixture(scope="module")
+def setup():
+    data = metarec.datasets.synthetic(num_users=120, num_items=150, seed=3)
+    tasks = metarec.UserTasks(data, support_size=10)
+    keras.utils.set_random_seed(0)
+    model = metarec.models.rating_mlp(tasks.encoder, embedding_dim=8, hidden_units=(16,))
+    learner = metarec.MAML(model, inner_steps=3, inner_lr=0.1, feedback="explicit",
+                           encoder=tasks.encoder)
+    learner.compile(optimizer=keras.optimizers.Adam(1e-3))
+    users = []
+    for i in range(5):
+        support = tasks.train.support_frame(i)[["item_id", "rating"]]
+        features = data.users.loc[tasks.train.user_ids[i]].to_dict()
+        users.append((support, features))
+    return data, tasks, learner, users
+
+
+def plain_scores(learner, users, items):
+    """The plain path: each user adapted alone, weights stacked from numpy."""
+    out = []
+    for support, features in users:
+        u = learner.adapt_many([support], [features])[0]
+        copy = AdaptedUser(learner, [np.array(w) for w in u.weights], u.user_inputs, u.seen_items)
+        out.append(learner.score_many([copy], [items])[0])
+    return out
+
+
+def test_batch_scores_match_single_users(setup):
+    data, _, learner, users = setup
+    items = data.items.index.to_numpy()[:40]
+    expected = plain_scores(learner, users, items)
+    batch = learner.adapt_many([s for s, _ in users], [f for _, f in users])
+    fast = learner.score_many(batch, [items] * len(users))  # the batch's device weights
+    for e, f in zip(expected, fast):
+        np.testing.assert_allclose(f, e, rtol=1e-5, atol=1e-5)
+    # A subset and another order take the numpy path and agree too.
+    subset = learner.score_many(batch[::-1][:3], [items] * 3)
+    for e, f in zip(expected[::-1][:3], subset):
+        np.testing.assert_allclose(f, e, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_materialise_and_can_be_replaced(setup):
+    data, _, learner, users = setup
+    items = data.items.index.to_numpy()[:30]
+    batch = learner.adapt_many([s for s, _ in users[:2]], [f for _, f in users[:2]])
+    weights = batch[0].weights
+    assert all(isinstance(w, np.ndarray) for w in weights)
+    assert [w.shape for w in weights] == [
+        tuple(learner.model.trainable_variables[i].shape) for i in learner.forward.adapt_index
+    ]
+    before = learner.score_many(batch, [items, items])
+    # Weights set by hand are used (the batch's device copy no longer applies).
+    batch[0].weights = [np.zeros_like(w) for w in weights]
+    after = learner.score_many(batch, [items, items])
+    assert not np.allclose(after[0], before[0])
+    np.testing.assert_allclose(after[1], before[1], rtol=1e-5, atol=1e-5)
+
+
+def test_recommend_many_matches_scores(setup):
+    data, _, learner, users = setup
+    batch = learner.adapt_many([s for s, _ in users], [f for _, f in users])
+    recs = learner.recommend_many(batch, k=7)
+    for user, (ids, scores) in zip(batch, recs):
+        all_scores = user.score(None)
+        catalogue = learner.encoder.item_ids[1:]
+        keep = ~np.isin(catalogue, user.seen_items)
+        order = np.argsort(-all_scores[keep].astype(np.float64), kind="stable")[:7]
+        np.testing.assert_array_equal(ids, catalogue[keep][order])
+        assert not set(ids) & set(user.seen_items)
+
+
+def test_feature_cache_matches_encoder(setup):
+    data, _, learner, _ = setup
+    encoder = learner.encoder
+    rows = [dict(data.users.iloc[i]) for i in range(10)]
+    rows += [{}, {"segment": None}, {"age": 41.0}, {"age": 41}, {"segment": "unknown", "age": 200},
+             {"user_id": 7, "segment": rows[0]["segment"]}]
+    for _ in range(2):  # cold, then cached
+        got = learner._encode_user_features(rows)
+        want = encoder.user_inputs_from_features([dict(r) for r in rows])
+        assert set(got) == set(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    # predict_items goes through the cache too.
+    items = data.items.index.to_numpy()[:10]
+    a = learner.predict_items(items, rows[0])
+    b = learner.predict_items(items, rows[0])
+    np.testing.assert_array_equal(a, b)
+
+
+def test_batched_interaction_encoding_matches_per_frame(setup):
+    _, _, learner, users = setup
+    from metarec.adaptation import _encode_interactions
+
+    frames = [s for s, _ in users]
+    frames.append(pd.DataFrame({"item_id": [1, 999999], "rating": [5.0, 1.0]}))  # unknown item
+    got = _encode_interactions(learner.encoder, frames)
+    want = [learner.encoder.encode_interactions(f) for f in frames]
+    for (gi, gy), (wi, wy) in zip(got, want):
+        np.testing.assert_array_equal(gi, wi)
+        np.testing.assert_array_equal(gy, wy)
+    bad = frames[:2] + [pd.DataFrame({"item_id": [1], "rating": [9.0]})]
+    with pytest.raises(ValueError, match="outside the rating range"):
+        learner.adapt_many(bad)
+
+
+def test_weights_read_at_every_call(setup):
+    """Kernels get the variables' current values: changing the model changes the scores."""
+    data, _, learner, users = setup
+    items = data.items.index.to_numpy()[:20]
+    support, features = users[0]
+    before = learner.adapt(support, features).score(items)
+    plain_before = learner.predict_items(items, features)
+    var = learner.model.trainable_variables[-1]  # the output bias
+    old = np.array(var.numpy())
+    try:
+        var.assign(old + 1.0)
+        after = learner.adapt(support, features).score(items)
+        plain_after = learner.predict_items(items, features)
+    finally:
+        var.assign(old)
+    np.testing.assert_allclose(plain_after, plain_before + 1.0, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(after, before)
