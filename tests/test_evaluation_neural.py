@@ -132,7 +132,8 @@ def test_cli_evaluates_synthetic_data_end_to_end(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "## K = 10 (headline)" in printed and "| fomaml |" in printed
-    for name in ("report.md", "report.json", "mae_vs_k.png", "headline_metrics.png", "mae_vs_inner_steps.png"):
+    for name in ("report.md", "report.json", "mae_vs_k.png", "headline_metrics.png",
+                 "mae_vs_inner_steps.png"):
         assert (out / name).stat().st_size > 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["inner_step_curves"]) == {"fomaml"}  # only adaptive methods have curves

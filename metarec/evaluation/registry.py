@@ -9,7 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from metarec.evaluation.methods import GlobalMean, ItemMean, ItemMeanUserOffset, Method
-from metarec.evaluation.neural import FineTune, GlobalModel, _EarlyStoppedLearnerMethod, meta_learner_method, residual_method
+from metarec.evaluation.neural import (
+    FineTune,
+    GlobalModel,
+    _EarlyStoppedLearnerMethod,
+    meta_learner_method,
+    residual_method,
+)
 
 __all__ = ["GROUPS", "METHOD_HELP", "build_methods", "method_names"]
 
