@@ -15,7 +15,8 @@ Figures:
   (the SDK path; the gRPC server calls the same two functions), median and p99 over >= 200
   calls after warm-up; ``adapt="decision_layers"`` and ``adapt="all"``.
 * ``batch``: 10,000 users as above (each with its own 1,000 candidates) in vectorised batches
-  of ``--batch-users`` users: users/s.
+  of ``--batch-users`` users: users/s; beside it, plain ``predict_items`` of the same rows
+  (one call per batch, shared weights, no top-k): the compute floor of scoring alone.
 * ``train``: one meta-train step (``backend.TrainStep`` around ``meta_gradients`` and Adam, as
   ``fit`` runs it) on a fixed Episode of 32 users, support 20, query 20, 1 and 5 inner steps,
   for second-order MAML, first-order MAML and Reptile: user-tasks/s.
@@ -163,12 +164,22 @@ def bench_batch(adapt, n_users, batch_users, warmup_batches=1):
         run(users[:batch_users])
         if n_users % batch_users:
             run(users[: n_users % batch_users])
+    def plain(chunk):
+        # The reference: plain non-adaptive scores of the same rows (no top-k), one call.
+        return learner.predict_items(np.concatenate([u[2] for u in chunk]), chunk[0][1])
+
+    plain(users[:batch_users])
     t0 = time.perf_counter()
     for start in range(0, n_users, batch_users):
         run(users[start:start + batch_users])
     dt = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for start in range(0, n_users, batch_users):
+        plain(users[start:start + batch_users])
+    dt_plain = time.perf_counter() - t0
     return {"adapt": adapt, "users": n_users, "batch_users": batch_users, "seconds": dt,
-            "users_per_s": n_users / dt}
+            "users_per_s": n_users / dt, "plain_predict_users_per_s": n_users / dt_plain,
+            "ratio_time": dt / dt_plain}
 
 
 def _episode():
@@ -235,7 +246,8 @@ def worker(args):
         _log(out["adapt_score"])
     if "batch" in only:
         n = 1024 if quick else args.batch_total
-        out["batch"] = [bench_batch(a, n, args.batch_users)
+        # adapt="all" copies the 2,000-item embedding table per user: smaller batches.
+        out["batch"] = [bench_batch(a, n, args.batch_users if a == "decision_layers" else min(256, args.batch_users))
                         for a in (["decision_layers"] if quick else ["decision_layers", "all"])]
         _log(out["batch"])
     if "train" in only:
@@ -284,6 +296,10 @@ def markdown(results):
         for i, a in enumerate(results[0]["batch"]):
             cells = [f"{by[b]['batch'][i]['users_per_s']:,.0f} users/s" for b in backends]
             lines.append(f"| {a['users']:,} users, batches of {a['batch_users']} ({a['adapt']}) | "
+                         + " | ".join(cells) + " |")
+            cells = [f"{by[b]['batch'][i]['plain_predict_users_per_s']:,.0f} users/s "
+                     f"(adaptive takes {by[b]['batch'][i]['ratio_time']:.1f}x)" for b in backends]
+            lines.append(f"| plain predict_items of the same rows, same run ({a['adapt']}) | "
                          + " | ".join(cells) + " |")
         lines.append("")
     if all("train" in r for r in results):
