@@ -23,6 +23,19 @@ def bucket(n, minimum=1):
     return -(-n // 1024) * 1024
 
 
+def support_bucket(n):
+    """Padded support length: a multiple of 8 up to 64, then ``bucket``.
+
+    Every padded row costs a full forward and backward pass at each inner step, so supports
+    pad more tightly than candidates (K = 20 pads to 24, not 32: a quarter less adaptation
+    work) at the price of at most eight compiled shapes up to 64.
+    """
+    n = max(int(n), 1)
+    if n <= 64:
+        return -(-n // 8) * 8
+    return bucket(n)
+
+
 def _broadcast_user(user_inputs, n):
     """One user's feature dict ``{name: [...]}`` repeated over ``n`` rows."""
     return {k: ops.broadcast_to(ops.expand_dims(v, 0), (n,) + tuple(v.shape)) for k, v in user_inputs.items()}
@@ -157,7 +170,7 @@ class AdaptationMixin:
             )
         encoded = _encode_interactions(encoder, supports)
         b = bucket(n_users)
-        s = bucket(max(len(idx) for idx, _ in encoded), minimum=8)
+        s = support_bucket(max(len(idx) for idx, _ in encoded))
         item_idx = np.zeros((b, s), np.int32)
         target = np.zeros((b, s), np.float32)
         mask = np.zeros((b, s), np.float32)
