@@ -24,6 +24,7 @@ _EXPORTS = {
     "FeatureSpec": "metarec.schema",
     "InteractionData": "metarec.interactions",
     "MAML": "metarec.maml",
+    "MemoryLearner": "metarec.memory",
     "MetaLearner": "metarec.learner",
     "MetaSGD": "metarec.maml",
     "Reptile": "metarec.reptile",

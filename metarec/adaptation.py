@@ -231,11 +231,20 @@ class AdaptationMixin:
     def _adapt_kernel(self):
         def build():
             def fn(params, non_trainable, inputs, target, mask):
-                def one(inputs, target, mask):
-                    adapted, _ = self.adapt_user(params, non_trainable, inputs, target, mask)
+                if self.inner_steps == 0 and not self.reads_support:
+                    # Nothing to adapt: every user gets the initialisation. (Mapping a function
+                    # that ignores its mapped inputs fails under tf.vectorized_map.)
+                    adapted, _ = self.initial_weights(params)
+                    users = ops.shape(target)[0]
+                    return [ops.broadcast_to(w[None], (users,) + tuple(w.shape)) for w in adapted]
+
+                def one(params, non_trainable, context, inputs, target, mask):
+                    adapted, _ = self.adapt_user(
+                        params, non_trainable, inputs, target, mask, context=context
+                    )
                     return adapted
 
-                return backend.vmap(one, (0, 0, 0))(inputs, target, mask)
+                return self.map_users(one, params, non_trainable, inputs, target, mask)
 
             return fn
 

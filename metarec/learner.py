@@ -98,6 +98,9 @@ class MetaLearner(AdaptationMixin, keras.Model):
             tasks when None. Saved with the model.
     """
 
+    #: Whether ``support_contexts`` reads the support set (the memory-based learner).
+    reads_support = False
+
     def __init__(
         self,
         model,
@@ -190,10 +193,25 @@ class MetaLearner(AdaptationMixin, keras.Model):
         return params, non_trainable
 
     # ------------------------------------------------------------------ maths
-    def adapt_user(self, params, non_trainable, inputs, target, mask, steps=None):
+    def support_contexts(self, params, non_trainable, inputs, target, mask):
+        """What a learner reads from whole support batches ``[B, S]`` before the per-user,
+        vectorised adaptation (one entry per user along axis 0), or None.
+
+        Gradient-based learners read nothing; the memory-based learner runs its recurrent
+        reader here, batched over users, rather than once per user inside the vectorised map.
+        """
+        return None
+
+    def initial_weights(self, params, context=None):
+        """One user's starting point: (adapted weights, fixed weights). The meta-learned
+        initialisation; the memory-based learner conditions it on the user's ``context``."""
+        model_params, _ = self._split_meta(params)
+        return self.forward.split(model_params)
+
+    def adapt_user(self, params, non_trainable, inputs, target, mask, steps=None, context=None):
         """Adapted weights of one user from their support set (pure; used everywhere)."""
-        model_params, lr_params = self._split_meta(params)
-        adapted, fixed = self.forward.split(model_params)
+        _, lr_params = self._split_meta(params)
+        adapted, fixed = self.initial_weights(params, context)
         adapted = inner_loop(
             self.forward,
             adapted,
@@ -214,8 +232,8 @@ class MetaLearner(AdaptationMixin, keras.Model):
         """Per-user query loss after (and, with ``with_before``, before) adaptation to the
         support set, vectorised over the meta-batch."""
 
-        def one_user(params, non_trainable, s_x, s_y, s_m, q_x, q_y, q_m):
-            adapted, fixed = self.adapt_user(params, non_trainable, s_x, s_y, s_m, steps)
+        def one_user(params, non_trainable, context, s_x, s_y, s_m, q_x, q_y, q_m):
+            adapted, fixed = self.adapt_user(params, non_trainable, s_x, s_y, s_m, steps, context)
             after = masked_loss(
                 self.forward(adapted, fixed, non_trainable, q_x), q_y, q_m, self.feedback
             )
@@ -228,8 +246,21 @@ class MetaLearner(AdaptationMixin, keras.Model):
             )
             return before, after
 
-        fn = backend.vmap(one_user, (None, None, 0, 0, 0, 0, 0, 0))
-        return fn(params, non_trainable, *episode)
+        return self.map_users(one_user, params, non_trainable, *episode)
+
+    def map_users(self, fn, params, non_trainable, inputs, target, mask, *rest):
+        """``fn(params, non_trainable, context, inputs, target, mask, *rest)`` vectorised over
+        the users of a batch, with ``context`` from ``support_contexts`` (None when there is
+        none: then it is passed as a constant rather than mapped)."""
+        context = self.support_contexts(params, non_trainable, inputs, target, mask)
+        per_user = (inputs, target, mask) + tuple(rest)
+        if context is None:
+            mapped = backend.vmap(
+                lambda p, n, *u: fn(p, n, None, *u), (None, None) + (0,) * len(per_user)
+            )
+            return mapped(params, non_trainable, *per_user)
+        mapped = backend.vmap(fn, (None, None, 0) + (0,) * len(per_user))
+        return mapped(params, non_trainable, context, *per_user)
 
     def meta_gradients(self, params, non_trainable, episode):
         """Outer-loop ``(logs, grads)`` for one meta-batch; implemented by each meta-learner."""
@@ -333,15 +364,16 @@ class MetaLearner(AdaptationMixin, keras.Model):
 
     # ------------------------------------------------------------------ compiled functions
     def _jit_eval(self):
-        if getattr(self, "_eval_fn", None) is None:
-
+        def build():
             def eval_fn(params, non_trainable, episode):
                 before, after = self.user_query_losses(params, non_trainable, episode)
                 weight = ops.cast(ops.sum(episode.query_mask, axis=1) > 0, before.dtype)
                 return before, after, weight
 
-            self._eval_fn = backend.jit(eval_fn)
-        return self._eval_fn
+            return eval_fn
+
+        # Cached per (inner_steps, feedback): changing learner.inner_steps takes effect.
+        return self._kernel("evaluate", build)
 
     # ------------------------------------------------------------------ saving
     def get_config(self):

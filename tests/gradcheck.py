@@ -13,6 +13,7 @@ import numpy as np
 
 from metarec import backend  # noqa: E402
 from metarec.maml import MAML  # noqa: E402
+from metarec.memory import MemoryLearner  # noqa: E402
 from metarec.reptile import Reptile  # noqa: E402
 from metarec.tasks import Episode  # noqa: E402
 
@@ -46,6 +47,25 @@ def flat(arrays):
     return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
 
 
+def finite_difference(grad_fn, base, non_trainable, ep, eps=1e-6):
+    """Central differences of the meta-loss ``grad_fn(params, ...)[0]["loss"]``, per entry."""
+    sizes = [p.size for p in base]
+    fd = np.zeros(sum(sizes))
+    for j in range(sum(sizes)):
+        losses = []
+        for sign in (1.0, -1.0):
+            vec = flat(base)
+            vec[j] += sign * eps
+            parts, start = [], 0
+            for p in base:
+                parts.append(vec[start:start + p.size].reshape(p.shape))
+                start += p.size
+            logs, _ = grad_fn(parts, non_trainable, ep)
+            losses.append(float(backend.to_numpy(logs["loss"])))
+        fd[j] = (losses[0] - losses[1]) / (2 * eps)
+    return fd
+
+
 def main(out_path):
     # Process-wide switches: only when run as a script, never on import by the test module.
     if os.environ.get("KERAS_BACKEND") == "jax":
@@ -65,22 +85,23 @@ def main(out_path):
         results[name] = flat(backend.to_numpy(g) for g in grads)
     # Finite differences of the meta-loss (the same for both orders: only gradients differ).
     base = [backend.to_numpy(p) for p in params]
-    sizes = [p.size for p in base]
-    eps = 1e-6
-    fd = np.zeros(sum(sizes))
-    for j in range(sum(sizes)):
-        losses = []
-        for sign in (1.0, -1.0):
-            vec = flat(base)
-            vec[j] += sign * eps
-            parts, start = [], 0
-            for p in base:
-                parts.append(vec[start:start + p.size].reshape(p.shape))
-                start += p.size
-            logs, _ = grad_fn(parts, non_trainable, ep)
-            losses.append(float(backend.to_numpy(logs["loss"])))
-        fd[j] = (losses[0] - losses[1]) / (2 * eps)
-    results["finite_difference"] = fd
+    results["finite_difference"] = finite_difference(grad_fn, base, non_trainable, ep)
+    # The memory-based learner, with one gradient step after conditioning: the meta-gradient
+    # flows through the GRU, the FiLM heads, the shared representation and the inner step.
+    memory = MemoryLearner(tiny_model(), inner_steps=1, inner_lr=0.3, adapt="all", units=3,
+                           clipnorm=None, feedback="explicit")
+    rng = np.random.default_rng(3)
+    for v in memory.support_reader.trainable_variables:
+        v.assign(rng.normal(scale=0.5, size=v.shape))
+    mem_params, mem_non_trainable = memory.snapshot()
+    mem_fn = backend.jit(memory.meta_gradients)
+    _, grads = mem_fn(mem_params, mem_non_trainable, ep)
+    results["memory"] = flat(backend.to_numpy(g) for g in grads)
+    reader = {id(v) for v in memory.support_reader.trainable_variables}
+    results["memory_reader"] = flat(backend.to_numpy(g) for g, v in zip(grads, memory.meta_variables)
+                                    if id(v) in reader)
+    results["memory_finite_difference"] = finite_difference(
+        mem_fn, [backend.to_numpy(p) for p in mem_params], mem_non_trainable, ep)
     # Reptile with an SGD outer loop of rate 0.5: one update.
     reptile = Reptile(model, inner_steps=3, inner_lr=0.2, adapt="all", clipnorm=None,
                       feedback="explicit")

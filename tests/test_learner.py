@@ -147,6 +147,23 @@ def test_adapt_many_matches_single_users(tasks, trained):
         np.testing.assert_allclose(batched[i], single, rtol=1e-5, atol=1e-5)
 
 
+def test_zero_inner_steps_scores_like_the_plain_model(tasks, trained):
+    data, t = tasks
+    learner, _ = trained
+    supports = [t.test.support_frame(i) for i in range(3)]
+    features = [data.users.loc[u].to_dict() for u in t.test.user_ids[:3]]
+    items = t.test.query_frame(0)["item_id"].to_numpy()
+    learner.inner_steps = 0
+    try:
+        users = learner.adapt_many(supports, features)
+        scores = learner.score_many(users, [items] * 3)
+    finally:
+        learner.inner_steps = 3
+    for i in range(3):
+        plain = learner.predict_items(items, features[i])
+        np.testing.assert_allclose(scores[i], plain, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_inputs(tasks, trained):
     _, t = tasks
     learner, _ = trained

@@ -40,7 +40,7 @@ __all__ = [
 DEFAULT_STEPS_GRID = (1, 3, 5, 10)
 DEFAULT_LR_GRID = (0.003, 0.01, 0.03, 0.1)
 DEFAULT_ADAPT_GRID = ("decision_layers", "all")
-LEARNER_KINDS = ("maml", "fomaml", "meta-sgd", "reptile")
+LEARNER_KINDS = ("maml", "fomaml", "meta-sgd", "reptile", "memory")
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -278,7 +278,9 @@ def meta_learner_method(
     max_query: int = 128,
     clipnorm: float | None = 5.0,
 ) -> LearnerMethod:
-    """A meta-learner of ``kind`` ("maml", "fomaml", "meta-sgd", "reptile") as a method.
+    """A meta-learner of ``kind`` ("maml", "fomaml", "meta-sgd", "reptile", "memory") as a
+    method ("memory" is ``MemoryLearner``: a GRU reads the support set; ``inner_steps`` gradient
+    steps follow, 0 for the purely memory-based form).
 
     Meta-training runs at most ``epochs`` epochs and stops when the validation users'
     post-adaptation query loss has not improved for ``patience`` epochs, restoring the best
@@ -294,6 +296,7 @@ def meta_learner_method(
         import keras
 
         from metarec.maml import MAML, MetaSGD
+        from metarec.memory import MemoryLearner
         from metarec.reptile import Reptile
 
         keras.utils.set_random_seed(int(seed))
@@ -302,6 +305,8 @@ def meta_learner_method(
                       encoder=train_tasks.encoder, feedback=train_tasks.encoder.schema.feedback)
         if kind == "reptile":
             learner = Reptile(model, **common)
+        elif kind == "memory":
+            learner = MemoryLearner(model, learn_inner_lr=learn_inner_lr, **common)
         elif kind == "meta-sgd":
             learner = MetaSGD(model, learn_inner_lr=learn_inner_lr or "per_parameter", **common)
         else:

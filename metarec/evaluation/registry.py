@@ -31,10 +31,12 @@ METHOD_HELP = {
     "reptile": "Reptile, 5 inner steps, decision layers adapted",
     "meta-sgd": "Meta-SGD: MAML with meta-learned per-parameter inner rates, 1 step",
     "residual-maml": "second-order MAML on top of the damped item mean, per-user offset adapts (1 step)",
+    "memory": "memory-based: a GRU reads the support set and FiLM-conditions the decision layers (no steps)",
+    "memory-maml": "memory-based conditioning followed by 1 second-order MAML step",
 }
 GROUPS = {
     "baselines": ("global-mean", "item-mean", "item-mean-offset", "global-model", "fine-tune"),
-    "learners": ("melu-1", "melu-5", "fomaml", "reptile", "meta-sgd", "residual-maml"),
+    "learners": ("melu-1", "melu-5", "fomaml", "reptile", "meta-sgd", "residual-maml", "memory", "memory-maml"),
 }
 
 
@@ -86,6 +88,8 @@ def build_methods(spec: str, data, epochs: int | None = None) -> list[Method]:
         "fomaml": lambda: meta_learner_method("fomaml", "fomaml", inner_steps=1, epochs=epochs),
         "reptile": lambda: meta_learner_method("reptile", "reptile", inner_steps=5, epochs=epochs),
         "meta-sgd": lambda: meta_learner_method("meta-sgd", "meta-sgd", inner_steps=1, epochs=epochs),
+        "memory": lambda: meta_learner_method("memory", "memory", inner_steps=0, epochs=epochs),
+        "memory-maml": lambda: meta_learner_method("memory-maml", "memory", inner_steps=1, epochs=epochs),
         "residual-maml": lambda: residual_method("residual-maml", inner_steps=1, epochs=epochs),
     }
     return [factories[n]() for n in names]
