@@ -393,3 +393,29 @@ def test_hot_reload_under_load_loses_no_request_and_refuses_a_corrupt_version(mo
     _, expected = sdk_scores(sdk, SUPPORT, FEATURES, CANDIDATES)
     got = client.score(SUPPORT, CANDIDATES, user_features=FEATURES, version=2)
     np.testing.assert_allclose(got.scores, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_memory_based_model_is_served_through_the_same_api(tmp_path):
+    # A GRU reads the request's interactions; no gradient step runs at serving.
+    data = metarec.datasets.synthetic(seed=0)
+    tasks = metarec.UserTasks(data, support_size=10)
+    keras.utils.set_random_seed(0)
+    model = metarec.models.rating_mlp(tasks.encoder, embedding_dim=8, hidden_units=(16,))
+    learner = metarec.MemoryLearner(model, units=8)
+    learner.compile(optimizer=keras.optimizers.Adam(3e-3))
+    learner.fit(tasks.train, epochs=1, verbose=0)
+    learner.save(tmp_path / "memory.keras")
+    publish(tmp_path / "models", 1, tmp_path / "memory.keras")
+    sdk = metarec.load(tmp_path / "memory.keras")
+    config = ServerConfig(model_dir=tmp_path / "models", port=0, log_path=tmp_path / "log.sqlite",
+                          check=make_check(batch_sizes=(1,), support_sizes=(8,)))
+    with BackgroundServer(config) as server, Client(server.address, timeout=30) as c:
+        _, expected = sdk_scores(sdk, SUPPORT, FEATURES, CANDIDATES)
+        got = c.score(SUPPORT, CANDIDATES, user_features=FEATURES)
+        np.testing.assert_allclose(got.scores, expected, rtol=1e-6, atol=1e-6)
+        # The answer depends on what the user said, through the reader alone.
+        flipped = SUPPORT.assign(rating=6.0 - SUPPORT["rating"])
+        other = c.score(flipped, CANDIDATES, user_features=FEATURES)
+        assert np.abs(np.asarray(other.scores) - np.asarray(got.scores)).max() > 1e-5
+        top = c.recommend(SUPPORT, k=5, user_features=FEATURES)
+        assert len(top.item_ids) == 5 and top.model_version == 1
