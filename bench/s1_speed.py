@@ -120,8 +120,8 @@ def _time_calls(fn, calls, warmup):
     return out
 
 
-def bench_adapt_score(adapt, calls, warmup):
-    learner = _setup(adapt)
+def bench_adapt_score(adapt, calls, warmup, learner=None):
+    learner = learner or _setup(adapt)
     users = _users(64, seed=2)
     state = {"i": 0}
 
@@ -149,8 +149,8 @@ def bench_adapt_score(adapt, calls, warmup):
             "ratio_median": sdk_s["median_ms"] / plain_s["median_ms"]}
 
 
-def bench_batch(adapt, n_users, batch_users, warmup_batches=1):
-    learner = _setup(adapt)
+def bench_batch(adapt, n_users, batch_users, warmup_batches=1, learner=None):
+    learner = learner or _setup(adapt)
     users = _users(n_users, seed=3)
 
     def run(chunk):
@@ -193,10 +193,12 @@ def _episode():
                    np.ascontiguousarray(ep.query_mask[:, :QUERY]))
 
 
-def bench_train(method, steps, adapt, calls, warmup):
+def bench_train(method, steps, adapt, calls, warmup, learner=None):
     from metarec import backend
 
-    if method == "maml2":
+    if learner is not None:
+        pass
+    elif method == "maml2":
         learner = _setup(adapt, "MAML", inner_steps=steps, first_order=False)
     elif method == "fomaml":
         learner = _setup(adapt, "MAML", inner_steps=steps, first_order=True)
