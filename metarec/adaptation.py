@@ -222,7 +222,7 @@ class AdaptationMixin:
     # ------------------------------------------------------------------ compiled kernels
     def _kernel(self, name, build):
         # Settings are baked in at trace time: key the cache on them too.
-        key = (name, self.inner_steps, self.feedback)
+        key = (name, self.inner_steps, self.feedback, getattr(self, "proximal", 0.0))
         cache = self.__dict__.setdefault("_kernel_cache", {})
         if key not in cache:
             cache[key] = backend.jit(build(), xla=_XLA)

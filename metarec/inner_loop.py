@@ -104,16 +104,26 @@ def inner_loop(
     clipnorm,
     first_order,
     feedback,
+    proximal=0.0,
 ):
     """``steps`` of guarded gradient descent on one user's interactions.
 
     ``learning_rates`` holds one tensor per adapted weight, broadcastable to it: a shared scalar
     (MAML), one scalar per layer, or one rate per parameter (Meta-SGD). With ``first_order`` the
-    inner gradients are treated as constants, which drops the second-order terms.
+    inner gradients are treated as constants, which drops the second-order terms. ``proximal``
+    adds ``proximal / 2 * ||w - w_start||^2`` to the inner loss: a pull back toward the
+    starting weights, so that more steps on a few noisy ratings cannot wander far (it has no
+    effect on the first step, where ``w = w_start``).
     """
+    start = list(adapted)
 
     def loss_fn(weights):
-        return masked_loss(forward(weights, fixed, non_trainable, inputs), target, mask, feedback)
+        loss = masked_loss(forward(weights, fixed, non_trainable, inputs), target, mask, feedback)
+        if proximal:
+            loss = loss + 0.5 * proximal * sum(
+                ops.sum(ops.square(w - w0)) for w, w0 in zip(weights, start)
+            )
+        return loss
 
     grad_fn = backend.value_and_grad(loss_fn)
     for _ in range(steps):

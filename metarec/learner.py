@@ -91,6 +91,9 @@ class MetaLearner(AdaptationMixin, keras.Model):
         adapt: which weights adapt per user: "all", "decision_layers", a callable on variable
             paths, or a list of path regexes. The others change only in the outer loop.
         clipnorm: global-norm clip of each inner gradient (None to disable).
+        proximal: strength of a pull toward the initialisation in the inner loss,
+            ``proximal / 2 * ||w - w0||^2`` (0 to disable): lets more inner steps help
+            rather than overfit a user's few interactions.
         learn_inner_lr: None, "per_layer" or "per_parameter" (Meta-SGD): meta-learn the inner
             learning rates jointly with the initialisation.
         feedback: "explicit" or "implicit"; taken from the training tasks when None.
@@ -111,6 +114,7 @@ class MetaLearner(AdaptationMixin, keras.Model):
         learn_inner_lr=None,
         feedback=None,
         encoder=None,
+        proximal=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -122,6 +126,8 @@ class MetaLearner(AdaptationMixin, keras.Model):
             raise ValueError(f"inner_lr must be a finite number >= 0; received {inner_lr!r}.")
         if clipnorm is not None and not clipnorm > 0:
             raise ValueError(f"clipnorm must be > 0 or None; received {clipnorm!r}.")
+        if not np.isfinite(proximal) or proximal < 0:
+            raise ValueError(f"proximal must be a finite number >= 0; received {proximal!r}.")
         if learn_inner_lr not in LEARN_LR_CHOICES:
             raise ValueError(f"learn_inner_lr must be one of {LEARN_LR_CHOICES}; received {learn_inner_lr!r}.")
         if feedback not in (None, "explicit", "implicit"):
@@ -132,6 +138,7 @@ class MetaLearner(AdaptationMixin, keras.Model):
         # Stored under another name: `adapt` is the method that adapts to a user.
         self.adapt_spec = adapt
         self.clipnorm = None if clipnorm is None else float(clipnorm)
+        self.proximal = float(proximal)
         self.learn_inner_lr = learn_inner_lr
         self.feedback = feedback
         self.encoder = encoder
@@ -225,6 +232,7 @@ class MetaLearner(AdaptationMixin, keras.Model):
             clipnorm=self.clipnorm,
             first_order=getattr(self, "first_order", False),
             feedback=self.feedback,
+            proximal=self.proximal,
         )
         return adapted, fixed
 
@@ -390,6 +398,7 @@ class MetaLearner(AdaptationMixin, keras.Model):
                 "inner_lr": self.inner_lr,
                 "adapt": list(adapt) if isinstance(adapt, tuple) else adapt,
                 "clipnorm": self.clipnorm,
+                "proximal": self.proximal,
                 "learn_inner_lr": self.learn_inner_lr,
                 "feedback": self.feedback,
             }

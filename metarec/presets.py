@@ -5,7 +5,7 @@ Each preset returns a *compiled* meta-learner for a ``FeatureEncoder`` (``tasks.
 
 from __future__ import annotations
 
-__all__ = ["MELU_EMBEDDING_DIM", "MELU_HIDDEN_UNITS", "melu", "residual_maml"]
+__all__ = ["MELU_EMBEDDING_DIM", "MELU_HIDDEN_UNITS", "melu", "residual_maml", "residual_memory"]
 
 #: MeLU (Lee et al., KDD 2019): 32-wide embedding per feature, decision layers 64-64-1.
 MELU_EMBEDDING_DIM = 32
@@ -51,11 +51,12 @@ def melu(encoder, local_steps=1, local_lr=0.01, outer_lr=1e-3, first_order=False
 
 
 def residual_maml(encoder, item_prior, inner_steps=1, inner_lr=0.01, adapt="decision_layers",
-                  outer_lr=1e-3, first_order=False, clipnorm=5.0):
+                  outer_lr=1e-3, first_order=False, clipnorm=5.0, **learner_kwargs):
     """Second-order MAML over :func:`metarec.models.residual_mlp`: the network predicts the
     residual over a fixed item prior (the damped item mean), and the decision layers, whose
     output bias acts as a per-user offset, adapt per user. MeLU-sized (32 per feature,
-    64-64-1). Returns a compiled ``metarec.MAML``."""
+    64-64-1). ``learner_kwargs`` go to ``MAML`` (e.g. ``proximal``, ``ranking_weight``).
+    Returns a compiled ``metarec.MAML``."""
     import keras
 
     from metarec.maml import MAML
@@ -65,6 +66,25 @@ def residual_maml(encoder, item_prior, inner_steps=1, inner_lr=0.01, adapt="deci
                          hidden_units=MELU_HIDDEN_UNITS)
     learner = MAML(model, inner_steps=inner_steps, inner_lr=inner_lr, adapt=adapt,
                    first_order=first_order, clipnorm=clipnorm, encoder=encoder,
-                   feedback=encoder.schema.feedback)
+                   feedback=encoder.schema.feedback, **learner_kwargs)
+    learner.compile(optimizer=keras.optimizers.Adam(outer_lr))
+    return learner
+
+
+def residual_memory(encoder, item_prior, inner_steps=0, inner_lr=0.01, units=64,
+                    conditioning="film", outer_lr=1e-3, clipnorm=5.0):
+    """The memory-based learner over :func:`metarec.models.residual_mlp`: a GRU reads the
+    user's support ratings and conditions the decision layers of the residual network (FiLM);
+    ``inner_steps`` gradient steps may follow. Returns a compiled ``metarec.MemoryLearner``."""
+    import keras
+
+    from metarec.memory import MemoryLearner
+    from metarec.models import residual_mlp
+
+    model = residual_mlp(encoder, item_prior, embedding_dim=MELU_EMBEDDING_DIM,
+                         hidden_units=MELU_HIDDEN_UNITS)
+    learner = MemoryLearner(model, inner_steps=inner_steps, inner_lr=inner_lr, units=units,
+                            conditioning=conditioning, clipnorm=clipnorm, encoder=encoder,
+                            feedback=encoder.schema.feedback)
     learner.compile(optimizer=keras.optimizers.Adam(outer_lr))
     return learner

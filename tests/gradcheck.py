@@ -86,6 +86,13 @@ def main(out_path):
     # Finite differences of the meta-loss (the same for both orders: only gradients differ).
     base = [backend.to_numpy(p) for p in params]
     results["finite_difference"] = finite_difference(grad_fn, base, non_trainable, ep)
+    # The proximal inner term (a pull toward the initialisation) is differentiated through too.
+    prox = MAML(model, inner_steps=2, inner_lr=0.3, adapt="all", proximal=0.7, clipnorm=None,
+                feedback="explicit")
+    prox_fn = backend.jit(prox.meta_gradients)
+    _, grads = prox_fn(params, non_trainable, ep)
+    results["proximal"] = flat(backend.to_numpy(g) for g in grads)
+    results["proximal_finite_difference"] = finite_difference(prox_fn, base, non_trainable, ep)
     # The memory-based learner, with one gradient step after conditioning: the meta-gradient
     # flows through the GRU, the FiLM heads, the shared representation and the inner step.
     memory = MemoryLearner(tiny_model(), inner_steps=1, inner_lr=0.3, adapt="all", units=3,

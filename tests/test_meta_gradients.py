@@ -38,6 +38,13 @@ def test_second_order_matches_finite_differences(gradients, name):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_proximal_inner_term_matches_finite_differences(gradients, name):
+    g = gradients[name]
+    np.testing.assert_allclose(g["proximal"], g["proximal_finite_difference"], rtol=1e-5, atol=1e-7)
+    assert np.abs(g["proximal"] - g["second_order"]).max() > 1e-4  # the term changes the gradient
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_first_order_differs_from_exact(gradients, name):
     g = gradients[name]
     gap = np.abs(g["first_order"] - g["finite_difference"]).max()

@@ -376,18 +376,27 @@ class _ResidualLearnerMethod(_EarlyStoppedLearnerMethod):
 
 
 def residual_method(name: str = "residual-maml", inner_steps: int = 1, inner_lr: float = 0.01,
-                    epochs: int = 30, patience: int = 3) -> LearnerMethod:
-    """Second-order MAML predicting on top of the damped item mean (``presets.residual_maml``)."""
+                    epochs: int = 30, patience: int = 3, memory: bool = False,
+                    **learner_kwargs) -> LearnerMethod:
+    """A meta-learner predicting on top of the damped item mean: second-order MAML
+    (``presets.residual_maml``, ``learner_kwargs`` such as ``proximal`` or ``ranking_weight``
+    passed on) or, with ``memory=True``, the memory-based ``presets.residual_memory``."""
 
     def build(train_tasks, seed, prior):
         import keras
 
-        from metarec.presets import residual_maml
+        from metarec.presets import residual_maml, residual_memory
 
         keras.utils.set_random_seed(int(seed))
-        return residual_maml(train_tasks.encoder, prior, inner_steps=inner_steps, inner_lr=inner_lr)
+        if memory:
+            return residual_memory(train_tasks.encoder, prior, inner_steps=inner_steps,
+                                   inner_lr=inner_lr, **learner_kwargs)
+        return residual_maml(train_tasks.encoder, prior, inner_steps=inner_steps, inner_lr=inner_lr,
+                             **learner_kwargs)
 
     method = _ResidualLearnerMethod(name, build, {"epochs": epochs, "batch_size": 32, "max_query": 128})
     method.patience = patience
-    method.settings = {"preset": f"residual_maml(inner_steps={inner_steps}, inner_lr={inner_lr})"}
+    extra = "".join(f", {k}={v!r}" for k, v in learner_kwargs.items())
+    preset = "residual_memory" if memory else "residual_maml"
+    method.settings = {"preset": f"{preset}(inner_steps={inner_steps}, inner_lr={inner_lr}{extra})"}
     return method

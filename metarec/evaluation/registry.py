@@ -33,10 +33,14 @@ METHOD_HELP = {
     "residual-maml": "second-order MAML on top of the damped item mean, per-user offset adapts (1 step)",
     "memory": "memory-based: a GRU reads the support set and FiLM-conditions the decision layers (no steps)",
     "memory-maml": "memory-based conditioning followed by 1 second-order MAML step",
+    "residual-maml-proximal": "residual-maml with 5 inner steps and a proximal pull (1.0) toward the initialisation",
+    "residual-maml-ranking": "residual-maml with a sampled pairwise ranking term (weight 0.5) in the meta-loss",
+    "residual-memory": "memory-based learner (GRU, FiLM, no steps) over the damped item mean",
 }
 GROUPS = {
     "baselines": ("global-mean", "item-mean", "item-mean-offset", "global-model", "fine-tune"),
     "learners": ("melu-1", "melu-5", "fomaml", "reptile", "meta-sgd", "residual-maml", "memory", "memory-maml"),
+    "ideas": ("residual-maml-proximal", "residual-maml-ranking", "residual-memory"),
 }
 
 
@@ -90,6 +94,12 @@ def build_methods(spec: str, data, epochs: int | None = None) -> list[Method]:
         "meta-sgd": lambda: meta_learner_method("meta-sgd", "meta-sgd", inner_steps=1, epochs=epochs),
         "memory": lambda: meta_learner_method("memory", "memory", inner_steps=0, epochs=epochs),
         "memory-maml": lambda: meta_learner_method("memory-maml", "memory", inner_steps=1, epochs=epochs),
+        "residual-maml-proximal": lambda: residual_method(
+            "residual-maml-proximal", inner_steps=5, epochs=epochs, proximal=1.0),
+        "residual-maml-ranking": lambda: residual_method(
+            "residual-maml-ranking", inner_steps=1, epochs=epochs, ranking_weight=0.5),
+        "residual-memory": lambda: residual_method("residual-memory", inner_steps=0, epochs=epochs,
+                                                   memory=True),
         "residual-maml": lambda: residual_method("residual-maml", inner_steps=1, epochs=epochs),
     }
     return [factories[n]() for n in names]
