@@ -33,18 +33,11 @@ class Reptile(MetaLearner):
             x = {k: ops.concatenate([s_x[k], q_x[k]], axis=0) for k in s_x}
             y = ops.concatenate([s_y, q_y], axis=0)
             m = ops.concatenate([s_m, q_m], axis=0)
-            adapted, fixed = self.adapt_user(params, non_trainable, x, y, m)
-            adapted = [ops.stop_gradient(w) for w in adapted]
+            adapted, _ = self.adapt_user(params, non_trainable, x, y, m)
+            return [ops.stop_gradient(w) for w in adapted]
 
-            def query_loss(fixed):
-                pred = self.forward(adapted, fixed, non_trainable, q_x)
-                return masked_loss(pred, q_y, q_m, self.feedback)
-
-            loss, fixed_grads = backend.value_and_grad(query_loss)(fixed)
-            return loss, adapted, fixed_grads
-
-        losses, adapted, fixed_grads = backend.vmap(one_user, (0,) * 6)(*episode)
-        weight = ops.cast(ops.sum(episode.query_mask, axis=1) > 0, losses.dtype)
+        adapted = backend.vmap(one_user, (0,) * 6)(*episode)
+        weight = ops.cast(ops.sum(episode.query_mask, axis=1) > 0, episode.query_y.dtype)
         count = ops.maximum(ops.sum(weight), 1.0)
 
         def user_mean(stacked):
@@ -52,8 +45,20 @@ class Reptile(MetaLearner):
             return ops.sum(stacked * w, axis=0) / count
 
         model_params, _ = self._split_meta(params)
-        initial, _ = self.forward.split(model_params)
+        initial, fixed = self.forward.split(model_params)
+
+        # The fixed weights' gradient is the mean of the users' query-loss gradients at their
+        # adapted weights, taken once for the batch: a per-user gradient inside the map would
+        # materialise one copy of every fixed weight (embedding tables included) per user.
+        def mean_query_loss(fixed):
+            def one(adapted, q_x, q_y, q_m):
+                pred = self.forward(adapted, fixed, non_trainable, q_x)
+                return masked_loss(pred, q_y, q_m, self.feedback)
+
+            losses = backend.vmap(one, (0, 0, 0, 0))(adapted, *episode[3:])
+            return ops.sum(losses * weight) / count
+
+        loss, fixed_grads = backend.value_and_grad(mean_query_loss)(fixed)
         adapt_grads = [w0 - user_mean(w) for w0, w in zip(initial, adapted)]
-        grads = self._merge_meta(self.forward.merge(adapt_grads, [user_mean(g) for g in fixed_grads]), [])
-        loss = ops.sum(losses * weight) / count
+        grads = self._merge_meta(self.forward.merge(adapt_grads, fixed_grads), [])
         return {"loss": loss}, grads
