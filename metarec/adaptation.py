@@ -372,11 +372,15 @@ class AdaptationMixin:
         """Plain, non-adaptive scores of raw item ids for one user (the reference point)."""
         encoder = self._require_encoder()
         idx = encoder.item_index(np.asarray(item_ids))
-        inputs = encoder.item_inputs(idx)
+        n = len(idx)
+        # Padded to a bucket like every other kernel: a new number of items must not recompile.
+        padded = np.zeros(bucket(n, minimum=8), np.int32)
+        padded[:n] = idx
+        inputs = encoder.item_inputs(padded)
         user = self._encode_user_features([user_features])
-        inputs.update({k: np.repeat(v, len(idx), axis=0) for k, v in user.items()})
+        inputs.update({k: np.repeat(v, len(padded), axis=0) for k, v in user.items()})
         params, non_trainable = self._inference_weights()
-        return backend.to_numpy(self._predict_kernel()(params, non_trainable, inputs))
+        return backend.to_numpy(self._predict_kernel()(params, non_trainable, inputs))[:n]
 
     def _predict_kernel(self):
         def build():

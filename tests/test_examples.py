@@ -89,6 +89,7 @@ def test_movielens_cold_start_tutorial(tmp_path):
 def test_grpc_client_tutorial(tmp_path):
     grpc = pytest.importorskip("grpc")
     import grpc_client as tutorial
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     import metarec
 
@@ -123,8 +124,6 @@ def test_grpc_client_tutorial(tmp_path):
     # The server was shut down: its port no longer answers.
     with grpc.insecure_channel(result["address"]) as channel:
         with pytest.raises(grpc.RpcError) as info:
-            from grpc_health.v1 import health_pb2, health_pb2_grpc
-
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "server stopped" in (tmp_path / "server.log").read_text()

@@ -162,6 +162,9 @@ def test_zero_inner_steps_scores_like_the_plain_model(tasks, trained):
     for i in range(3):
         plain = learner.predict_items(items, features[i])
         np.testing.assert_allclose(scores[i], plain, rtol=1e-5, atol=1e-5)
+    # Padded to a bucket: a shorter list scores the same items the same way.
+    assert len(plain) == len(items)
+    np.testing.assert_allclose(learner.predict_items(items[:3], features[2]), plain[:3], rtol=1e-5, atol=1e-6)
 
 
 def test_bad_inputs(tasks, trained):
