@@ -220,6 +220,12 @@ class AdaptationMixin:
         return {k: np.stack([r[k] for r in got]) for k in got[0]}
 
     # ------------------------------------------------------------------ compiled kernels
+    def release_kernels(self):
+        """Drop the compiled adaptation, scoring and evaluation kernels; they are rebuilt on
+        the next call. Each setting (e.g. each ``inner_steps``) keeps its own compiled
+        program, so a sweep over settings should release them as it goes."""
+        self.__dict__.get("_kernel_cache", {}).clear()
+
     def _kernel(self, name, build):
         # Settings are baked in at trace time: key the cache on them too.
         key = (name, self.inner_steps, self.feedback, getattr(self, "proximal", 0.0))

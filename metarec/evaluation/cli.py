@@ -58,8 +58,14 @@ def run_evaluate_cli(args) -> int:
     # (last seed) and the inner-steps curve re-adapts that fit; the report sorts K anyway.
     order = tuple(k for k in k_values if k != headline) + (headline,)
     report = run_evaluation(protocol, methods, seeds=seeds, k_values=order)
-    curves = {m.name: inner_step_curve(m, protocol, headline, INNER_STEPS)
-              for m in methods if adaptive_learner(m) is not None}
+    # Saved now and again below: the curves re-adapt every learner many times, and the
+    # figures above must not be lost if that is interrupted.
+    report.save(args.out)
+    curves = {}
+    for m in methods:
+        if adaptive_learner(m) is not None:
+            curves[m.name] = inner_step_curve(m, protocol, headline, INNER_STEPS)
+            m.learner = None  # done with this fit: let its weights and programs go
     if curves:
         report.set_inner_step_curves(curves)
     print(report.to_markdown())
