@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -96,15 +95,9 @@ def main():
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
-    results = []
-    for b in args.backends.split(","):
-        cmd = [sys.executable, __file__, "--worker"] + sys.argv[1:]
-        env = dict(os.environ, KERAS_BACKEND=b, TF_CPP_MIN_LOG_LEVEL="2")
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        if proc.returncode:
-            raise SystemExit(f"{b} worker failed ({proc.returncode})")
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-        results.append(json.loads(line[len("RESULT "):]))
+    from s1_speed import run_workers
+
+    results = run_workers(__file__, sys.argv[1:], args.backends)
     report = {
         "command": "python bench/families.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -317,6 +317,22 @@ def markdown(results):
     return "\n".join(lines)
 
 
+def run_workers(script, argv, backends):
+    """Run ``script --worker ARGV`` once per backend (a fresh process each, ``KERAS_BACKEND``
+    set) and collect the JSON each prints on its ``RESULT`` line."""
+    results = []
+    for b in backends.split(","):
+        cmd = [sys.executable, script, "--worker"] + list(argv)
+        env = dict(os.environ, KERAS_BACKEND=b, TF_CPP_MIN_LOG_LEVEL="2")
+        print(f"== {b}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        if proc.returncode:
+            raise SystemExit(f"{b} worker failed ({proc.returncode})")
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+        results.append(json.loads(line[len("RESULT "):]))
+    return results
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", default="tensorflow,jax")
@@ -332,16 +348,7 @@ def main():
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
-    results = []
-    for b in args.backends.split(","):
-        cmd = [sys.executable, __file__, "--worker"] + [a for a in sys.argv[1:]]
-        env = dict(os.environ, KERAS_BACKEND=b, TF_CPP_MIN_LOG_LEVEL="2")
-        print(f"== {b}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        if proc.returncode:
-            raise SystemExit(f"{b} worker failed ({proc.returncode})")
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-        results.append(json.loads(line[len("RESULT "):]))
+    results = run_workers(__file__, sys.argv[1:], args.backends)
     report = {
         "protocol": "S1",
         "command": "python bench/s1_speed.py " + " ".join(sys.argv[1:]),

@@ -11,9 +11,8 @@ from metarec.memory import MemoryLearner
 
 
 @pytest.fixture(scope="module")
-def tasks():
-    data = metarec.datasets.synthetic(seed=0)
-    return metarec.UserTasks(data, support_size=10, split="time", user_split="time")
+def tasks(synthetic_tasks):
+    return synthetic_tasks
 
 
 def make(tasks, **kwargs):
