@@ -72,6 +72,9 @@ def build_parser():
     p.add_argument("--out", default="runs/evaluate")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--list-methods", action="store_true")
+    p.add_argument("--search", metavar="METHOD",
+                   help="instead of the report: search METHOD's hyper-parameters on validation "
+                        "users (grid in metarec.evaluation.search.GRIDS; first of --seeds and --k)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("score-batch", help="adapt to every user of a file and write their top-k")

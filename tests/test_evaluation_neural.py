@@ -164,3 +164,29 @@ def test_residual_model_predicts_on_top_of_a_frozen_item_mean_prior(protocol):
     np.testing.assert_allclose(frozen, prior, atol=1e-6)  # meta-training never moves the prior
     with pytest.raises(ValueError, match=r"\(3,\)"):
         residual_mlp(tasks.encoder, np.ones(3))
+
+
+def test_search_scores_validation_users_only_and_sorts_by_mae(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from metarec.cli import main
+    from metarec.evaluation import search as search_module
+    from metarec.evaluation.protocol import Q1Protocol
+
+    assert search_module.grid_points({"a": (1, 2), "b": (0.5,)}) == [{"a": 1, "b": 0.5}, {"a": 2, "b": 0.5}]
+    # A two-point grid through the CLI, as a user runs it (the documented grid has eight).
+    monkeypatch.setitem(search_module.GRIDS, "residual-maml",
+                        {"inner_steps": (1,), "inner_lr": (0.01, 0.2), "proximal": (0.0,)})
+    seen = []
+    original = Q1Protocol.evaluate_method
+    monkeypatch.setattr(Q1Protocol, "evaluate_method",
+                        lambda self, method, split="test", k=10: seen.append(split) or original(self, method, split, k))
+    code = main(["evaluate", "--data", "synthetic", "--search", "residual-maml", "--seeds", "0",
+                 "--k", "10", "--epochs", "1", "--out", str(tmp_path)])
+    assert code == 0
+    assert seen == ["val", "val"]  # test users are never scored
+    table = pd.read_csv(tmp_path / "search.csv")
+    assert len(table) == 2 and table["val_mae"].is_monotonic_increasing
+    assert set(table.columns) >= {"inner_steps", "inner_lr", "proximal", "val_mae", "val_recall@20"}
+    assert (tmp_path / "search.md").read_text().startswith("# Hyper-parameter search")
+    assert main(["evaluate", "--data", "synthetic", "--search", "melu-1", "--out", str(tmp_path)]) == 2

@@ -45,6 +45,8 @@ def run_evaluate_cli(args) -> int:
     k_values = parse_int_list(args.k, "--k")
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs must be a positive integer, got {args.epochs!r}")
+    if getattr(args, "search", None):
+        return _run_search(args, seeds[0], k_values[0])
     from metarec.evaluation.neural import adaptive_learner, inner_step_curve
     from metarec.evaluation.protocol import Q1Protocol
     from metarec.evaluation.report import HEADLINE_K, run_evaluation
@@ -79,3 +81,36 @@ def run_evaluate_cli(args) -> int:
     for name, path in report.save(args.out).items():
         print(f"wrote {name}: {path}")
     return 0
+
+
+def _run_search(args, seed: int, k: int) -> int:
+    """``metarec evaluate --search METHOD``: the validation-only grid search, as a table."""
+    import os
+
+    from metarec.evaluation.protocol import Q1Protocol
+    from metarec.evaluation.search import GRIDS, search
+
+    if args.search not in GRIDS:
+        raise ValueError(f"--search: no search space for {args.search!r}; choose from {sorted(GRIDS)}")
+    started = time.perf_counter()
+    protocol = Q1Protocol(load_data(args.data), k_values=(k,))
+    table = search(protocol, args.search, k=k, seed=seed, epochs=args.epochs or 30)
+    text = (f"# Hyper-parameter search: {args.search}, K={k}, seed {seed}, validation users only\n\n"
+            + _markdown_table(table) + "\n")
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    table.to_csv(os.path.join(args.out, "search.csv"), index=False)
+    with open(os.path.join(args.out, "search.md"), "w") as f:
+        f.write(text)
+    print(f"{time.perf_counter() - started:.0f} s; wrote {args.out}/search.md and search.csv")
+    return 0
+
+
+def _markdown_table(frame) -> str:
+    """A DataFrame as a Markdown table (floats to 4 decimals), without extra dependencies."""
+    def cell(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
