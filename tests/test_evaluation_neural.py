@@ -104,6 +104,22 @@ def test_melu_preset_is_second_order_with_32_wide_embeddings_and_64_64_1_decisio
         melu(protocol.encoder, local_steps=0)
 
 
+def test_residual_presets(protocol):
+    import numpy as np
+
+    from metarec.memory import MemoryLearner
+    from metarec.presets import residual_maml_tuned, residual_memory
+
+    prior = np.full(protocol.encoder.num_items, 3.5, np.float32)
+    tuned = residual_maml_tuned(protocol.encoder, prior)
+    assert (tuned.inner_steps, tuned.inner_lr, tuned.proximal) == (5, 0.01, 1.0)
+    assert residual_maml_tuned(protocol.encoder, prior, inner_steps=2).inner_steps == 2
+    memory = residual_memory(protocol.encoder, prior)
+    assert isinstance(memory, MemoryLearner) and memory.inner_steps == 0
+    # The prior is frozen: neither loop may change it.
+    assert all("item_prior" not in v.path for v in memory.meta_variables)
+
+
 # ----------------------------------------------------------------------------- the CLI
 def test_cli_lists_methods(capsys):
     from metarec.cli import main

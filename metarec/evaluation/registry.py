@@ -33,7 +33,8 @@ METHOD_HELP = {
     "residual-maml": "second-order MAML on top of the damped item mean, per-user offset adapts (1 step)",
     "memory": "memory-based: a GRU reads the support set and FiLM-conditions the decision layers (no steps)",
     "memory-maml": "memory-based conditioning followed by 1 second-order MAML step",
-    "residual-maml-proximal": "residual-maml with 5 inner steps and a proximal pull (1.0) toward the initialisation",
+    "residual-maml-proximal": "residual-maml with 5 inner steps and a proximal pull (1.0) toward the initialisation "
+                              "(= presets.residual_maml_tuned, the winner of --search residual-maml)",
     "residual-maml-ranking": "residual-maml with a sampled pairwise ranking term (weight 0.5) in the meta-loss",
     "residual-memory": "memory-based learner (GRU, FiLM, no steps) over the damped item mean",
 }
