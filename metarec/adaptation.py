@@ -311,6 +311,10 @@ class AdaptationMixin:
             return np.arange(1, encoder.num_items, dtype=np.int32), True
         if len(candidates) != n_users:
             raise ValueError(f"candidates has {len(candidates)} entries for {n_users} users.")
+        if n_users > 1 and all(c is candidates[0] for c in candidates):
+            # One list shared by every user (a batch job's candidate file): encoded and
+            # gathered once, scored by the shared-items kernel.
+            return encoder.item_index(np.asarray(candidates[0])), True
         return [encoder.item_index(np.asarray(c)) for c in candidates], False
 
     def score_many(self, adapted_users, candidates=None):

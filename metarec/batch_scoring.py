@@ -102,14 +102,13 @@ def score_batch(
                 adapted, k=k, exclude_seen=exclude_seen,
                 candidates=None if cand is None else [cand] * len(chunk),
             )
-            frame = pd.concat(
-                [
-                    pd.DataFrame({"user_id": u, "rank": np.arange(1, len(ids) + 1), "item_id": ids,
-                                  "score": scores})
-                    for u, (ids, scores) in zip(chunk, recs)
-                ],
-                ignore_index=True,
-            )
+            sizes = [len(ids) for ids, _ in recs]
+            frame = pd.DataFrame({
+                "user_id": np.repeat(np.asarray(chunk, dtype=object), sizes).tolist(),
+                "rank": np.concatenate([np.arange(1, n + 1) for n in sizes]),
+                "item_id": np.concatenate([ids for ids, _ in recs]),
+                "score": np.concatenate([scores for _, scores in recs]),
+            })
             tmp = part.with_name(f".{part.name}.tmp")  # hidden from Parquet dataset readers
             frame.to_parquet(tmp, index=False)
             os.replace(tmp, part)  # atomic: a part is either complete or absent

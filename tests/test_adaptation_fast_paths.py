@@ -52,6 +52,11 @@ def test_batch_scores_match_single_users(setup):
     fast = learner.score_many(batch, [items] * len(users))  # the batch's device weights
     for e, f in zip(expected, fast):
         np.testing.assert_allclose(f, e, rtol=1e-5, atol=1e-5)
+    # One list object for every user takes the shared-items kernel; equal copies take the
+    # per-user one: the same scores either way.
+    copies = learner.score_many(batch, [items.copy() for _ in users])
+    for e, f in zip(expected, copies):
+        np.testing.assert_allclose(f, e, rtol=1e-5, atol=1e-5)
     # A subset and another order take the numpy path and agree too.
     subset = learner.score_many(batch[::-1][:3], [items] * 3)
     for e, f in zip(expected[::-1][:3], subset):
