@@ -80,8 +80,15 @@ def score_batch(
         raise ValueError("interactions is empty: there is no user to score.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    groups = {u: g for u, g in interactions.groupby("user_id", sort=True)}
-    users = list(groups)
+    # Users in sorted id order, each user's rows contiguous: a support is then a slice of two
+    # arrays (slicing DataFrames per user cost more than the adaptation itself).
+    ordered = interactions.sort_values("user_id", kind="stable")
+    user_col = ordered["user_id"].to_numpy()
+    item_col = ordered["item_id"].to_numpy()
+    rating_col = ordered["rating"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, user_col[1:] != user_col[:-1]])
+    bounds = dict(zip(user_col[starts], zip(starts, np.r_[starts[1:], len(user_col)])))
+    users = list(user_col[starts])
     cand = None if candidates is None else np.asarray(candidates)
     _check_manifest(out_dir, {"users": len(users), "chunk_users": chunk_users, "k": int(k),
                               "exclude_seen": bool(exclude_seen)})
@@ -91,12 +98,15 @@ def score_batch(
         part = out_dir / f"part-{c:05d}.parquet"
         chunk = users[start:start + chunk_users]
         if not part.exists():
-            supports = [groups[u][["item_id", "rating"]] for u in chunk]
+            supports = [
+                pd.DataFrame({"item_id": item_col[a:b], "rating": rating_col[a:b]}, copy=False)
+                for a, b in (bounds[u] for u in chunk)
+            ]
             features = None
             if user_features is not None:
-                features = [
-                    user_features.loc[u].to_dict() if u in user_features.index else {} for u in chunk
-                ]
+                known = user_features.index.isin(chunk)
+                rows = dict(zip(user_features.index[known], user_features[known].to_dict("records")))
+                features = [rows.get(u, {}) for u in chunk]
             adapted = learner.adapt_many(supports, features)
             recs = learner.recommend_many(
                 adapted, k=k, exclude_seen=exclude_seen,

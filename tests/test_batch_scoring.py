@@ -73,3 +73,21 @@ def test_bad_inputs(saved_model, tmp_path):
         score_batch(tmp_path / "nothing", interactions, tmp_path / "c", verbose=0)
     with pytest.raises(ValueError, match="finite"):
         score_batch(learner, interactions.assign(rating=np.nan), tmp_path / "d", verbose=0)
+
+
+def test_user_features_and_unsorted_input_match_the_sdk(saved_model, tmp_path):
+    folder, learner, interactions, data = saved_model
+    shuffled = interactions.sample(frac=1.0, random_state=0)  # users' rows interleaved
+    users = sorted(interactions["user_id"].unique())
+    features = data.users.loc[users[::2]]  # every other user has features; the rest use {}
+    candidates = data.items.index.to_numpy()[:40]
+    out = score_batch(learner, shuffled, tmp_path / "recs", candidates=candidates, k=4,
+                      user_features=features, chunk_users=16, verbose=0)
+    recs = pd.read_parquet(out)
+    for u in (users[0], users[1], users[-1]):
+        frame = interactions[interactions.user_id == u][["item_id", "rating"]]
+        feats = features.loc[u].to_dict() if u in features.index else {}
+        expected = learner.adapt(frame, feats).recommend(k=4, candidates=candidates)
+        got = recs[recs.user_id == u].sort_values("rank")
+        np.testing.assert_array_equal(got["item_id"].to_numpy(), expected["item_id"].to_numpy())
+        np.testing.assert_allclose(got["score"].to_numpy(), expected["score"].to_numpy(), rtol=1e-5)
