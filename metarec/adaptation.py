@@ -94,6 +94,43 @@ _FEATURE_CACHE_SIZE = 4096
 _XLA = __import__('os').environ.get('METAREC_XLA', '1') == '1'
 
 
+def _all_equal(candidates):
+    """Whether every user's candidate list is the first one (the same object, or equal)."""
+    first = candidates[0]
+    first_array = None
+    for c in candidates[1:]:
+        if c is first:
+            continue
+        if first_array is None:
+            first_array = np.asarray(first)
+        c = np.asarray(c)
+        if c.shape != first_array.shape or c.dtype != first_array.dtype or not np.array_equal(c, first_array):
+            return False
+    return True
+
+
+def _mask_seen(scores, ids, seen):
+    """Set ``scores[u, j] = -inf`` where candidate ``ids[u][j]`` is among ``seen[u]``.
+
+    Users sharing one candidate array (a catalogue, a candidate file) are looked up in one
+    hash index of it; anything else (duplicate candidates, ragged lists) goes user by user.
+    """
+    if all(c is ids[0] for c in ids):
+        try:
+            index = pd.Index(ids[0])
+            if index.is_unique:
+                flat = np.concatenate([np.asarray(s, dtype=object) for s in seen]) if seen else []
+                owner = np.repeat(np.arange(len(seen)), [len(s) for s in seen])
+                pos = index.get_indexer(pd.Index(flat, dtype=object))
+                hit = pos >= 0
+                scores[owner[hit], pos[hit]] = -np.inf
+                return
+        except (TypeError, ValueError):
+            pass
+    for u, (cands, s) in enumerate(zip(ids, seen)):
+        scores[u, : len(cands)][np.isin(cands, s)] = -np.inf
+
+
 class AdaptedUser:
     """A personal model: the meta-model's weights after a few steps on one user's interactions.
 
@@ -169,15 +206,29 @@ class AdaptationMixin:
                 f"user_features has {len(user_features)} entries for {n_users} users."
             )
         encoded = _encode_interactions(encoder, supports)
+        return self._pad_supports(
+            np.concatenate([idx for idx, _ in encoded]),
+            np.concatenate([y for _, y in encoded]),
+            [len(idx) for idx, _ in encoded],
+            user_features,
+        )
+
+    def _pad_supports(self, idx, y, lengths, user_features):
+        """Encoded interactions of many users, flat (user ``u``'s are the next ``lengths[u]``
+        rows), padded into arrays ``[B_bucket, S_bucket]`` in one scatter."""
+        encoder = self._require_encoder()
+        lengths = np.asarray(lengths, dtype=np.int64)
+        n_users = len(lengths)
         b = bucket(n_users)
-        s = support_bucket(max(len(idx) for idx, _ in encoded))
+        s = support_bucket(int(lengths.max()))
+        rows = np.repeat(np.arange(n_users), lengths)
+        cols = np.arange(len(idx)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         item_idx = np.zeros((b, s), np.int32)
         target = np.zeros((b, s), np.float32)
         mask = np.zeros((b, s), np.float32)
-        for u, (idx, y) in enumerate(encoded):
-            item_idx[u, : len(idx)] = idx
-            target[u, : len(idx)] = y
-            mask[u, : len(idx)] = 1.0
+        item_idx[rows, cols] = idx
+        target[rows, cols] = y
+        mask[rows, cols] = 1.0
         users = self._encode_user_features(list(user_features) + [{}] * (b - n_users))
         inputs = encoder.item_inputs(item_idx)
         inputs.update({k: np.repeat(v[:, None], s, axis=1) for k, v in users.items()})
@@ -256,7 +307,34 @@ class AdaptationMixin:
 
         return self._kernel("adapt", build)
 
+    def _user_row_broadcasts(self):
+        """Whether the model takes a user's features as one row against many item rows.
+
+        A model built on ``ConcatDense`` does (its user part is then multiplied once per user,
+        not once per candidate); one that concatenates user and item features does not.
+        Checked once per model by scoring a few items both ways with the current weights.
+        """
+        cached = self.__dict__.get("_user_row_check")
+        if cached is not None and cached[0] is self.model:
+            return cached[1]
+        encoder = self._require_encoder()
+        items = encoder.item_inputs(np.arange(1, min(encoder.num_items, 4), dtype=np.int32))
+        n = len(items["item_id"])
+        user = self._encode_user_features([{}])
+        full = dict(items, **{k: np.repeat(v, n, axis=0) for k, v in user.items()})
+        one_row = dict(items, **user)
+        try:
+            expected = backend.to_numpy(self.model(full, training=False))
+            got = backend.to_numpy(self.model(one_row, training=False))
+            ok = bool(user) and got.shape == expected.shape and np.allclose(got, expected, atol=1e-5)
+        except Exception:  # noqa: BLE001 - any failure means "broadcast the rows instead"
+            ok = False
+        self.__dict__["_user_row_check"] = (self.model, ok)
+        return ok
+
     def _score_kernel(self, shared):
+        one_row = self._user_row_broadcasts()
+
         def build():
             def fn(params, non_trainable, adapted, users, items):
                 model_params, _ = self._split_meta(params)
@@ -265,7 +343,10 @@ class AdaptationMixin:
                 def one(adapted, user, items):
                     n = ops.shape(items["item_id"])[0]
                     inputs = dict(items)
-                    inputs.update(_broadcast_user(user, n))
+                    if one_row:
+                        inputs.update({k: ops.expand_dims(v, 0) for k, v in user.items()})
+                    else:
+                        inputs.update(_broadcast_user(user, n))
                     out = self.forward(adapted, fixed, non_trainable, inputs)
                     return out if self.feedback == "explicit" else ops.sigmoid(out)
 
@@ -273,7 +354,7 @@ class AdaptationMixin:
 
             return fn
 
-        return self._kernel(f"score_shared={shared}", build)
+        return self._kernel(f"score_shared={shared},one_row={one_row}", build)
 
     # ------------------------------------------------------------------ public API
     def adapt(self, interactions, user_features=None):
@@ -283,14 +364,39 @@ class AdaptationMixin:
 
     def adapt_many(self, supports, user_features=None):
         """Adapt to many users at once (one vectorised, compiled call per bucket of users)."""
-        (inputs, target, mask), _, per_user = self.encode_supports(supports, user_features)
+        padded, _, per_user = self.encode_supports(supports, user_features)
+        return self._adapt_padded(padded, per_user, [np.asarray(frame["item_id"]) for frame in supports])
+
+    def adapt_flat(self, item_ids, ratings, lengths, user_features=None):
+        """``adapt_many`` for interactions given as flat arrays, the way a batch job holds them:
+        user ``u``'s support is the next ``lengths[u]`` entries of ``item_ids`` / ``ratings``
+        (raw item ids and ratings, checked as ``adapt_many`` checks them). Faster than building
+        one DataFrame per user."""
+        item_ids, ratings = np.asarray(item_ids), np.asarray(ratings)
+        lengths = np.asarray(lengths)
+        if lengths.ndim != 1 or len(lengths) == 0 or lengths.dtype.kind not in "iu" or lengths.min() < 1:
+            raise ValueError(f"lengths must be one positive integer per user; received {lengths!r}.")
+        if item_ids.shape != ratings.shape or item_ids.ndim != 1 or len(item_ids) != lengths.sum():
+            raise ValueError(
+                f"item_ids and ratings must be flat arrays of sum(lengths) = {int(lengths.sum())} "
+                f"entries; received shapes {item_ids.shape} and {ratings.shape}."
+            )
+        if user_features is None:
+            user_features = [{}] * len(lengths)
+        if len(user_features) != len(lengths):
+            raise ValueError(f"user_features has {len(user_features)} entries for {len(lengths)} users.")
+        idx, y = self._require_encoder().encode_interactions(
+            pd.DataFrame({"item_id": item_ids, "rating": ratings}, copy=False)
+        )
+        padded, _, per_user = self._pad_supports(idx, y, lengths, user_features)
+        return self._adapt_padded(padded, per_user, np.split(item_ids, np.cumsum(lengths)[:-1]))
+
+    def _adapt_padded(self, padded, per_user, seen):
+        inputs, target, mask = padded
         params, non_trainable = self._inference_weights()
         adapted = self._adapt_kernel()(params, non_trainable, inputs, target, mask)
         batch = _AdaptedBatch(list(adapted), len(per_user))
-        return [
-            AdaptedUser._from_batch(self, batch, u, per_user[u], np.asarray(frame["item_id"]))
-            for u, frame in enumerate(supports)
-        ]
+        return [AdaptedUser._from_batch(self, batch, u, per_user[u], seen[u]) for u in range(len(per_user))]
 
     def _inference_weights(self):
         """``snapshot()`` as plain tensors: on TensorFlow, a ``tf.function`` called with
@@ -311,9 +417,9 @@ class AdaptationMixin:
             return np.arange(1, encoder.num_items, dtype=np.int32), True
         if len(candidates) != n_users:
             raise ValueError(f"candidates has {len(candidates)} entries for {n_users} users.")
-        if n_users > 1 and all(c is candidates[0] for c in candidates):
-            # One list shared by every user (a batch job's candidate file): encoded and
-            # gathered once, scored by the shared-items kernel.
+        if n_users > 1 and _all_equal(candidates):
+            # One list shared by every user (a batch job's candidate file, the same candidate
+            # list in every request): encoded and gathered once, scored by the shared kernel.
             return encoder.item_index(np.asarray(candidates[0])), True
         return [encoder.item_index(np.asarray(c)) for c in candidates], False
 
@@ -321,6 +427,12 @@ class AdaptationMixin:
         """Scores of each user's candidates (raw item ids; None = whole catalogue)."""
         if not adapted_users:
             return []
+        scores, sizes, _ = self._score_matrix(adapted_users, candidates)
+        return [np.array(scores[u, : sizes[u]]) for u in range(len(adapted_users))]  # writable copies
+
+    def _score_matrix(self, adapted_users, candidates):
+        """Scores as one padded array ``[users_bucket, candidates_bucket]`` and each user's
+        number of candidates."""
         n = len(adapted_users)
         b = bucket(n)
         batch = adapted_users[0]._batch
@@ -358,24 +470,38 @@ class AdaptationMixin:
         scores = backend.to_numpy(
             self._score_kernel(shared)(params, non_trainable, weights, users, items)
         )
-        return [np.array(scores[u, : sizes[u]]) for u in range(n)]  # writable copies
+        return scores, sizes, shared
 
     def recommend_many(self, adapted_users, k=10, exclude_seen=True, candidates=None):
         """Top-``k`` (item ids, scores) per user, best first; seen items excluded by default."""
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer; received k={k!r}.")
-        all_scores = self.score_many(adapted_users, candidates)
-        catalogue = self.encoder.item_ids[1:] if candidates is None else None
+        if not adapted_users:
+            return []
+        n = len(adapted_users)
+        scores, sizes, shared = self._score_matrix(adapted_users, candidates)
+        scores = scores[:n].astype(np.float64)
+        if candidates is None:
+            ids = [self.encoder.item_ids[1:]] * n
+        elif shared:
+            ids = [np.asarray(candidates[0])] * n
+        else:
+            ids = [np.asarray(c) for c in candidates]
+        # Padding columns and seen items can never be chosen.
+        scores[np.arange(scores.shape[1])[None, :] >= np.asarray(sizes)[:, None]] = -np.inf
+        if exclude_seen:
+            _mask_seen(scores, ids, [u.seen_items for u in adapted_users])
+        # One top-k over the whole matrix: partition, then sort the k kept per row.
+        kk = min(int(k), scores.shape[1])
+        top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)
+        top_scores = np.take_along_axis(top_scores, order, axis=1)
         results = []
-        for u, scores in enumerate(all_scores):
-            ids = catalogue if candidates is None else np.asarray(candidates[u])
-            scores = scores.astype(np.float64)
-            if exclude_seen:
-                scores[np.isin(ids, adapted_users[u].seen_items)] = -np.inf
-            kk = min(k, int(np.isfinite(scores).sum()))
-            top = np.argpartition(-scores, kk - 1)[:kk] if kk else np.array([], int)
-            top = top[np.argsort(-scores[top], kind="stable")]
-            results.append((ids[top], scores[top].astype(np.float32)))
+        for u in range(n):
+            keep = np.isfinite(top_scores[u])
+            results.append((ids[u][top[u][keep]], top_scores[u][keep].astype(np.float32)))
         return results
 
     def predict_items(self, item_ids, user_features=None):
@@ -388,7 +514,9 @@ class AdaptationMixin:
         padded[:n] = idx
         inputs = encoder.item_inputs(padded)
         user = self._encode_user_features([user_features])
-        inputs.update({k: np.repeat(v, len(padded), axis=0) for k, v in user.items()})
+        if not self._user_row_broadcasts():
+            user = {k: np.repeat(v, len(padded), axis=0) for k, v in user.items()}
+        inputs.update(user)
         params, non_trainable = self._inference_weights()
         return backend.to_numpy(self._predict_kernel()(params, non_trainable, inputs))[:n]
 

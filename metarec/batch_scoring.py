@@ -98,16 +98,14 @@ def score_batch(
         part = out_dir / f"part-{c:05d}.parquet"
         chunk = users[start:start + chunk_users]
         if not part.exists():
-            supports = [
-                pd.DataFrame({"item_id": item_col[a:b], "rating": rating_col[a:b]}, copy=False)
-                for a, b in (bounds[u] for u in chunk)
-            ]
+            first, last = bounds[chunk[0]][0], bounds[chunk[-1]][1]
+            lengths = [b - a for a, b in (bounds[u] for u in chunk)]
             features = None
             if user_features is not None:
                 known = user_features.index.isin(chunk)
                 rows = dict(zip(user_features.index[known], user_features[known].to_dict("records")))
                 features = [rows.get(u, {}) for u in chunk]
-            adapted = learner.adapt_many(supports, features)
+            adapted = learner.adapt_flat(item_col[first:last], rating_col[first:last], lengths, features)
             recs = learner.recommend_many(
                 adapted, k=k, exclude_seen=exclude_seen,
                 candidates=None if cand is None else [cand] * len(chunk),

@@ -64,6 +64,9 @@ def representation_model(model, adapt_index):
             tensor = layer.input
         except (AttributeError, ValueError):
             tensor = None
+        if isinstance(tensor, (list, tuple)) and all(len(t.shape) == 2 for t in tensor):
+            # A ConcatDense reads several parts; the reader sees them side by side.
+            tensor = keras.layers.Concatenate(name=f"{layer.name}_input")(list(tensor))
         if tensor is None or isinstance(tensor, (list, tuple, dict)) or len(tensor.shape) != 2:
             raise ValueError(
                 f"Cannot read support rows through the input of layer {layer.name!r} (the first "

@@ -3,9 +3,74 @@
 Any Keras 3 model that takes the feature dict (see ``FeatureEncoder.input_spec``) and returns
 one value per (user, item) pair works with the meta-learners; these are good defaults.
 Layers whose names start with ``decision`` are what ``adapt="decision_layers"`` adapts per user.
+
+The first decision layer is a :class:`ConcatDense` over two parts, the item's features and the
+user's: the same function as a ``Dense`` over their concatenation, but the user's part may come
+as one row against many item rows. Scoring 1,000 candidates for a user then neither copies the
+user's features onto every candidate row nor multiplies them 1,000 times.
 """
 
 import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="metarec")
+class ConcatDense(keras.layers.Layer):
+    """``Dense`` over the concatenation of a list of inputs, computed part by part.
+
+    ``ConcatDense(units)([a, b])`` computes ``Dense(units)(Concatenate()([a, b]))``: one
+    ``kernel`` of shape ``[width(a) + width(b), units]`` and one ``bias``, initialised alike. Each
+    part is multiplied by its rows of the kernel and the products are added, so parts may
+    differ in batch size where one of them has a batch of 1 (it broadcasts).
+
+    Args:
+        units: output width.
+        activation: as in ``keras.layers.Dense``.
+        kernel_initializer, bias_initializer: as in ``keras.layers.Dense`` (the initializer
+            sees the whole kernel, so its fan-in is the total input width).
+    """
+
+    def __init__(self, units, activation=None, kernel_initializer="glorot_uniform",
+                 bias_initializer="zeros", **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(units, int) or units < 1:
+            raise ValueError(f"units must be a positive integer; received units={units!r}.")
+        self.units = units
+        self.activation = keras.activations.get(activation)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+
+    def build(self, input_shape):
+        self.widths = [int(shape[-1]) for shape in input_shape]
+        self.kernel = self.add_weight(shape=(sum(self.widths), self.units), name="kernel",
+                                      initializer=self.kernel_initializer)
+        self.bias = self.add_weight(shape=(self.units,), name="bias", initializer=self.bias_initializer)
+
+    def call(self, inputs):
+        out = self.bias
+        start = 0
+        for x, width in zip(inputs, self.widths):
+            out = out + ops.matmul(x, self.kernel[start:start + width])
+            start += width
+        return self.activation(out)
+
+    def compute_output_shape(self, input_shape):
+        out = tuple(input_shape[0][:-1])
+        for shape in input_shape[1:]:
+            # Broadcast the leading axes: a 1 gives way to the other size.
+            out = tuple(a if b == 1 else b if a == 1 or a is None else a
+                        for a, b in zip(out, tuple(shape)[:-1]))
+        return out + (self.units,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            units=self.units,
+            activation=keras.activations.serialize(self.activation),
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            bias_initializer=keras.initializers.serialize(self.bias_initializer),
+        )
+        return config
 
 
 def feature_inputs(encoder):
@@ -42,6 +107,39 @@ def embed_features(encoder, inputs, embedding_dim, exclude=()):
     return parts
 
 
+def item_and_user_parts(encoder, inputs, embedding_dim, use_item_id=True):
+    """The embedded features in two groups: the item's (item id and item features) and the
+    user's; each group concatenated into one tensor, groups without features left out."""
+    user_names = {spec.name for spec in encoder.schema.user_features}
+    exclude = () if use_item_id else ("item_id",)
+    groups = []
+    for side in ("item", "user"):
+        names = {n: t for n, t in inputs.items() if (n in user_names) == (side == "user")}
+        parts = embed_features(encoder, names, embedding_dim, exclude=exclude)
+        if len(parts) > 1:
+            groups.append(keras.layers.Concatenate(name=f"{side}_features")(parts))
+        elif parts:
+            groups.append(parts[0])
+    if not groups:
+        raise ValueError("The model has no input features: keep use_item_id=True or add item features.")
+    return groups
+
+
+def decision_layers(groups, hidden_units):
+    """``decision_1`` (a ``ConcatDense`` over the feature groups), then ``decision_2``, ..."""
+    x = ConcatDense(hidden_units[0], activation="relu", name="decision_1")(groups)
+    for i, units in enumerate(hidden_units[1:], start=2):
+        x = keras.layers.Dense(units, activation="relu", name=f"decision_{i}")(x)
+    return x
+
+
+def _check_sizes(embedding_dim, hidden_units):
+    if not hidden_units or any(not isinstance(u, int) or u < 1 for u in hidden_units):
+        raise ValueError(f"hidden_units must be one or more positive integers; received {hidden_units!r}.")
+    if not isinstance(embedding_dim, int) or embedding_dim < 1:
+        raise ValueError(f"embedding_dim must be a positive integer; received {embedding_dim!r}.")
+
+
 def rating_mlp(
     encoder,
     embedding_dim=32,
@@ -64,18 +162,9 @@ def rating_mlp(
         A built ``keras.Model`` mapping the feature dict to one score per row (a rating for
         explicit feedback, a logit for implicit feedback).
     """
-    for units in hidden_units:
-        if not isinstance(units, int) or units < 1:
-            raise ValueError(f"hidden_units must be positive integers; received {hidden_units!r}.")
-    if not isinstance(embedding_dim, int) or embedding_dim < 1:
-        raise ValueError(f"embedding_dim must be a positive integer; received {embedding_dim!r}.")
+    _check_sizes(embedding_dim, hidden_units)
     inputs = feature_inputs(encoder)
-    parts = embed_features(
-        encoder, inputs, embedding_dim, exclude=() if use_item_id else ("item_id",)
-    )
-    x = keras.layers.Concatenate(name="features")(parts) if len(parts) > 1 else parts[0]
-    for i, units in enumerate(hidden_units):
-        x = keras.layers.Dense(units, activation="relu", name=f"decision_{i + 1}")(x)
+    x = decision_layers(item_and_user_parts(encoder, inputs, embedding_dim, use_item_id), hidden_units)
     if output_bias is None:
         schema = encoder.schema
         if schema.feedback == "explicit" and schema.rating_range is not None:
@@ -115,14 +204,9 @@ def residual_mlp(
     if prior.shape != (encoder.num_items,) or not np.all(np.isfinite(prior)):
         raise ValueError(f"item_prior must hold {encoder.num_items} finite values (one per item "
                          f"index); received shape {prior.shape}.")
-    for units in hidden_units:
-        if not isinstance(units, int) or units < 1:
-            raise ValueError(f"hidden_units must be positive integers; received {hidden_units!r}.")
+    _check_sizes(embedding_dim, hidden_units)
     inputs = feature_inputs(encoder)
-    parts = embed_features(encoder, inputs, embedding_dim, exclude=() if use_item_id else ("item_id",))
-    x = keras.layers.Concatenate(name="features")(parts) if len(parts) > 1 else parts[0]
-    for i, units in enumerate(hidden_units):
-        x = keras.layers.Dense(units, activation="relu", name=f"decision_{i + 1}")(x)
+    x = decision_layers(item_and_user_parts(encoder, inputs, embedding_dim, use_item_id), hidden_units)
     residual = keras.layers.Dense(1, name="decision_output", kernel_initializer="zeros")(x)
     prior_layer = keras.layers.Embedding(
         encoder.num_items, 1, name="item_prior", trainable=False,

@@ -52,11 +52,16 @@ def test_batch_scores_match_single_users(setup):
     fast = learner.score_many(batch, [items] * len(users))  # the batch's device weights
     for e, f in zip(expected, fast):
         np.testing.assert_allclose(f, e, rtol=1e-5, atol=1e-5)
-    # One list object for every user takes the shared-items kernel; equal copies take the
-    # per-user one: the same scores either way.
+    # One list object for every user, or equal copies of it, take the shared-items kernel;
+    # lists that differ take the per-user one: the same scores either way.
     copies = learner.score_many(batch, [items.copy() for _ in users])
     for e, f in zip(expected, copies):
         np.testing.assert_allclose(f, e, rtol=1e-5, atol=1e-5)
+    assert learner._candidate_index([items.copy() for _ in users], len(users))[1]
+    rolled = [np.roll(items, u) for u in range(len(users))]
+    assert not learner._candidate_index(rolled, len(users))[1]
+    for u, f in enumerate(learner.score_many(batch, rolled)):
+        np.testing.assert_allclose(f, np.roll(expected[u], u), rtol=1e-5, atol=1e-5)
     # A subset and another order take the numpy path and agree too.
     subset = learner.score_many(batch[::-1][:3], [items] * 3)
     for e, f in zip(expected[::-1][:3], subset):
@@ -91,6 +96,67 @@ def test_recommend_many_matches_scores(setup):
         order = np.argsort(-all_scores[keep].astype(np.float64), kind="stable")[:7]
         np.testing.assert_array_equal(ids, catalogue[keep][order])
         assert not set(ids) & set(user.seen_items)
+
+
+def _brute_force_top_k(scores, ids, seen, k):
+    keep = ~np.isin(ids, seen)
+    order = np.argsort(-scores[keep].astype(np.float64), kind="stable")[:k]
+    return ids[keep][order]
+
+
+@pytest.mark.parametrize("kind", ["shared", "copies", "per_user", "duplicates", "mixed_types"])
+def test_recommend_many_top_k_of_every_candidate_layout(setup, kind):
+    """The vectorised top-k (one partition over the score matrix, seen items masked through
+    one hash index) gives each user's brute-force top k, whatever the candidate lists."""
+    data, _, learner, users = setup
+    batch = learner.adapt_many([s for s, _ in users], [f for _, f in users])
+    items = data.items.index.to_numpy()[:60]
+    # Make sure seen items are among the candidates, so that exclusion matters.
+    items = np.unique(np.concatenate([items, np.concatenate([u.seen_items for u in batch])[:15]]))
+    lists = {
+        "shared": [items] * len(batch),
+        "copies": [items.copy() for _ in batch],
+        "per_user": [items[u:] for u in range(len(batch))],
+        "duplicates": [np.concatenate([items, items[:5]])] * len(batch),
+        "mixed_types": [items.astype(object)] * len(batch),
+    }[kind]
+    recs = learner.recommend_many(batch, k=9, candidates=lists)
+    scores = learner.score_many(batch, lists)
+    for u, (ids, top_scores) in enumerate(recs):
+        cands = np.asarray(lists[u])
+        want = _brute_force_top_k(scores[u], cands, batch[u].seen_items, 9)
+        np.testing.assert_array_equal(np.sort(ids.astype(np.int64)), np.sort(want.astype(np.int64)))
+        assert np.all(np.diff(top_scores) <= 0)
+        assert not set(ids.tolist()) & set(batch[u].seen_items.tolist())
+    # Without exclusion the seen items compete again, and k larger than the list keeps all.
+    everything = learner.recommend_many(batch, k=10_000, exclude_seen=False, candidates=lists)
+    for u, (ids, _) in enumerate(everything):
+        assert len(ids) == len(lists[u])
+
+
+def test_adapt_flat_matches_adapt_many(setup):
+    data, _, learner, users = setup
+    frames = [s for s, _ in users]
+    features = [f for _, f in users]
+    items = data.items.index.to_numpy()[:30]
+    want = learner.score_many(learner.adapt_many(frames, features), [items] * len(frames))
+    flat = learner.adapt_flat(
+        np.concatenate([f["item_id"].to_numpy() for f in frames]),
+        np.concatenate([f["rating"].to_numpy() for f in frames]),
+        [len(f) for f in frames], features,
+    )
+    for f, u, w in zip(frames, flat, learner.score_many(flat, [items] * len(frames))):
+        np.testing.assert_array_equal(u.seen_items, f["item_id"].to_numpy())
+    for g, w in zip(learner.score_many(flat, [items] * len(frames)), want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="lengths must be one positive integer per user"):
+        learner.adapt_flat([1, 2], [4.0, 5.0], [2, 0])
+    with pytest.raises(ValueError, match="sum\\(lengths\\) = 3"):
+        learner.adapt_flat([1, 2], [4.0, 5.0], [1, 2])
+    with pytest.raises(ValueError, match="ratings must be finite"):
+        learner.adapt_flat([1, 2], [4.0, np.nan], [1, 1])
+    with pytest.raises(ValueError, match="user_features has 1 entries for 2 users"):
+        learner.adapt_flat([1, 2], [4.0, 5.0], [1, 1], [{}])
 
 
 def test_feature_cache_matches_encoder(setup):
