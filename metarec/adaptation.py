@@ -112,10 +112,11 @@ def _all_equal(candidates):
 def _mask_seen(scores, ids, seen):
     """Set ``scores[u, j] = -inf`` where candidate ``ids[u][j]`` is among ``seen[u]``.
 
-    Users sharing one candidate array (a catalogue, a candidate file) are looked up in one
-    hash index of it; anything else (duplicate candidates, ragged lists) goes user by user.
+    Many users sharing one candidate array (a catalogue, a candidate file) are looked up in
+    one hash index of it; anything else (a few users, duplicate candidates, lists that differ)
+    goes user by user.
     """
-    if all(c is ids[0] for c in ids):
+    if len(ids) >= 16 and all(c is ids[0] for c in ids):
         try:
             index = pd.Index(ids[0])
             if index.is_unique:

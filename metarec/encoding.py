@@ -139,6 +139,12 @@ class _IdVocabulary:
         values = np.asarray(ids, dtype=object) if not isinstance(ids, np.ndarray) else ids
         shape = np.shape(values)
         flat = np.ravel(values)
+        if self.dtype == "int" and flat.dtype.kind in "iu" and len(self.ids):
+            # Sorted int ids: a binary search, much cheaper than a hash lookup for the few ids
+            # of one request (and no slower for many).
+            pos = np.minimum(np.searchsorted(self.ids, flat), len(self.ids) - 1)
+            out = np.where(self.ids[pos] == flat, pos + 1, 0)
+            return out.astype(np.int32).reshape(shape)
         if self.dtype == "str":
             flat = np.asarray([canonical_token(v) for v in flat], dtype=object)
         elif flat.dtype.kind not in "iu":

@@ -109,6 +109,7 @@ def test_recommend_many_top_k_of_every_candidate_layout(setup, kind):
     """The vectorised top-k (one partition over the score matrix, seen items masked through
     one hash index) gives each user's brute-force top k, whatever the candidate lists."""
     data, _, learner, users = setup
+    users = users * 4  # 20 users: many enough for the one-hash-index path
     batch = learner.adapt_many([s for s, _ in users], [f for _, f in users])
     items = data.items.index.to_numpy()[:60]
     # Make sure seen items are among the candidates, so that exclusion matters.
