@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     p.add_argument("--concurrent-calls", type=int, default=3000)
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--max-delay-ms", type=float, default=1.0)
+    p.add_argument("--max-delay-ms", type=float, default=0.0)
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--_reference", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

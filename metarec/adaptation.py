@@ -382,15 +382,37 @@ class AdaptationMixin:
                 f"item_ids and ratings must be flat arrays of sum(lengths) = {int(lengths.sum())} "
                 f"entries; received shapes {item_ids.shape} and {ratings.shape}."
             )
+        idx = self._require_encoder().item_index(item_ids)
+        return self.adapt_indices(idx, ratings, lengths, user_features,
+                                  seen_items=np.split(item_ids, np.cumsum(lengths)[:-1]))
+
+    def adapt_indices(self, item_index, ratings, lengths, user_features=None, seen_items=None):
+        """``adapt_flat`` for items already encoded (``encoder.item_index``), as a server that
+        validated them holds them. ``seen_items``: each user's raw ids (what ``recommend``
+        excludes); by default the raw ids of ``item_index``."""
+        encoder = self._require_encoder()
+        item_index = np.asarray(item_index)
+        lengths = np.asarray(lengths)
+        if lengths.ndim != 1 or len(lengths) == 0 or lengths.dtype.kind not in "iu" or lengths.min() < 1:
+            raise ValueError(f"lengths must be one positive integer per user; received {lengths!r}.")
+        if item_index.ndim != 1 or item_index.dtype.kind not in "iu" or len(item_index) != lengths.sum():
+            raise ValueError(f"item_index must be a flat integer array of sum(lengths) = "
+                             f"{int(lengths.sum())} entries; received {item_index.dtype} {item_index.shape}.")
+        if len(item_index) and (item_index.min() < 0 or item_index.max() >= encoder.num_items):
+            raise ValueError(f"item_index values must lie in [0, {encoder.num_items}); received "
+                             f"{item_index.min()}..{item_index.max()}.")
+        y = encoder.check_ratings(ratings)
+        if y.shape != item_index.shape:
+            raise ValueError(f"ratings must match item_index; received shapes {y.shape} and {item_index.shape}.")
         if user_features is None:
             user_features = [{}] * len(lengths)
         if len(user_features) != len(lengths):
             raise ValueError(f"user_features has {len(user_features)} entries for {len(lengths)} users.")
-        idx, y = self._require_encoder().encode_interactions(
-            pd.DataFrame({"item_id": item_ids, "rating": ratings}, copy=False)
-        )
-        padded, _, per_user = self._pad_supports(idx, y, lengths, user_features)
-        return self._adapt_padded(padded, per_user, np.split(item_ids, np.cumsum(lengths)[:-1]))
+        if seen_items is None:
+            raw = encoder.item_ids
+            seen_items = np.split(raw[item_index], np.cumsum(lengths)[:-1])
+        padded, _, per_user = self._pad_supports(item_index, y, lengths, user_features)
+        return self._adapt_padded(padded, per_user, seen_items)
 
     def _adapt_padded(self, padded, per_user, seen):
         inputs, target, mask = padded
@@ -431,9 +453,27 @@ class AdaptationMixin:
         scores, sizes, _ = self._score_matrix(adapted_users, candidates)
         return [np.array(scores[u, : sizes[u]]) for u in range(len(adapted_users))]  # writable copies
 
-    def _score_matrix(self, adapted_users, candidates):
-        """Scores as one padded array ``[users_bucket, candidates_bucket]`` and each user's
-        number of candidates."""
+    def score_indices(self, adapted_users, item_index):
+        """``score_many`` for candidates already encoded (``encoder.item_index``): one int array
+        shared by every user, or a list of one array per user."""
+        if not adapted_users:
+            return []
+        n = len(adapted_users)
+        if isinstance(item_index, np.ndarray):
+            index, shared = item_index.astype(np.int32, copy=False), True
+        else:
+            if len(item_index) != n:
+                raise ValueError(f"item_index has {len(item_index)} entries for {n} users.")
+            index = [np.asarray(i, dtype=np.int32) for i in item_index]
+            shared = n > 1 and _all_equal(index)
+            if shared:
+                index = index[0]
+        scores, sizes, _ = self._score_matrix(adapted_users, None, (index, shared))
+        return [np.array(scores[u, : sizes[u]]) for u in range(n)]
+
+    def _score_matrix(self, adapted_users, candidates, encoded=None):
+        """Scores as one padded array ``[users_bucket, candidates_bucket]``, each user's number
+        of candidates, and whether all users share one candidate array."""
         n = len(adapted_users)
         b = bucket(n)
         batch = adapted_users[0]._batch
@@ -455,11 +495,15 @@ class AdaptationMixin:
             k: np.stack([u.user_inputs[k] for u in adapted_users] + [adapted_users[0].user_inputs[k]] * (b - n))
             for k in adapted_users[0].user_inputs
         }
-        index, shared = self._candidate_index(candidates, n)
+        index, shared = encoded if encoded is not None else self._candidate_index(candidates, n)
         encoder = self.encoder
         if shared:
-            items = encoder.item_inputs(index)
             sizes = [len(index)] * n
+            if candidates is not None or encoded is not None:
+                # Padded to a bucket like per-user lists: a new list length must not
+                # recompile (the catalogue's length is fixed per model, so it is not padded).
+                index = np.concatenate([index, np.zeros(bucket(len(index), minimum=8) - len(index), np.int32)])
+            items = encoder.item_inputs(index)
         else:
             sizes = [len(i) for i in index]
             c = bucket(max(sizes), minimum=8)

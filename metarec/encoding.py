@@ -364,10 +364,16 @@ class FeatureEncoder:
         missing = [c for c in ("item_id", "rating") if c not in frame.columns]
         if missing:
             raise ValueError(f"interaction frame lacks columns {missing}; got {list(frame.columns)}")
+        return self.item_index(frame["item_id"].to_numpy()), self.check_ratings(frame["rating"])
+
+    def check_ratings(self, ratings: Any) -> np.ndarray:
+        """Ratings as float32, checked: finite, within the schema's rating range (explicit) or
+        0/1 (implicit); ``ValueError`` naming the first bad value otherwise."""
         try:
-            ratings = np.asarray(frame["rating"], dtype=np.float64)
+            ratings = np.asarray(ratings, dtype=np.float64)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"ratings must be numbers, got {frame['rating'].iloc[0]!r}") from exc
+            first = np.ravel(np.asarray(ratings, dtype=object))[:1]
+            raise ValueError(f"ratings must be numbers, got {first[0] if len(first) else ratings!r}") from exc
         bad = ~np.isfinite(ratings)
         if bad.any():
             raise ValueError(f"ratings must be finite, got {ratings[bad][0].item()!r}")
@@ -381,7 +387,7 @@ class FeatureEncoder:
             if bad.any():
                 raise ValueError(f"rating {ratings[bad][0].item()!r} is outside the rating range "
                                  f"{self._schema.rating_range}")
-        return self.item_index(frame["item_id"].to_numpy()), ratings.astype(np.float32)
+        return ratings.astype(np.float32)
 
     # ------------------------------------------------------------------ serialisation
     def get_config(self) -> dict[str, Any]:

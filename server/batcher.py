@@ -54,12 +54,13 @@ class BatcherConfig:
     Args:
         max_batch_size: most items in one call of the batch function.
         max_delay_s: longest time the oldest queued item waits for a batch to fill while
-            the worker is idle.
+            the worker is idle. The default 0 sends a lone request at once; under load,
+            batches still fill while the worker runs the previous one.
         max_queue: most items waiting (not counting the batch being processed).
     """
 
     max_batch_size: int = 64
-    max_delay_s: float = 0.001
+    max_delay_s: float = 0.0
     max_queue: int = 1024
 
     def __post_init__(self) -> None:

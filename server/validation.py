@@ -168,7 +168,8 @@ def parse_candidates(ids: Sequence[str], model: ServingModel, limits: Limits) ->
             f"{len(unknown)} candidate item id(s) unknown to the model's catalogue: {names}"
             + (" ..." if len(unknown) > 5 else "")
         )
-    if len(np.unique(idx)) != len(idx):
+    ordered = np.sort(idx)
+    if (ordered[1:] == ordered[:-1]).any():
         raise invalid("candidate item ids contain duplicates")
     return idx
 

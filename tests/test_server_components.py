@@ -56,6 +56,31 @@ def test_concurrent_requests_form_batches_bounded_by_max_batch_size():
     assert len(sizes) <= 6  # batched, not one call per request
 
 
+def test_zero_delay_sends_a_lone_item_at_once_and_batches_under_load():
+    """With max_delay_s=0 (the default) nothing waits for company: the first item goes
+    alone, and the items arriving while the worker is busy form the next batches."""
+    rec = Recorder(delay=0.02)
+
+    async def main():
+        batcher = MicroBatcher(rec, BatcherConfig(max_batch_size=8, max_queue=100))
+        assert batcher.config.max_delay_s == 0
+        start = time.perf_counter()
+        await batcher.submit("k", 1)
+        lone = time.perf_counter() - start
+        first = asyncio.ensure_future(batcher.submit("k", 2))
+        await asyncio.sleep(0.005)  # the worker is now busy with item 2
+        rest = await asyncio.gather(*(batcher.submit("k", i) for i in range(3, 15)))
+        await first
+        await batcher.aclose()
+        return lone, rest
+
+    lone, rest = run(main())
+    assert rest == [i * i for i in range(3, 15)]
+    assert lone < 0.02 + 0.015  # the work itself, no batching wait
+    sizes = [len(items) for _, items in rec.batches]
+    assert sizes[:2] == [1, 1] and max(sizes[2:]) == 8 and sum(sizes) == 14
+
+
 def test_batch_function_runs_off_the_event_loop_thread():
     rec = Recorder()
 
