@@ -160,6 +160,37 @@ def test_adapt_flat_matches_adapt_many(setup):
         learner.adapt_flat([1, 2], [4.0, 5.0], [1, 1], [{}])
 
 
+def test_index_level_calls_match_the_raw_id_calls(setup):
+    """adapt_indices / score_indices (the server's entry points, on encoded items) give the
+    scores of adapt_many / score_many on raw ids."""
+    data, _, learner, users = setup
+    encoder = learner.encoder
+    frames = [s for s, _ in users]
+    features = [f for _, f in users]
+    items = data.items.index.to_numpy()[:50]
+    lists = [items[u:] for u in range(len(frames))]
+    want = learner.score_many(learner.adapt_many(frames, features), lists)
+    adapted = learner.adapt_indices(
+        encoder.item_index(np.concatenate([f["item_id"].to_numpy() for f in frames])),
+        np.concatenate([f["rating"].to_numpy() for f in frames]),
+        [len(f) for f in frames], features,
+    )
+    for user, frame in zip(adapted, frames):  # seen items default to the raw ids
+        np.testing.assert_array_equal(user.seen_items.astype(np.int64), frame["item_id"].to_numpy())
+    got = learner.score_indices(adapted, [encoder.item_index(c) for c in lists])
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    shared = learner.score_indices(adapted, encoder.item_index(items))  # one array for everyone
+    for g, w in zip(shared, learner.score_many(adapted, [items] * len(frames))):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="item_index values must lie in"):
+        learner.adapt_indices(np.array([1, encoder.num_items]), [4.0, 4.0], [2])
+    with pytest.raises(ValueError, match="outside the rating range"):
+        learner.adapt_indices(np.array([1, 2]), [4.0, 40.0], [2])
+    with pytest.raises(ValueError, match="item_index has 1 entries for 5 users"):
+        learner.score_indices(adapted, [encoder.item_index(items)])
+
+
 def test_feature_cache_matches_encoder(setup):
     data, _, learner, _ = setup
     encoder = learner.encoder
