@@ -34,12 +34,14 @@ def _score_batch(args):
 
 
 def _retrain(args):
+    from metarec.batch_scoring import read_table
     from metarec.retrain import read_logs, retrain
 
+    features = read_table(args.user_features) if args.user_features else None
     result = retrain(args.model_dir, read_logs(args.logs), epochs=args.epochs,
                      learning_rate=args.learning_rate, support_size=args.support_size,
                      margin=args.margin, gate_metric=args.gate_metric, report_dir=args.report,
-                     seed=args.seed, verbose=0 if args.quiet else 1)
+                     seed=args.seed, verbose=0 if args.quiet else 1, user_features=features)
     print(result.summary())
     return 0 if result.promoted else 1
 
@@ -92,6 +94,8 @@ def build_parser():
     p = sub.add_parser("retrain", help="retrain on logged interactions behind a promotion gate")
     p.add_argument("--model-dir", required=True, help="folder of numbered model versions")
     p.add_argument("--logs", required=True, help="the server's SQLite log, or Parquet/CSV")
+    p.add_argument("--user-features", help="Parquet/CSV with user_id and the model's user feature columns "
+                                           "(the log holds interactions only)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--support-size", type=int, default=10)

@@ -89,10 +89,11 @@ def latest_version(model_dir):
 
 
 def holdout_metrics(learner, taskset):
-    """Mean per-user metrics after adapting to each held-out user's support set."""
+    """Mean per-user metrics after adapting to each held-out user's support set (and
+    features, when the logs came with a user-feature table)."""
     supports = [taskset.support_frame(i)[["item_id", "rating"]] for i in range(len(taskset))]
     queries = [taskset.query_frame(i) for i in range(len(taskset))]
-    adapted = learner.adapt_many(supports)
+    adapted = learner.adapt_many(supports, [taskset.user_features(i) for i in range(len(taskset))])
     preds = learner.score_many(adapted, [q["item_id"].to_numpy() for q in queries])
     scores = {"loss": learner.evaluate(taskset, verbose=0)["loss"]}
     if learner.feedback == "explicit":
@@ -117,6 +118,7 @@ def retrain(
     report_dir=None,
     seed=0,
     verbose=1,
+    user_features=None,
 ):
     """Retrain the newest version in ``model_dir`` on ``logs``; promote it only if not worse.
 
@@ -127,6 +129,10 @@ def retrain(
         margin: the new model may be worse than the old one by at most this much.
         gate_metric: "mae" (explicit feedback, default) or "loss" (query loss after adaptation;
             the default for implicit feedback). Lower is better for both.
+        user_features: optional DataFrame of user features (indexed by ``user_id``, or with a
+            ``user_id`` column): the log holds interactions only, and without this table new
+            users are trained and evaluated with unknown features although requests send
+            theirs. Users missing from it get unknown features.
     Returns a ``RetrainResult``; ``promoted`` says whether a new version was written.
     """
     model_dir = Path(model_dir)
@@ -144,7 +150,10 @@ def retrain(
         "timestamp": logs["timestamp"].astype(np.int64),
     })
     unknown_items = int((encoder.item_index(frame["item_id"].to_numpy()) == 0).sum())
-    data = InteractionData(frame, duplicates="last")
+    users = _user_feature_frame(user_features, encoder, frame["user_id"])
+    # Item features come from the kept encoder, not from the logs: only the user side is given.
+    schema = encoder.schema.replace(item_features=()) if users is not None else None
+    data = InteractionData(frame, users=users, schema=schema, duplicates="last", missing_features="default")
     tasks = UserTasks(data, support_size=support_size, split="time", user_split="time",
                       fractions=fractions, encoder=encoder, seed=seed)
     if len(tasks.train) == 0 or len(tasks.test) == 0:
@@ -177,6 +186,31 @@ def retrain(
     if report_dir is not None:
         result.report_dir = write_report(result, report_dir)
     return result
+
+
+def _user_feature_frame(user_features, encoder, logged_users):
+    """The user-feature table as InteractionData wants it: restricted to the model's user
+    features, indexed by the logged user ids (matched on their string form: the SQLite log
+    holds strings, a table may hold integers)."""
+    if user_features is None:
+        return None
+    frame = user_features
+    if "user_id" in frame.columns:
+        frame = frame.set_index("user_id")
+    names = [spec.name for spec in encoder.schema.user_features]
+    missing = [n for n in names if n not in frame.columns]
+    if missing:
+        raise ValueError(f"user_features lacks the model's user feature columns {missing}; "
+                         f"received columns {list(frame.columns)}.")
+    frame = frame[names].copy()
+    frame.index = pd.Index([str(i) for i in frame.index], dtype=object)
+    frame = frame[~frame.index.duplicated(keep="last")]
+    logged = pd.unique(pd.Series(logged_users, dtype=object))
+    keys = [str(u) for u in logged]
+    known = [k in frame.index for k in keys]
+    out = frame.loc[[k for k, ok in zip(keys, known) if ok]]
+    out.index = pd.Index([u for u, ok in zip(logged, known) if ok], dtype=object, name="user_id")
+    return out
 
 
 def _publish(learner, model_dir, version):

@@ -75,6 +75,7 @@ class TaskSet:
         query_size: int | None,
         split: str,
         seed: int,
+        user_frame: pd.DataFrame | None = None,
     ) -> None:
         self.name = name
         self.encoder = encoder
@@ -86,12 +87,41 @@ class TaskSet:
         self._ratings = ratings
         self.user_ids = np.asarray(user_ids, dtype=object)
         self.user_index = encoder.user_index(self.user_ids)
+        self._user_frame = user_frame
+        self._user_inputs = self._encode_users(user_frame)
         self._rows = rows
         # The fixed split: time order, or one seeded draw per set (resample=True redraws).
         rng = np.random.default_rng([seed, SPLITS.index(split), zlib.crc32(name.encode())])
         pairs = [self._split_rows(r, rng) for r in rows]
         self._support = [p[0] for p in pairs]
         self._query = [p[1] for p in pairs]
+
+    def _encode_users(self, user_frame: pd.DataFrame | None) -> dict[str, np.ndarray]:
+        """Every user's feature inputs ``[len, ...]``.
+
+        Users the encoder knows read its feature tables. Users it does not know (new users in
+        logged data, when a kept encoder is retrained on them) would all read the
+        out-of-vocabulary row; when ``user_frame`` has their features, those are encoded
+        instead, exactly as a request's features are at serving time.
+        """
+        inputs = self.encoder.user_inputs_from_index(self.user_index)
+        if user_frame is None or not len(user_frame) or not inputs:
+            return inputs
+        new = np.flatnonzero((self.user_index == 0) & pd.Index(self.user_ids).isin(user_frame.index))
+        if len(new):
+            rows = user_frame.loc[self.user_ids[new]].reset_index(drop=True)
+            encoded = self.encoder.user_inputs_from_features(rows)
+            for name, values in encoded.items():
+                inputs[name][new] = values
+        return inputs
+
+    def user_features(self, i: int) -> dict:
+        """User ``i``'s raw features (from the data's user frame; ``{}`` without one), as
+        ``adapt(..., user_features)`` takes them."""
+        frame = self._user_frame
+        if frame is None or self.user_ids[i] not in frame.index:
+            return {}
+        return frame.loc[self.user_ids[i]].to_dict()
 
     # ------------------------------------------------------------------ splitting
     def _split_rows(self, rows: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -200,9 +230,9 @@ class TaskSet:
             supports.append(support)
             queries.append(query)
         q_len = query_bucket(max((len(q) for q in queries), default=0))
-        user_idx = np.zeros(size, dtype=np.int32)  # padded users read the OOV user row
-        user_idx[: len(indices)] = self.user_index[indices]
-        user_inputs = self.encoder.user_inputs_from_index(user_idx)
+        # Padded users read the OOV user row.
+        oov = self.encoder.user_inputs_from_index(np.zeros(size - len(indices), dtype=np.int32))
+        user_inputs = {k: np.concatenate([v[indices], oov[k]]) for k, v in self._user_inputs.items()}
         s_inputs, s_y, s_mask = self._pad(supports, size, self.support_size, user_inputs)
         q_inputs, q_y, q_mask = self._pad(queries, size, q_len, user_inputs)
         return Episode(s_inputs, s_y, s_mask, q_inputs, q_y, q_mask)
@@ -321,7 +351,7 @@ class UserTasks:
             users = keep(users, min_interactions if name == "train" else eval_floor)
             rows = [np.arange(starts[u], starts[u] + counts[u]) for u in users]
             sets[name] = TaskSet(name, self.encoder, frame, item_idx, ratings, user_ids[users], rows,
-                                 support_size, query_size, split, seed)
+                                 support_size, query_size, split, seed, user_frame=data.users)
         self.train: TaskSet = sets["train"]
         self.val: TaskSet = sets["val"]
         self.test: TaskSet = sets["test"]

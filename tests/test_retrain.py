@@ -68,3 +68,43 @@ def test_bad_inputs(setup, tmp_path):
         retrain(tmp_path / "empty", logs, verbose=0)
     with pytest.raises(ValueError, match="Too few users"):
         retrain(model_dir, logs.groupby("user_id").head(5), verbose=0)
+
+
+def test_new_users_features_reach_the_tasks():
+    """With a kept encoder, users it has never seen read their features from the data's user
+    frame (as requests send them), not the unknown-user row; known users keep theirs."""
+    data = metarec.datasets.synthetic(num_users=120, num_items=60, seed=2)
+    users = np.sort(data.interactions["user_id"].unique())
+    old, new = users[:60], users[60:]
+    first = metarec.InteractionData(data.interactions[data.interactions.user_id.isin(old)],
+                                    data.users.loc[old], data.items)
+    encoder = metarec.UserTasks(first, support_size=5).encoder
+    later = metarec.InteractionData(data.interactions, data.users, data.items, schema=encoder.schema)
+    tasks = metarec.UserTasks(later, support_size=5, encoder=encoder, fractions=(1.0, 0.0, 0.0))
+    taskset = tasks.train
+    positions = np.arange(len(taskset))
+    episode = taskset.episode_for(positions)
+    for name in ("segment", "age"):
+        got = episode.support[name][:, 0]
+        want = encoder.user_inputs_from_features(data.users.loc[taskset.user_ids].reset_index(drop=True))[name]
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    is_new = np.isin(taskset.user_ids, new)
+    assert is_new.any() and (encoder.user_index(taskset.user_ids[is_new]) == 0).all()
+    assert len(set(episode.support["segment"][is_new, 0].tolist())) > 1  # not all the unknown row
+    i = int(np.flatnonzero(is_new)[0])
+    assert taskset.user_features(i) == data.users.loc[taskset.user_ids[i]].to_dict()
+
+
+def test_retrain_with_user_features_table(setup, tmp_path):
+    model_dir, logs = setup
+    data = metarec.datasets.synthetic(num_users=400, num_items=120, seed=5)
+    features = data.users.reset_index()  # user_id column, integer ids; the log has strings
+    features.to_csv(tmp_path / "users.csv", index=False)
+    logs.to_parquet(tmp_path / "logs.parquet")
+    code = main(["retrain", "--model-dir", str(model_dir), "--logs", str(tmp_path / "logs.parquet"),
+                 "--user-features", str(tmp_path / "users.csv"), "--epochs", "3",
+                 "--learning-rate", "3e-3", "--quiet"])
+    assert code == 0
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2"]
+    with pytest.raises(ValueError, match="lacks the model's user feature columns"):
+        retrain(model_dir, logs, epochs=1, verbose=0, user_features=features.drop(columns=["age"]))
