@@ -14,9 +14,10 @@ Figures:
   top 10: ``learner.adapt_many([support], [features])`` + ``learner.recommend_many(...)``
   (the SDK path; the gRPC server calls the same two functions), median and p99 over >= 200
   calls after warm-up; ``adapt="decision_layers"`` and ``adapt="all"``.
-* ``batch``: 10,000 users as above (each with its own 1,000 candidates) in vectorised batches
-  of ``--batch-users`` users: users/s; beside it, plain ``predict_items`` of the same rows
-  (one call per batch, shared weights, no top-k): the compute floor of scoring alone.
+* ``batch``: 10,000 users as above (each with its own 1,000 candidates, drawn from 64 lists)
+  in vectorised batches of ``--batch-users`` users: users/s; beside it, plain
+  ``predict_items`` of the same rows (one call per batch, shared weights, no top-k); and the
+  same with one candidate list shared by every user (a candidate file, the catalogue).
 * ``train``: one meta-train step (``backend.TrainStep`` around ``meta_gradients`` and Adam, as
   ``fit`` runs it) on a fixed Episode of 32 users, support 20, query 20, 1 and 5 inner steps,
   for second-order MAML, first-order MAML and Reptile: user-tasks/s.
@@ -149,9 +150,12 @@ def bench_adapt_score(adapt, calls, warmup, learner=None):
             "ratio_median": sdk_s["median_ms"] / plain_s["median_ms"]}
 
 
-def bench_batch(adapt, n_users, batch_users, warmup_batches=1, learner=None):
+def bench_batch(adapt, n_users, batch_users, warmup_batches=1, learner=None, shared=False):
     learner = learner or _setup(adapt)
     users = _users(n_users, seed=3)
+    if shared:
+        # Every user ranks the same 1,000 candidates (a candidate file, the catalogue).
+        users = [(frame, features, users[0][2]) for frame, features, _ in users]
 
     def run(chunk):
         frames = [u[0] for u in chunk]
@@ -177,7 +181,7 @@ def bench_batch(adapt, n_users, batch_users, warmup_batches=1, learner=None):
     for start in range(0, n_users, batch_users):
         plain(users[start:start + batch_users])
     dt_plain = time.perf_counter() - t0
-    return {"adapt": adapt, "users": n_users, "batch_users": batch_users, "seconds": dt,
+    return {"adapt": adapt, "shared_candidates": shared, "users": n_users, "batch_users": batch_users, "seconds": dt,
             "users_per_s": n_users / dt, "plain_predict_users_per_s": n_users / dt_plain,
             "ratio_time": dt / dt_plain}
 
@@ -251,6 +255,7 @@ def worker(args):
         # adapt="all" copies the 2,000-item embedding table per user: smaller batches.
         out["batch"] = [bench_batch(a, n, args.batch_users if a == "decision_layers" else min(256, args.batch_users))
                         for a in (["decision_layers"] if quick else ["decision_layers", "all"])]
+        out["batch"].append(bench_batch("decision_layers", n, args.batch_users, shared=True))
         _log(out["batch"])
     if "train" in only:
         res = []
@@ -294,10 +299,11 @@ def markdown(results):
             lines.append(f"| ratio adaptive / plain (median, {name}) | " + " | ".join(cells) + " |")
         lines.append("")
     if all("batch" in r for r in results):
-        lines += ["### batch adapt + score (each user: own 1,000 candidates, top 10)", "", head, sep]
+        lines += ["### batch adapt + score (1,000 candidates per user, top 10)", "", head, sep]
         for i, a in enumerate(results[0]["batch"]):
             cells = [f"{by[b]['batch'][i]['users_per_s']:,.0f} users/s" for b in backends]
-            lines.append(f"| {a['users']:,} users, batches of {a['batch_users']} ({a['adapt']}) | "
+            lists = "one shared candidate list" if a.get("shared_candidates") else "own candidate lists"
+            lines.append(f"| {a['users']:,} users, batches of {a['batch_users']} ({a['adapt']}, {lists}) | "
                          + " | ".join(cells) + " |")
             cells = [f"{by[b]['batch'][i]['plain_predict_users_per_s']:,.0f} users/s "
                      f"(adaptive takes {by[b]['batch'][i]['ratio_time']:.1f}x)" for b in backends]
