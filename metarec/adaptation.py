@@ -36,11 +36,6 @@ def support_bucket(n):
     return bucket(n)
 
 
-def _broadcast_user(user_inputs, n):
-    """One user's feature dict ``{name: [...]}`` repeated over ``n`` rows."""
-    return {k: ops.broadcast_to(ops.expand_dims(v, 0), (n,) + tuple(v.shape)) for k, v in user_inputs.items()}
-
-
 def _encode_interactions(encoder, supports):
     """``encoder.encode_interactions`` of each frame, in one call where the frames agree.
 
@@ -94,44 +89,6 @@ _FEATURE_CACHE_SIZE = 4096
 _XLA = __import__('os').environ.get('METAREC_XLA', '1') == '1'
 
 
-def _all_equal(candidates):
-    """Whether every user's candidate list is the first one (the same object, or equal)."""
-    first = candidates[0]
-    first_array = None
-    for c in candidates[1:]:
-        if c is first:
-            continue
-        if first_array is None:
-            first_array = np.asarray(first)
-        c = np.asarray(c)
-        if c.shape != first_array.shape or c.dtype != first_array.dtype or not np.array_equal(c, first_array):
-            return False
-    return True
-
-
-def _mask_seen(scores, ids, seen):
-    """Set ``scores[u, j] = -inf`` where candidate ``ids[u][j]`` is among ``seen[u]``.
-
-    Many users sharing one candidate array (a catalogue, a candidate file) are looked up in
-    one hash index of it; anything else (a few users, duplicate candidates, lists that differ)
-    goes user by user.
-    """
-    if len(ids) >= 16 and all(c is ids[0] for c in ids):
-        try:
-            index = pd.Index(ids[0])
-            if index.is_unique:
-                flat = np.concatenate([np.asarray(s, dtype=object) for s in seen]) if seen else []
-                owner = np.repeat(np.arange(len(seen)), [len(s) for s in seen])
-                pos = index.get_indexer(pd.Index(flat, dtype=object))
-                hit = pos >= 0
-                scores[owner[hit], pos[hit]] = -np.inf
-                return
-        except (TypeError, ValueError):
-            pass
-    for u, (cands, s) in enumerate(zip(ids, seen)):
-        scores[u, : len(cands)][np.isin(cands, s)] = -np.inf
-
-
 class AdaptedUser:
     """A personal model: the meta-model's weights after a few steps on one user's interactions.
 
@@ -180,7 +137,8 @@ class AdaptedUser:
 
 
 class AdaptationMixin:
-    """``adapt`` / ``adapt_many`` / ``score_many`` / ``recommend_many`` for ``MetaLearner``."""
+    """``adapt`` / ``adapt_many`` / ``adapt_flat`` / ``adapt_indices`` for ``MetaLearner``, and
+    the compiled-kernel cache the scoring side (``metarec.scoring``) shares."""
 
     # ------------------------------------------------------------------ encoding requests
     def _require_encoder(self):
@@ -308,55 +266,6 @@ class AdaptationMixin:
 
         return self._kernel("adapt", build)
 
-    def _user_row_broadcasts(self):
-        """Whether the model takes a user's features as one row against many item rows.
-
-        A model built on ``ConcatDense`` does (its user part is then multiplied once per user,
-        not once per candidate); one that concatenates user and item features does not.
-        Checked once per model by scoring a few items both ways with the current weights.
-        """
-        cached = self.__dict__.get("_user_row_check")
-        if cached is not None and cached[0] is self.model:
-            return cached[1]
-        encoder = self._require_encoder()
-        items = encoder.item_inputs(np.arange(1, min(encoder.num_items, 4), dtype=np.int32))
-        n = len(items["item_id"])
-        user = self._encode_user_features([{}])
-        full = dict(items, **{k: np.repeat(v, n, axis=0) for k, v in user.items()})
-        one_row = dict(items, **user)
-        try:
-            expected = backend.to_numpy(self.model(full, training=False))
-            got = backend.to_numpy(self.model(one_row, training=False))
-            ok = bool(user) and got.shape == expected.shape and np.allclose(got, expected, atol=1e-5)
-        except Exception:  # noqa: BLE001 - any failure means "broadcast the rows instead"
-            ok = False
-        self.__dict__["_user_row_check"] = (self.model, ok)
-        return ok
-
-    def _score_kernel(self, shared):
-        one_row = self._user_row_broadcasts()
-
-        def build():
-            def fn(params, non_trainable, adapted, users, items):
-                model_params, _ = self._split_meta(params)
-                _, fixed = self.forward.split(model_params)
-
-                def one(adapted, user, items):
-                    n = ops.shape(items["item_id"])[0]
-                    inputs = dict(items)
-                    if one_row:
-                        inputs.update({k: ops.expand_dims(v, 0) for k, v in user.items()})
-                    else:
-                        inputs.update(_broadcast_user(user, n))
-                    out = self.forward(adapted, fixed, non_trainable, inputs)
-                    return out if self.feedback == "explicit" else ops.sigmoid(out)
-
-                return backend.vmap(one, (0, 0, None if shared else 0))(adapted, users, items)
-
-            return fn
-
-        return self._kernel(f"score_shared={shared},one_row={one_row}", build)
-
     # ------------------------------------------------------------------ public API
     def adapt(self, interactions, user_features=None):
         """Adapt the meta-model to one user's few interactions (a DataFrame with ``item_id`` and
@@ -432,147 +341,3 @@ class AdaptationMixin:
             self.__dict__["_variable_lists"] = cached
         _, meta, fixed = cached
         return backend.as_tensors([v.value for v in meta]), backend.as_tensors([v.value for v in fixed])
-
-    def _candidate_index(self, candidates, n_users):
-        """Per-user candidate index arrays, or one shared array (the catalogue) when None."""
-        encoder = self._require_encoder()
-        if candidates is None:
-            return np.arange(1, encoder.num_items, dtype=np.int32), True
-        if len(candidates) != n_users:
-            raise ValueError(f"candidates has {len(candidates)} entries for {n_users} users.")
-        if n_users > 1 and _all_equal(candidates):
-            # One list shared by every user (a batch job's candidate file, the same candidate
-            # list in every request): encoded and gathered once, scored by the shared kernel.
-            return encoder.item_index(np.asarray(candidates[0])), True
-        return [encoder.item_index(np.asarray(c)) for c in candidates], False
-
-    def score_many(self, adapted_users, candidates=None):
-        """Scores of each user's candidates (raw item ids; None = whole catalogue)."""
-        if not adapted_users:
-            return []
-        scores, sizes, _ = self._score_matrix(adapted_users, candidates)
-        return [np.array(scores[u, : sizes[u]]) for u in range(len(adapted_users))]  # writable copies
-
-    def score_indices(self, adapted_users, item_index):
-        """``score_many`` for candidates already encoded (``encoder.item_index``): one int array
-        shared by every user, or a list of one array per user."""
-        if not adapted_users:
-            return []
-        n = len(adapted_users)
-        if isinstance(item_index, np.ndarray):
-            index, shared = item_index.astype(np.int32, copy=False), True
-        else:
-            if len(item_index) != n:
-                raise ValueError(f"item_index has {len(item_index)} entries for {n} users.")
-            index = [np.asarray(i, dtype=np.int32) for i in item_index]
-            shared = n > 1 and _all_equal(index)
-            if shared:
-                index = index[0]
-        scores, sizes, _ = self._score_matrix(adapted_users, None, (index, shared))
-        return [np.array(scores[u, : sizes[u]]) for u in range(n)]
-
-    def _score_matrix(self, adapted_users, candidates, encoded=None):
-        """Scores as one padded array ``[users_bucket, candidates_bucket]``, each user's number
-        of candidates, and whether all users share one candidate array."""
-        n = len(adapted_users)
-        b = bucket(n)
-        batch = adapted_users[0]._batch
-        if (
-            batch is not None
-            and batch.n_users == n
-            and len(batch.stacked[0]) == b
-            and all(u._batch is batch and u._row == i for i, u in enumerate(adapted_users))
-        ):
-            # Exactly the users of one adapt_many call, in order: its device arrays as they
-            # are (padding rows differ from the plain path's, but padded users are dropped).
-            weights = batch.stacked
-        else:
-            weights = [
-                np.stack([u.weights[i] for u in adapted_users] + [adapted_users[0].weights[i]] * (b - n))
-                for i in range(len(adapted_users[0].weights))
-            ]
-        users = {
-            k: np.stack([u.user_inputs[k] for u in adapted_users] + [adapted_users[0].user_inputs[k]] * (b - n))
-            for k in adapted_users[0].user_inputs
-        }
-        index, shared = encoded if encoded is not None else self._candidate_index(candidates, n)
-        encoder = self.encoder
-        if shared:
-            sizes = [len(index)] * n
-            if candidates is not None or encoded is not None:
-                # Padded to a bucket like per-user lists: a new list length must not
-                # recompile (the catalogue's length is fixed per model, so it is not padded).
-                index = np.concatenate([index, np.zeros(bucket(len(index), minimum=8) - len(index), np.int32)])
-            items = encoder.item_inputs(index)
-        else:
-            sizes = [len(i) for i in index]
-            c = bucket(max(sizes), minimum=8)
-            padded = np.zeros((b, c), np.int32)
-            for u, idx in enumerate(index):
-                padded[u, : len(idx)] = idx
-            items = encoder.item_inputs(padded)
-        params, non_trainable = self._inference_weights()
-        scores = backend.to_numpy(
-            self._score_kernel(shared)(params, non_trainable, weights, users, items)
-        )
-        return scores, sizes, shared
-
-    def recommend_many(self, adapted_users, k=10, exclude_seen=True, candidates=None):
-        """Top-``k`` (item ids, scores) per user, best first; seen items excluded by default."""
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer; received k={k!r}.")
-        if not adapted_users:
-            return []
-        n = len(adapted_users)
-        scores, sizes, shared = self._score_matrix(adapted_users, candidates)
-        scores = scores[:n].astype(np.float64)
-        if candidates is None:
-            ids = [self.encoder.item_ids[1:]] * n
-        elif shared:
-            ids = [np.asarray(candidates[0])] * n
-        else:
-            ids = [np.asarray(c) for c in candidates]
-        # Padding columns and seen items can never be chosen.
-        scores[np.arange(scores.shape[1])[None, :] >= np.asarray(sizes)[:, None]] = -np.inf
-        if exclude_seen:
-            _mask_seen(scores, ids, [u.seen_items for u in adapted_users])
-        # One top-k over the whole matrix: partition, then sort the k kept per row.
-        kk = min(int(k), scores.shape[1])
-        top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-        top_scores = np.take_along_axis(scores, top, axis=1)
-        order = np.argsort(-top_scores, axis=1, kind="stable")
-        top = np.take_along_axis(top, order, axis=1)
-        top_scores = np.take_along_axis(top_scores, order, axis=1)
-        results = []
-        for u in range(n):
-            keep = np.isfinite(top_scores[u])
-            results.append((ids[u][top[u][keep]], top_scores[u][keep].astype(np.float32)))
-        return results
-
-    def predict_items(self, item_ids, user_features=None):
-        """Plain, non-adaptive scores of raw item ids for one user (the reference point)."""
-        encoder = self._require_encoder()
-        idx = encoder.item_index(np.asarray(item_ids))
-        n = len(idx)
-        # Padded to a bucket like every other kernel: a new number of items must not recompile.
-        padded = np.zeros(bucket(n, minimum=8), np.int32)
-        padded[:n] = idx
-        inputs = encoder.item_inputs(padded)
-        user = self._encode_user_features([user_features])
-        if not self._user_row_broadcasts():
-            user = {k: np.repeat(v, len(padded), axis=0) for k, v in user.items()}
-        inputs.update(user)
-        params, non_trainable = self._inference_weights()
-        return backend.to_numpy(self._predict_kernel()(params, non_trainable, inputs))[:n]
-
-    def _predict_kernel(self):
-        def build():
-            def fn(params, non_trainable, inputs):
-                model_params, _ = self._split_meta(params)
-                adapted, fixed = self.forward.split(model_params)
-                out = self.forward(adapted, fixed, non_trainable, inputs)
-                return out if self.feedback == "explicit" else ops.sigmoid(out)
-
-            return fn
-
-        return self._kernel("predict", build)

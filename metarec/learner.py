@@ -19,6 +19,7 @@ from keras import ops
 from metarec import backend
 from metarec.adaptation import AdaptationMixin
 from metarec.inner_loop import Forward, inner_loop, masked_loss
+from metarec.scoring import ScoringMixin
 
 ADAPT_CHOICES = ("all", "decision_layers")
 LEARN_LR_CHOICES = (None, "per_layer", "per_parameter")
@@ -81,7 +82,7 @@ class InnerLearningRates(keras.layers.Layer):
         self.built = True
 
 
-class MetaLearner(AdaptationMixin, keras.Model):
+class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
     """Base class: settings, the training loop, evaluation and saving.
 
     Args:

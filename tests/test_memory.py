@@ -3,7 +3,6 @@ gradient steps, trains, saves, loads and serves through the same adapt / score A
 
 import keras
 import numpy as np
-import pandas as pd
 import pytest
 
 import metarec

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import pytest
