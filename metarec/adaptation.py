@@ -23,6 +23,18 @@ def bucket(n, minimum=1):
     return -(-n // 1024) * 1024
 
 
+def check_item_index(index, num_items):
+    """``ValueError`` unless ``index`` is a flat integer array of item indices in
+    ``[0, num_items)`` (0 is the unknown item); returns it as int32."""
+    index = np.asarray(index)
+    if index.ndim != 1 or (index.size and index.dtype.kind not in "iu"):
+        raise ValueError(f"item_index must be a flat integer array; received {index.dtype} {index.shape}.")
+    if index.size and (index.min() < 0 or index.max() >= num_items):
+        raise ValueError(f"item_index values must lie in [0, {num_items}); received "
+                         f"{index.min()}..{index.max()}.")
+    return index.astype(np.int32, copy=False)
+
+
 def support_bucket(n):
     """Padded support length: a multiple of 8 up to 64, then ``bucket``.
 
@@ -304,12 +316,10 @@ class AdaptationMixin:
         lengths = np.asarray(lengths)
         if lengths.ndim != 1 or len(lengths) == 0 or lengths.dtype.kind not in "iu" or lengths.min() < 1:
             raise ValueError(f"lengths must be one positive integer per user; received {lengths!r}.")
-        if item_index.ndim != 1 or item_index.dtype.kind not in "iu" or len(item_index) != lengths.sum():
-            raise ValueError(f"item_index must be a flat integer array of sum(lengths) = "
-                             f"{int(lengths.sum())} entries; received {item_index.dtype} {item_index.shape}.")
-        if len(item_index) and (item_index.min() < 0 or item_index.max() >= encoder.num_items):
-            raise ValueError(f"item_index values must lie in [0, {encoder.num_items}); received "
-                             f"{item_index.min()}..{item_index.max()}.")
+        check_item_index(item_index, encoder.num_items)
+        if len(item_index) != lengths.sum():
+            raise ValueError(f"item_index must hold sum(lengths) = {int(lengths.sum())} entries; "
+                             f"received {len(item_index)}.")
         y = encoder.check_ratings(ratings)
         if y.shape != item_index.shape:
             raise ValueError(f"ratings must match item_index; received shapes {y.shape} and {item_index.shape}.")

@@ -11,7 +11,7 @@ import pandas as pd
 from keras import ops
 
 from metarec import backend
-from metarec.adaptation import bucket
+from metarec.adaptation import bucket, check_item_index
 
 
 def _broadcast_user(user_inputs, n):
@@ -136,12 +136,13 @@ class ScoringMixin:
         if not adapted_users:
             return []
         n = len(adapted_users)
+        num_items = self._require_encoder().num_items
         if isinstance(item_index, np.ndarray):
-            index, shared = item_index.astype(np.int32, copy=False), True
+            index, shared = check_item_index(item_index, num_items), True
         else:
             if len(item_index) != n:
                 raise ValueError(f"item_index has {len(item_index)} entries for {n} users.")
-            index = [np.asarray(i, dtype=np.int32) for i in item_index]
+            index = [check_item_index(i, num_items) for i in item_index]
             shared = n > 1 and _all_equal(index)
             if shared:
                 index = index[0]

@@ -189,6 +189,12 @@ def test_index_level_calls_match_the_raw_id_calls(setup):
         learner.adapt_indices(np.array([1, 2]), [4.0, 40.0], [2])
     with pytest.raises(ValueError, match="item_index has 1 entries for 5 users"):
         learner.score_indices(adapted, [encoder.item_index(items)])
+    with pytest.raises(ValueError, match="item_index values must lie in"):
+        learner.score_indices(adapted, np.array([1, encoder.num_items]))
+    with pytest.raises(ValueError, match="must be a flat integer array"):
+        learner.score_indices(adapted, [np.array([1.5, 2.0])] * len(adapted))
+    with pytest.raises(ValueError, match="must hold sum\\(lengths\\) = 3"):
+        learner.adapt_indices(np.array([1, 2]), [4.0, 4.0], [3])
 
 
 def test_feature_cache_matches_encoder(setup):
