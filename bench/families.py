@@ -20,10 +20,7 @@ Results go to ``bench/results/families.json`` and a Markdown table on stdout.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -95,18 +92,11 @@ def main():
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
-    from s1_speed import run_workers
+    from s1_speed import run_workers, save_report
 
     results = run_workers(__file__, sys.argv[1:], args.backends)
-    report = {
-        "command": "python bench/families.py " + " ".join(sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()})",
-        "results": results,
-    }
     print(markdown(results))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    save_report(__file__, results, args.out)
 
 
 if __name__ == "__main__":

@@ -323,6 +323,21 @@ def markdown(results):
     return "\n".join(lines)
 
 
+def save_report(script, results, out, **extra):
+    """Write ``{command, date, machine, results}`` (plus ``extra``) as JSON to ``out``: the
+    record every figure in docs/BENCHMARKS.md points to."""
+    report = dict(extra)
+    report.update({
+        "command": f"python bench/{Path(script).name} " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()})",
+        "results": results,
+    })
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
 def run_workers(script, argv, backends):
     """Run ``script --worker ARGV`` once per backend (a fresh process each, ``KERAS_BACKEND``
     set) and collect the JSON each prints on its ``RESULT`` line."""
@@ -355,18 +370,9 @@ def main():
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
     results = run_workers(__file__, sys.argv[1:], args.backends)
-    report = {
-        "protocol": "S1",
-        "command": "python bench/s1_speed.py " + " ".join(sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()})",
-        "results": results,
-    }
-    md = markdown(results)
-    print(md)
+    print(markdown(results))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        save_report(__file__, results, args.out, protocol="S1")
         print(f"wrote {args.out}", file=sys.stderr)
 
 

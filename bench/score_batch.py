@@ -15,10 +15,7 @@ Results: ``bench/results/score_batch.json`` and a line per backend on stdout.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -68,19 +65,12 @@ def main():
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
-    from s1_speed import run_workers
+    from s1_speed import run_workers, save_report
 
     results = run_workers(__file__, sys.argv[1:], args.backends)
     for r in results:
         print(f"{r['backend']}: {r['users']} users in {r['seconds']:.1f} s = {r['users_per_s']:,.0f} users/s")
-    report = {
-        "command": "python bench/score_batch.py " + " ".join(sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()})",
-        "results": results,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    save_report(__file__, results, args.out)
 
 
 if __name__ == "__main__":
