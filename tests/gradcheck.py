@@ -93,6 +93,31 @@ def main(out_path):
     _, grads = prox_fn(params, non_trainable, ep)
     results["proximal"] = flat(backend.to_numpy(g) for g in grads)
     results["proximal_finite_difference"] = finite_difference(prox_fn, base, non_trainable, ep)
+    # Inner-gradient clipping. Inactive (a large clipnorm): the exact meta-gradient. Active: the
+    # clip factor counts as a constant, so for one user and one step whose factor is exactly
+    # 1/2 the meta-gradient equals the unclipped one with half the inner learning rate.
+    big = MAML(model, inner_steps=2, inner_lr=0.3, adapt="all", clipnorm=1e6, feedback="explicit")
+    _, grads = backend.jit(big.meta_gradients)(params, non_trainable, ep)
+    results["clip_inactive"] = flat(backend.to_numpy(g) for g in grads)
+    one = Episode(*[{k: v[:1] for k, v in part.items()} if isinstance(part, dict) else part[:1]
+                    for part in ep])
+    plain = MAML(model, inner_steps=1, inner_lr=0.3, adapt="all", clipnorm=None,
+                 feedback="explicit")
+    start = plain.forward.split(params)[0]
+    adapted, _ = plain.adapt_user(params, non_trainable, {k: v[0] for k, v in one.support.items()},
+                                  one.support_y[0], one.support_mask[0])
+    grad_norm = np.sqrt(sum(np.sum(np.square(backend.to_numpy(a) - backend.to_numpy(w)))
+                            for a, w in zip(adapted, start))) / 0.3
+    clipped = MAML(model, inner_steps=1, inner_lr=0.3, adapt="all", clipnorm=grad_norm / 2,
+                   feedback="explicit")
+    _, grads = backend.jit(clipped.meta_gradients)(params, non_trainable, one)
+    results["clip_active"] = flat(backend.to_numpy(g) for g in grads)
+    halved = MAML(model, inner_steps=1, inner_lr=0.15, adapt="all", clipnorm=None,
+                  feedback="explicit")
+    _, grads = backend.jit(halved.meta_gradients)(params, non_trainable, one)
+    results["clip_active_reference"] = flat(backend.to_numpy(g) for g in grads)
+    _, grads = backend.jit(plain.meta_gradients)(params, non_trainable, one)
+    results["clip_unclipped"] = flat(backend.to_numpy(g) for g in grads)
     # The memory-based learner, with one gradient step after conditioning: the meta-gradient
     # flows through the GRU, the FiLM heads, the shared representation and the inner step.
     memory = MemoryLearner(tiny_model(), inner_steps=1, inner_lr=0.3, adapt="all", units=3,

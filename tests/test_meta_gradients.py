@@ -106,3 +106,16 @@ def test_memory_learner_meta_gradient_matches_finite_differences(gradients):
     assert np.abs(g["memory_reader"]).max() > 1e-3  # the reader itself is meta-trained
     np.testing.assert_allclose(g["memory"], g["memory_finite_difference"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(gradients["jax"]["memory"], g["memory"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_inactive_clip_leaves_meta_gradients_exact(gradients, name):
+    g = gradients[name]
+    np.testing.assert_allclose(g["clip_inactive"], g["second_order"], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_active_clip_factor_is_a_constant_of_the_meta_gradient(gradients, name):
+    g = gradients[name]
+    np.testing.assert_allclose(g["clip_active"], g["clip_active_reference"], rtol=1e-9, atol=1e-11)
+    assert np.abs(g["clip_active"] - g["clip_unclipped"]).max() > 1e-4  # the clip was active
