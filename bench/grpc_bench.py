@@ -167,6 +167,26 @@ async def concurrent_clients(address: str, requests, clients: int, warmup: int) 
     return summarize(latencies, wall_s=wall, errors=errors)
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def with_cpu_share(run, server_pid: int, n_requests: int) -> dict:
+    """``run()``'s result plus the CPU the server process and this (client) process spent
+    per request: where the machine's cores went, not only how long a request took."""
+    server0, client0 = cpu_seconds(server_pid), time.process_time()
+    wall0 = time.perf_counter()
+    result = run()
+    wall = time.perf_counter() - wall0
+    server, client = cpu_seconds(server_pid) - server0, time.process_time() - client0
+    result.update(server_cpu_ms_per_request=1e3 * server / n_requests,
+                  client_cpu_ms_per_request=1e3 * client / n_requests,
+                  cores_busy=(server + client) / wall)
+    return result
+
+
 def start_server(model_dir: Path, workdir: Path, backend: str, args) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, KERAS_BACKEND=backend)
     proc = subprocess.Popen(
@@ -222,11 +242,14 @@ def bench_backend(backend: str, model_path: Path, workdir: Path, args) -> dict:
         num_items = 2000
         warmup = 50
         users = make_users(num_items, args.calls + warmup, seed=2)
-        result["grpc_1_client"] = one_client(address, requests_for(users), warmup)
+        requests = requests_for(users)
+        result["grpc_1_client"] = with_cpu_share(
+            lambda: one_client(address, requests, warmup), proc.pid, len(requests))
         users = make_users(num_items, args.concurrent_calls + 2 * warmup, seed=3)
-        result[f"grpc_{args.clients}_clients"] = asyncio.run(
-            concurrent_clients(address, requests_for(users), args.clients, 2 * warmup)
-        )
+        requests = requests_for(users)
+        result[f"grpc_{args.clients}_clients"] = with_cpu_share(
+            lambda: asyncio.run(concurrent_clients(address, requests, args.clients, 2 * warmup)),
+            proc.pid, len(requests))
     finally:
         proc.terminate()
         proc.wait(timeout=60)

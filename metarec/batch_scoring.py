@@ -9,6 +9,7 @@ never duplicates a user. A ``_manifest.json`` (ignored by Parquet readers, like 
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import keras
@@ -94,35 +95,49 @@ def score_batch(
                               "exclude_seen": bool(exclude_seen)})
     chunks = range(0, len(users), chunk_users)
     progbar = keras.utils.Progbar(len(users), unit_name="user") if verbose else None
-    for c, start in enumerate(chunks):
-        part = out_dir / f"part-{c:05d}.parquet"
-        chunk = users[start:start + chunk_users]
-        if not part.exists():
-            first, last = bounds[chunk[0]][0], bounds[chunk[-1]][1]
-            lengths = [b - a for a, b in (bounds[u] for u in chunk)]
-            features = None
-            if user_features is not None:
-                known = user_features.index.isin(chunk)
-                rows = dict(zip(user_features.index[known], user_features[known].to_dict("records")))
-                features = [rows.get(u, {}) for u in chunk]
-            adapted = learner.adapt_flat(item_col[first:last], rating_col[first:last], lengths, features)
-            recs = learner.recommend_many(
-                adapted, k=k, exclude_seen=exclude_seen,
-                candidates=None if cand is None else [cand] * len(chunk),
-            )
-            sizes = [len(ids) for ids, _ in recs]
-            frame = pd.DataFrame({
-                "user_id": np.repeat(np.asarray(chunk, dtype=object), sizes).tolist(),
-                "rank": np.concatenate([np.arange(1, n + 1) for n in sizes]),
-                "item_id": np.concatenate([ids for ids, _ in recs]),
-                "score": np.concatenate([scores for _, scores in recs]),
-            })
-            tmp = part.with_name(f".{part.name}.tmp")  # hidden from Parquet dataset readers
-            frame.to_parquet(tmp, index=False)
-            os.replace(tmp, part)  # atomic: a part is either complete or absent
-        if progbar:
-            progbar.update(min(start + chunk_users, len(users)))
+    # One writer thread: chunk c's DataFrame and Parquet file are built while the model adapts
+    # and scores chunk c + 1. At most one part is pending (bounded memory), and a write error
+    # surfaces at the next chunk or at the end.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="metarec-parts") as writer:
+        pending = None
+        for c, start in enumerate(chunks):
+            part = out_dir / f"part-{c:05d}.parquet"
+            chunk = users[start:start + chunk_users]
+            if not part.exists():
+                first, last = bounds[chunk[0]][0], bounds[chunk[-1]][1]
+                lengths = [b - a for a, b in (bounds[u] for u in chunk)]
+                features = None
+                if user_features is not None:
+                    known = user_features.index.isin(chunk)
+                    rows = dict(zip(user_features.index[known], user_features[known].to_dict("records")))
+                    features = [rows.get(u, {}) for u in chunk]
+                adapted = learner.adapt_flat(item_col[first:last], rating_col[first:last], lengths, features)
+                recs = learner.recommend_many(
+                    adapted, k=k, exclude_seen=exclude_seen,
+                    candidates=None if cand is None else [cand] * len(chunk),
+                )
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(_write_part, part, chunk, recs)
+            if progbar:
+                progbar.update(min(start + chunk_users, len(users)))
+        if pending is not None:
+            pending.result()
     return out_dir
+
+
+def _write_part(part, chunk, recs):
+    """One chunk's top-k as a Parquet part, atomically (temporary file, then rename)."""
+    sizes = [len(ids) for ids, _ in recs]
+    frame = pd.DataFrame({
+        "user_id": np.repeat(np.asarray(chunk, dtype=object), sizes).tolist(),
+        "rank": np.concatenate([np.arange(1, n + 1) for n in sizes]),
+        "item_id": np.concatenate([ids for ids, _ in recs]),
+        "score": np.concatenate([scores for _, scores in recs]),
+    })
+    tmp = part.with_name(f".{part.name}.tmp")  # hidden from Parquet dataset readers
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, part)  # a part is either complete or absent
 
 
 def _check_manifest(out_dir, settings):

@@ -91,3 +91,29 @@ def test_user_features_and_unsorted_input_match_the_sdk(saved_model, tmp_path):
         got = recs[recs.user_id == u].sort_values("rank")
         np.testing.assert_array_equal(got["item_id"].to_numpy(), expected["item_id"].to_numpy())
         np.testing.assert_allclose(got["score"].to_numpy(), expected["score"].to_numpy(), rtol=1e-5)
+
+
+def test_a_failed_part_write_stops_the_job_and_a_rerun_completes(saved_model, tmp_path, monkeypatch):
+    """Parts are written on a background thread while the next chunk is scored: a write error
+    must still stop the job, keep the parts already written, and leave nothing half-written."""
+    folder, learner, interactions, _ = saved_model
+    out = tmp_path / "recs"
+    real = pd.DataFrame.to_parquet
+    calls = {"n": 0}
+
+    def flaky(self, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        score_batch(learner, interactions, out, k=3, chunk_users=16, verbose=0)
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", real)
+    names = sorted(p.name for p in out.iterdir())
+    assert "part-00000.parquet" in names and "part-00001.parquet" not in names
+    score_batch(learner, interactions, out, k=3, chunk_users=16, verbose=0)
+    recs = pd.read_parquet(out)
+    n_users = interactions["user_id"].nunique()
+    assert len(recs) == 3 * n_users and not recs.duplicated(["user_id", "rank"]).any()
