@@ -256,27 +256,29 @@ class AdaptationMixin:
             cache[key] = backend.jit(build(), xla=_XLA)
         return cache[key]
 
+    def _adapt_fn(self):
+        """The pure adaptation of a padded batch of users: (params, non_trainable, inputs,
+        target, mask) -> adapted weights stacked ``[users, ...]``."""
+        def fn(params, non_trainable, inputs, target, mask):
+            if self.inner_steps == 0 and not self.reads_support:
+                # Nothing to adapt: every user gets the initialisation. (Mapping a function
+                # that ignores its mapped inputs fails under tf.vectorized_map.)
+                adapted, _ = self.initial_weights(params)
+                users = ops.shape(target)[0]
+                return [ops.broadcast_to(w[None], (users,) + tuple(w.shape)) for w in adapted]
+
+            def one(params, non_trainable, context, inputs, target, mask):
+                adapted, _ = self.adapt_user(
+                    params, non_trainable, inputs, target, mask, context=context
+                )
+                return adapted
+
+            return self.map_users(one, params, non_trainable, inputs, target, mask)
+
+        return fn
+
     def _adapt_kernel(self):
-        def build():
-            def fn(params, non_trainable, inputs, target, mask):
-                if self.inner_steps == 0 and not self.reads_support:
-                    # Nothing to adapt: every user gets the initialisation. (Mapping a function
-                    # that ignores its mapped inputs fails under tf.vectorized_map.)
-                    adapted, _ = self.initial_weights(params)
-                    users = ops.shape(target)[0]
-                    return [ops.broadcast_to(w[None], (users,) + tuple(w.shape)) for w in adapted]
-
-                def one(params, non_trainable, context, inputs, target, mask):
-                    adapted, _ = self.adapt_user(
-                        params, non_trainable, inputs, target, mask, context=context
-                    )
-                    return adapted
-
-                return self.map_users(one, params, non_trainable, inputs, target, mask)
-
-            return fn
-
-        return self._kernel("adapt", build)
+        return self._kernel("adapt", self._adapt_fn)
 
     # ------------------------------------------------------------------ public API
     def adapt(self, interactions, user_features=None):
@@ -311,6 +313,13 @@ class AdaptationMixin:
         """``adapt_flat`` for items already encoded (``encoder.item_index``), as a server that
         validated them holds them. ``seen_items``: each user's raw ids (what ``recommend``
         excludes); by default the raw ids of ``item_index``."""
+        padded, _, per_user, seen_items = self._padded_indices(
+            item_index, ratings, lengths, user_features, seen_items)
+        return self._adapt_padded(padded, per_user, seen_items)
+
+    def _padded_indices(self, item_index, ratings, lengths, user_features, seen_items):
+        """``adapt_indices``'s checks and padding: (padded support, stacked user inputs,
+        per-user inputs, seen items)."""
         encoder = self._require_encoder()
         item_index = np.asarray(item_index)
         lengths = np.asarray(lengths)
@@ -330,8 +339,8 @@ class AdaptationMixin:
         if seen_items is None:
             raw = encoder.item_ids
             seen_items = np.split(raw[item_index], np.cumsum(lengths)[:-1])
-        padded, _, per_user = self._pad_supports(item_index, y, lengths, user_features)
-        return self._adapt_padded(padded, per_user, seen_items)
+        padded, users, per_user = self._pad_supports(item_index, y, lengths, user_features)
+        return padded, users, per_user, seen_items
 
     def _adapt_padded(self, padded, per_user, seen):
         inputs, target, mask = padded

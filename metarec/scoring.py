@@ -11,7 +11,7 @@ import pandas as pd
 from keras import ops
 
 from metarec import backend
-from metarec.adaptation import bucket, check_item_index
+from metarec.adaptation import AdaptedUser, _AdaptedBatch, bucket, check_item_index
 
 
 def _broadcast_user(user_inputs, n):
@@ -86,29 +86,64 @@ class ScoringMixin:
         self.__dict__["_user_row_check"] = (self.model, ok)
         return ok
 
+    def _score_fn(self, shared, one_row):
+        """The pure scoring of candidates by adapted users: (params, non_trainable, adapted
+        ``[users, ...]``, user inputs ``[users, ...]``, items) -> scores ``[users, items]``;
+        ``items`` is one array for every user when ``shared``, else one row per user."""
+        def fn(params, non_trainable, adapted, users, items):
+            model_params, _ = self._split_meta(params)
+            _, fixed = self.forward.split(model_params)
+
+            def one(adapted, user, items):
+                n = ops.shape(items["item_id"])[0]
+                inputs = dict(items)
+                if one_row:
+                    inputs.update({k: ops.expand_dims(v, 0) for k, v in user.items()})
+                else:
+                    inputs.update(_broadcast_user(user, n))
+                out = self.forward(adapted, fixed, non_trainable, inputs)
+                return out if self.feedback == "explicit" else ops.sigmoid(out)
+
+            return backend.vmap(one, (0, 0, None if shared else 0))(adapted, users, items)
+
+        return fn
+
     def _score_kernel(self, shared):
+        one_row = self._user_row_broadcasts()
+        return self._kernel(f"score_shared={shared},one_row={one_row}",
+                            lambda: self._score_fn(shared, one_row))
+
+    def _adapt_score_kernel(self, shared):
         one_row = self._user_row_broadcasts()
 
         def build():
-            def fn(params, non_trainable, adapted, users, items):
-                model_params, _ = self._split_meta(params)
-                _, fixed = self.forward.split(model_params)
+            adapt, score = self._adapt_fn(), self._score_fn(shared, one_row)
 
-                def one(adapted, user, items):
-                    n = ops.shape(items["item_id"])[0]
-                    inputs = dict(items)
-                    if one_row:
-                        inputs.update({k: ops.expand_dims(v, 0) for k, v in user.items()})
-                    else:
-                        inputs.update(_broadcast_user(user, n))
-                    out = self.forward(adapted, fixed, non_trainable, inputs)
-                    return out if self.feedback == "explicit" else ops.sigmoid(out)
-
-                return backend.vmap(one, (0, 0, None if shared else 0))(adapted, users, items)
+            def fn(params, non_trainable, inputs, target, mask, users, items):
+                adapted = adapt(params, non_trainable, inputs, target, mask)
+                return adapted, score(params, non_trainable, adapted, users, items)
 
             return fn
 
-        return self._kernel(f"score_shared={shared},one_row={one_row}", build)
+        return self._kernel(f"adapt_score_shared={shared},one_row={one_row}", build)
+
+    def _item_batch(self, index, shared, n_users, pad_shared=True):
+        """Encoded candidates for a score kernel, and each user's number of candidates.
+
+        Per-user arrays are padded into ``[users_bucket, candidates_bucket]``; a shared array
+        is padded to a bucket too (a new list length must not recompile), except the whole
+        catalogue, whose length is fixed per model."""
+        encoder = self.encoder
+        if shared:
+            sizes = [len(index)] * n_users
+            if pad_shared:
+                index = np.concatenate([index, np.zeros(bucket(len(index), minimum=8) - len(index), np.int32)])
+            return encoder.item_inputs(index), sizes
+        sizes = [len(i) for i in index]
+        padded = np.zeros((bucket(n_users), bucket(max(sizes), minimum=8)), np.int32)
+        for u, idx in enumerate(index):
+            padded[u, : len(idx)] = idx
+        return encoder.item_inputs(padded), sizes
 
     def _candidate_index(self, candidates, n_users):
         """Per-user candidate index arrays, or one shared array (the catalogue) when None."""
@@ -136,18 +171,21 @@ class ScoringMixin:
         if not adapted_users:
             return []
         n = len(adapted_users)
+        scores, sizes, _ = self._score_matrix(adapted_users, None, self._checked_index(item_index, n))
+        return [np.array(scores[u, : sizes[u]]) for u in range(n)]
+
+    def _checked_index(self, item_index, n_users):
+        """Encoded candidates as (one shared array, True) or (one array per user, False),
+        every index checked against the catalogue."""
         num_items = self._require_encoder().num_items
         if isinstance(item_index, np.ndarray):
-            index, shared = check_item_index(item_index, num_items), True
-        else:
-            if len(item_index) != n:
-                raise ValueError(f"item_index has {len(item_index)} entries for {n} users.")
-            index = [check_item_index(i, num_items) for i in item_index]
-            shared = n > 1 and _all_equal(index)
-            if shared:
-                index = index[0]
-        scores, sizes, _ = self._score_matrix(adapted_users, None, (index, shared))
-        return [np.array(scores[u, : sizes[u]]) for u in range(n)]
+            return check_item_index(item_index, num_items), True
+        if len(item_index) != n_users:
+            raise ValueError(f"item_index has {len(item_index)} entries for {n_users} users.")
+        index = [check_item_index(i, num_items) for i in item_index]
+        if n_users > 1 and _all_equal(index):
+            return index[0], True
+        return index, False
 
     def _score_matrix(self, adapted_users, candidates, encoded=None):
         """Scores as one padded array ``[users_bucket, candidates_bucket]``, each user's number
@@ -174,26 +212,37 @@ class ScoringMixin:
             for k in adapted_users[0].user_inputs
         }
         index, shared = encoded if encoded is not None else self._candidate_index(candidates, n)
-        encoder = self.encoder
-        if shared:
-            sizes = [len(index)] * n
-            if candidates is not None or encoded is not None:
-                # Padded to a bucket like per-user lists: a new list length must not
-                # recompile (the catalogue's length is fixed per model, so it is not padded).
-                index = np.concatenate([index, np.zeros(bucket(len(index), minimum=8) - len(index), np.int32)])
-            items = encoder.item_inputs(index)
-        else:
-            sizes = [len(i) for i in index]
-            c = bucket(max(sizes), minimum=8)
-            padded = np.zeros((b, c), np.int32)
-            for u, idx in enumerate(index):
-                padded[u, : len(idx)] = idx
-            items = encoder.item_inputs(padded)
+        items, sizes = self._item_batch(index, shared, n,
+                                        pad_shared=candidates is not None or encoded is not None)
         params, non_trainable = self._inference_weights()
         scores = backend.to_numpy(
             self._score_kernel(shared)(params, non_trainable, weights, users, items)
         )
         return scores, sizes, shared
+
+    def adapt_score_indices(self, item_index, ratings, lengths, candidate_index,
+                            user_features=None, seen_items=None):
+        """``adapt_indices`` and then ``score_indices`` in one compiled call: one dispatch,
+        and the adapted weights stay on the device between the two (the server's path).
+
+        ``candidate_index``: one encoded array shared by every user, one per user, or None
+        (the whole catalogue). Returns (adapted users, one score array per user).
+        """
+        padded, users, per_user, seen = self._padded_indices(
+            item_index, ratings, lengths, user_features, seen_items)
+        n = len(per_user)
+        catalogue = candidate_index is None
+        if catalogue:
+            index, shared = np.arange(1, self._require_encoder().num_items, dtype=np.int32), True
+        else:
+            index, shared = self._checked_index(candidate_index, n)
+        items, sizes = self._item_batch(index, shared, n, pad_shared=not catalogue)
+        params, non_trainable = self._inference_weights()
+        adapted, scores = self._adapt_score_kernel(shared)(params, non_trainable, *padded, users, items)
+        batch = _AdaptedBatch(list(adapted), n)
+        scores = backend.to_numpy(scores)
+        return ([AdaptedUser._from_batch(self, batch, u, per_user[u], seen[u]) for u in range(n)],
+                [np.array(scores[u, : sizes[u]]) for u in range(n)])
 
     def recommend_many(self, adapted_users, k=10, exclude_seen=True, candidates=None):
         """Top-``k`` (item ids, scores) per user, best first; seen items excluded by default."""

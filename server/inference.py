@@ -193,28 +193,34 @@ def run_batch(model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache 
             if job.cache_key is not None:
                 adapted[i] = cache.get(job.cache_key)
     missing = [i for i, a in enumerate(adapted) if a is None]
+    cand_idx = [catalog.all_indices if j.candidates is None else j.candidates for j in jobs]
+    all_catalogue = all(job.candidates is None for job in jobs)
+    scores = None
     if missing:
         # The jobs hold validated item indices: adapt on them directly (no DataFrames, no
         # second lookup of the ids).
         todo = [jobs[i] for i in missing]
-        new = learner.adapt_indices(
+        support = (
             np.concatenate([job.support_idx for job in todo]).astype(np.int32, copy=False),
             np.concatenate([job.ratings for job in todo]),
             [len(job.support_idx) for job in todo],
-            user_features=[job.user_features or None for job in todo],
-            seen_items=[catalog.raw(job.support_idx) for job in todo],
         )
+        extra = dict(user_features=[job.user_features or None for job in todo],
+                     seen_items=[catalog.raw(job.support_idx) for job in todo])
+        if len(missing) == len(jobs):
+            # Nothing cached: adapt and score in one compiled call.
+            new, scores = learner.adapt_score_indices(
+                *support, None if all_catalogue else cand_idx, **extra)
+        else:
+            new = learner.adapt_indices(*support, **extra)
         for i, user in zip(missing, new):
             adapted[i] = user
             if cache is not None and jobs[i].cache_key is not None:
                 cache.put(jobs[i].cache_key, user)
 
-    if all(job.candidates is None for job in jobs):
-        scores = learner.score_many(adapted, None)  # one shared catalogue array
-        cand_idx = [catalog.all_indices] * len(jobs)
-    else:
-        cand_idx = [catalog.all_indices if j.candidates is None else j.candidates for j in jobs]
-        scores = learner.score_indices(adapted, cand_idx)
+    if scores is None:
+        scores = (learner.score_many(adapted, None) if all_catalogue  # one shared catalogue array
+                  else learner.score_indices(adapted, cand_idx))
 
     results = []
     for job, idx, s in zip(jobs, cand_idx, scores):

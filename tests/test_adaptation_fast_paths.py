@@ -197,6 +197,42 @@ def test_index_level_calls_match_the_raw_id_calls(setup):
         learner.adapt_indices(np.array([1, 2]), [4.0, 4.0], [3])
 
 
+def test_adapt_score_indices_is_adapt_then_score_in_one_call(setup):
+    """The fused path (one compiled call) gives the two-call path's adapted users and scores,
+    for per-user lists, one shared array and the whole catalogue."""
+    data, _, learner, users = setup
+    encoder = learner.encoder
+    frames = [s for s, _ in users]
+    features = [f for _, f in users]
+    support = (encoder.item_index(np.concatenate([f["item_id"].to_numpy() for f in frames])),
+               np.concatenate([f["rating"].to_numpy() for f in frames]),
+               [len(f) for f in frames])
+    items = data.items.index.to_numpy()[:50]
+    two_call = learner.adapt_indices(*support, features)
+    layouts = {
+        "per-user": [encoder.item_index(items[u:]) for u in range(len(frames))],
+        "shared": encoder.item_index(items),
+        "catalogue": None,
+    }
+    for name, index in layouts.items():
+        adapted, got = learner.adapt_score_indices(*support, index, features)
+        want = (learner.score_many(two_call, None) if index is None
+                else learner.score_indices(two_call, index))
+        assert len(got) == len(want) == len(frames), name
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+        for a, b in zip(adapted, two_call):
+            for wa, wb in zip(a.weights, b.weights):
+                np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6, err_msg=name)
+            np.testing.assert_array_equal(a.seen_items, b.seen_items)
+    with pytest.raises(ValueError, match="item_index has 1 entries for 5 users"):
+        learner.adapt_score_indices(*support, [encoder.item_index(items)], features)
+    with pytest.raises(ValueError, match="item_index values must lie in"):
+        learner.adapt_score_indices(*support, np.array([1, encoder.num_items]), features)
+    with pytest.raises(ValueError, match="outside the rating range"):
+        learner.adapt_score_indices(np.array([1, 2]), [4.0, 40.0], [2], np.array([3]))
+
+
 def test_feature_cache_matches_encoder(setup):
     data, _, learner, _ = setup
     encoder = learner.encoder
