@@ -116,7 +116,7 @@ def make_check(
 ) -> Any:
     """A registry check: test predictions that must be finite and well shaped.
 
-    It runs the same path as requests (adapt, score per-user candidates and the whole
+    It runs the same path as requests (adapt, score per-user candidate lists and the whole
     catalogue) for every batch size x support size given. That also compiles the kernels for
     those padded shapes before the version takes traffic: JAX compiles once per shape, so
     without it the first requests of each new shape after a swap would wait for a compile.
@@ -134,7 +134,10 @@ def make_check(
                 support = model.catalog.all_indices[: min(support_size, n_items)]
                 ratings = np.full(len(support), rating, np.float32)
                 job = Job(RECOMMEND, support, ratings, None, {}, candidates, 10, True, None)
-                for result in run_batch(model, [job] * size, None):
+                # Each job its own order of the candidates: concurrent requests carry different
+                # lists, and equal lists would compile the shared-list kernel instead.
+                jobs = [dataclasses.replace(job, candidates=np.roll(candidates, j)) for j in range(size)]
+                for result in run_batch(model, jobs, None):
                     if not np.all(np.isfinite(result.scores)):
                         raise ValueError("test prediction produced non-finite scores")
                     expected = min(10, len(candidates) - len(np.intersect1d(candidates, support)))

@@ -419,3 +419,29 @@ def test_memory_based_model_is_served_through_the_same_api(tmp_path):
         assert np.abs(np.asarray(other.scores) - np.asarray(got.scores)).max() > 1e-5
         top = c.recommend(SUPPORT, k=5, user_features=FEATURES)
         assert len(top.item_ids) == 5 and top.model_version == 1
+
+
+def test_the_load_check_compiles_what_concurrent_requests_run(sdk):
+    """The version check warms the kernels of batches of different candidate lists (what
+    concurrent requests carry): serving such a batch afterwards traces nothing new."""
+    from server.inference import RECOMMEND, Job, ServingModel, run_batch
+
+    model = ServingModel.from_learner(sdk)
+    make_check(batch_sizes=(1, 2), support_sizes=(5,), num_candidates=300)(model)
+    traced = []
+    original = type(sdk).adapt_user
+
+    def counting(self, *args, **kwargs):  # runs only while a kernel is being traced
+        traced.append(1)
+        return original(self, *args, **kwargs)
+
+    items = model.catalog.all_indices
+    jobs = [Job(RECOMMEND, items[10 + 5 * j: 15 + 5 * j], np.full(5, 4.0, np.float32), None, {},
+                np.random.default_rng(j).permutation(items)[:300], 10, True, None) for j in range(2)]
+    type(sdk).adapt_user = counting
+    try:
+        results = run_batch(model, jobs, None)
+    finally:
+        type(sdk).adapt_user = original
+    assert [len(r.item_idx) for r in results] == [10, 10]
+    assert not traced, "a batch of two different candidate lists was compiled at request time"
