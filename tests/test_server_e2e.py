@@ -143,7 +143,9 @@ def test_cache_returns_the_same_answer(client, running):
     hits = running.server.cache.hits
     second = client.score(support, CANDIDATES, user_id="cache-user")
     assert running.server.cache.hits == hits + 1
-    np.testing.assert_array_equal(first.scores, second.scores)
+    # The first answer comes from the one-call adapt+score kernel, the cached one from the
+    # scoring kernel alone: equal up to float32 rounding (XLA fuses the two programs apart).
+    np.testing.assert_allclose(first.scores, second.scores, rtol=1e-6, atol=1e-6)
 
 
 def test_logged_interactions_stand_in_for_missing_ones(client, sdk):
@@ -164,8 +166,8 @@ def test_client_accepts_every_interaction_shape(client):
     as_dict = client.score(dict(zip(SUPPORT.item_id, SUPPORT.rating)), CANDIDATES).scores
     as_tuples = client.score(list(zip(SUPPORT.item_id, SUPPORT.rating)), CANDIDATES).scores
     as_records = client.score(SUPPORT.to_dict("records"), np.asarray(CANDIDATES)).scores
-    for other in (as_dict, as_tuples, as_records):
-        np.testing.assert_array_equal(frame, other)
+    for other in (as_dict, as_tuples, as_records):  # later ones are cache hits (see above)
+        np.testing.assert_allclose(frame, other, rtol=1e-6, atol=1e-6)
     status = client.model_status()[0]
     assert status["state"] == "AVAILABLE" and status["num_items"] == 400
     assert status["rating_range"] == (1.0, 5.0) and status["item_id_type"] == "int"
