@@ -16,8 +16,10 @@ Figures:
   calls after warm-up; ``adapt="decision_layers"`` and ``adapt="all"``.
 * ``batch``: 10,000 users as above (each with its own 1,000 candidates, drawn from 64 lists)
   in vectorised batches of ``--batch-users`` users: users/s; beside it, plain
-  ``predict_items`` of the same rows (one call per batch, shared weights, no top-k); and the
-  same with one candidate list shared by every user (a candidate file, the catalogue).
+  ``predict_items`` of the same rows (one call per batch, shared weights, no top-k); the
+  same with one candidate list shared by every user (a candidate file, the catalogue); and
+  that again with the supports given as flat arrays (``adapt_flat``, what ``score-batch``
+  runs) instead of one DataFrame per user.
 * ``train``: one meta-train step (``backend.TrainStep`` around ``meta_gradients`` and Adam, as
   ``fit`` runs it) on a fixed Episode of 32 users, support 20, query 20, 1 and 5 inner steps,
   for second-order MAML, first-order MAML and Reptile: user-tasks/s.
@@ -150,24 +152,36 @@ def bench_adapt_score(adapt, calls, warmup, learner=None):
             "ratio_median": sdk_s["median_ms"] / plain_s["median_ms"]}
 
 
-def bench_batch(adapt, n_users, batch_users, warmup_batches=1, learner=None, shared=False):
+def bench_batch(adapt, n_users, batch_users, warmup_batches=1, learner=None, shared=False, flat=False):
     learner = learner or _setup(adapt)
     users = _users(n_users, seed=3)
     if shared:
         # Every user ranks the same 1,000 candidates (a candidate file, the catalogue).
         users = [(frame, features, users[0][2]) for frame, features, _ in users]
+    # flat: the supports as flat arrays (item ids, ratings, lengths), the way a batch job
+    # holds them (``adapt_flat``); built once per chunk like the DataFrames above.
+    flat_chunks = {}
+    if flat:
+        for start in range(0, n_users, batch_users):
+            chunk = users[start:start + batch_users]
+            flat_chunks[start] = (np.concatenate([u[0]["item_id"].to_numpy() for u in chunk]),
+                                  np.concatenate([u[0]["rating"].to_numpy() for u in chunk]),
+                                  np.array([len(u[0]) for u in chunk]))
 
-    def run(chunk):
-        frames = [u[0] for u in chunk]
+    def run(chunk, start=0):
         feats = [u[1] for u in chunk]
         cands = [u[2] for u in chunk]
-        adapted = learner.adapt_many(frames, feats)
+        if flat:
+            adapted = learner.adapt_flat(*flat_chunks[start], feats)
+        else:
+            adapted = learner.adapt_many([u[0] for u in chunk], feats)
         return learner.recommend_many(adapted, TOP_K, True, cands)
 
+    last = (n_users - 1) // batch_users * batch_users  # the last (possibly shorter) chunk
     for _ in range(warmup_batches):
         run(users[:batch_users])
         if n_users % batch_users:
-            run(users[: n_users % batch_users])
+            run(users[last:], last)
     def plain(chunk):
         # The reference: plain non-adaptive scores of the same rows (no top-k), one call.
         return learner.predict_items(np.concatenate([u[2] for u in chunk]), chunk[0][1])
@@ -175,13 +189,13 @@ def bench_batch(adapt, n_users, batch_users, warmup_batches=1, learner=None, sha
     plain(users[:batch_users])
     t0 = time.perf_counter()
     for start in range(0, n_users, batch_users):
-        run(users[start:start + batch_users])
+        run(users[start:start + batch_users], start)
     dt = time.perf_counter() - t0
     t0 = time.perf_counter()
     for start in range(0, n_users, batch_users):
         plain(users[start:start + batch_users])
     dt_plain = time.perf_counter() - t0
-    return {"adapt": adapt, "shared_candidates": shared, "users": n_users, "batch_users": batch_users, "seconds": dt,
+    return {"adapt": adapt, "shared_candidates": shared, "flat_arrays": flat, "users": n_users, "batch_users": batch_users, "seconds": dt,
             "users_per_s": n_users / dt, "plain_predict_users_per_s": n_users / dt_plain,
             "ratio_time": dt / dt_plain}
 
@@ -256,6 +270,7 @@ def worker(args):
         out["batch"] = [bench_batch(a, n, args.batch_users if a == "decision_layers" else min(256, args.batch_users))
                         for a in (["decision_layers"] if quick else ["decision_layers", "all"])]
         out["batch"].append(bench_batch("decision_layers", n, args.batch_users, shared=True))
+        out["batch"].append(bench_batch("decision_layers", n, args.batch_users, shared=True, flat=True))
         _log(out["batch"])
     if "train" in only:
         res = []
@@ -303,6 +318,8 @@ def markdown(results):
         for i, a in enumerate(results[0]["batch"]):
             cells = [f"{by[b]['batch'][i]['users_per_s']:,.0f} users/s" for b in backends]
             lists = "one shared candidate list" if a.get("shared_candidates") else "own candidate lists"
+            if a.get("flat_arrays"):
+                lists += ", supports as flat arrays (adapt_flat)"
             lines.append(f"| {a['users']:,} users, batches of {a['batch_users']} ({a['adapt']}, {lists}) | "
                          + " | ".join(cells) + " |")
             cells = [f"{by[b]['batch'][i]['plain_predict_users_per_s']:,.0f} users/s "
