@@ -354,6 +354,10 @@ class AdaptationMixin:
         inputs, target, mask = padded
         params, non_trainable = self._inference_weights()
         adapted = self._adapt_kernel()(params, non_trainable, inputs, target, mask)
+        return self._users_of_batch(adapted, per_user, seen)
+
+    def _users_of_batch(self, adapted, per_user, seen):
+        """One ``AdaptedUser`` per real user of a compiled call's stacked adapted weights."""
         batch = _AdaptedBatch(list(adapted), len(per_user))
         return [AdaptedUser._from_batch(self, batch, u, per_user[u], seen[u]) for u in range(len(per_user))]
 

@@ -11,7 +11,7 @@ import pandas as pd
 from keras import ops
 
 from metarec import backend
-from metarec.adaptation import AdaptedUser, _AdaptedBatch, bucket, check_item_index
+from metarec.adaptation import bucket, check_item_index
 
 
 def _broadcast_user(user_inputs, n):
@@ -232,16 +232,13 @@ class ScoringMixin:
             item_index, ratings, lengths, user_features, seen_items)
         n = len(per_user)
         catalogue = candidate_index is None
-        if catalogue:
-            index, shared = np.arange(1, self._require_encoder().num_items, dtype=np.int32), True
-        else:
-            index, shared = self._checked_index(candidate_index, n)
+        index, shared = (self._candidate_index(None, n) if catalogue
+                         else self._checked_index(candidate_index, n))
         items, sizes = self._item_batch(index, shared, n, pad_shared=not catalogue)
         params, non_trainable = self._inference_weights()
         adapted, scores = self._adapt_score_kernel(shared)(params, non_trainable, *padded, users, items)
-        batch = _AdaptedBatch(list(adapted), n)
         scores = backend.to_numpy(scores)
-        return ([AdaptedUser._from_batch(self, batch, u, per_user[u], seen[u]) for u in range(n)],
+        return (self._users_of_batch(adapted, per_user, seen),
                 [np.array(scores[u, : sizes[u]]) for u in range(n)])
 
     def recommend_many(self, adapted_users, k=10, exclude_seen=True, candidates=None):
