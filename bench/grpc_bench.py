@@ -137,16 +137,20 @@ def one_client(address: str, requests, warmup: int) -> dict:
     return summarize(latencies, errors=errors)
 
 
-async def concurrent_clients(address: str, requests, clients: int, warmup: int) -> dict:
+async def concurrent_clients(address: str, requests, clients: int, warmup: int, channels: int = 1) -> dict:
+    """``clients`` closed-loop callers over ``channels`` channels (each its own connection:
+    a server with several workers spreads connections, not calls, across them)."""
     import grpc
 
     from server._generated.metarec.v1 import recommender_pb2_grpc as pb_grpc
 
     latencies, errors = [], 0
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.RecommenderServiceStub(channel)
-
-        async def worker(chunk, record):
+    # A local subchannel pool: otherwise channels to one address share one connection.
+    opened = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+              for _ in range(channels)]
+    stubs = [pb_grpc.RecommenderServiceStub(channel) for channel in opened]
+    try:
+        async def worker(stub, chunk, record):
             nonlocal errors
             for request in chunk:
                 t = time.perf_counter()
@@ -159,18 +163,38 @@ async def concurrent_clients(address: str, requests, clients: int, warmup: int) 
                     latencies.append(time.perf_counter() - t)
 
         warm = [requests[i::clients][: max(1, warmup // clients)] for i in range(clients)]
-        await asyncio.gather(*(worker(c, False) for c in warm))
+        await asyncio.gather(*(worker(stubs[i % channels], c, False) for i, c in enumerate(warm)))
         chunks = [requests[i::clients] for i in range(clients)]
         start = time.perf_counter()
-        await asyncio.gather(*(worker(c, True) for c in chunks))
+        await asyncio.gather(*(worker(stubs[i % channels], c, True) for i, c in enumerate(chunks)))
         wall = time.perf_counter() - start
+    finally:
+        for channel in opened:
+            await channel.close()
     return summarize(latencies, wall_s=wall, errors=errors)
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) a process has used so far, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time (user + system) a process and its running children have used so far, from
+    /proc (Linux): a server with --workers is a supervisor and its worker processes."""
+    total = 0.0
+    for p in [pid, *child_pids(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def child_pids(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out + [g for c in out for g in child_pids(c)]
 
 
 def with_cpu_share(run, server_pid: int, n_requests: int) -> dict:
@@ -194,7 +218,7 @@ def start_server(model_dir: Path, workdir: Path, backend: str, args) -> tuple[su
             sys.executable, "-m", "server.main", "--model-dir", str(model_dir), "--port", "0",
             "--log-db", str(workdir / f"log-{backend}.sqlite"), "--cache-size", "0",
             "--max-batch-size", str(args.max_batch_size), "--max-batch-delay-ms", str(args.max_delay_ms),
-            "--log-level", "WARNING",
+            "--log-level", "WARNING", "--workers", str(args.workers),
         ],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
@@ -205,19 +229,25 @@ def start_server(model_dir: Path, workdir: Path, backend: str, args) -> tuple[su
     return proc, line.strip().rsplit(" ", 1)[1]
 
 
-def wait_serving(address: str, timeout: float = 300) -> None:
+def wait_serving(address: str, timeout: float = 300, connections: int = 1) -> None:
+    """Wait until ``connections`` fresh connections in a row report SERVING (with several
+    workers a connection reaches one of them, picked by the kernel: 16 per worker make
+    missing a worker still warming up vanishingly unlikely)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
+    in_a_row = 0
+    while time.monotonic() < deadline:
+        with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
             try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                in_a_row = in_a_row + 1 if reply.status == health_pb2.HealthCheckResponse.SERVING else 0
             except grpc.RpcError:
-                pass
+                in_a_row = 0
+        if in_a_row >= connections:
+            return
+        if in_a_row == 0:
             time.sleep(0.2)
     raise TimeoutError("the server did not load the model in time")
 
@@ -236,7 +266,7 @@ def bench_backend(backend: str, model_path: Path, workdir: Path, args) -> dict:
     shutil.copy(model_path, model_dir / "1" / "model.keras")
     proc, address = start_server(model_dir, workdir, backend, args)
     try:
-        wait_serving(address)
+        wait_serving(address, connections=1 if args.workers == 1 else 16 * args.workers)
         import metarec.client  # noqa: F401 - only to fail early if the client is broken
 
         num_items = 2000
@@ -245,10 +275,11 @@ def bench_backend(backend: str, model_path: Path, workdir: Path, args) -> dict:
         requests = requests_for(users)
         result["grpc_1_client"] = with_cpu_share(
             lambda: one_client(address, requests, warmup), proc.pid, len(requests))
+        channels = args.channels or args.clients
         users = make_users(num_items, args.concurrent_calls + 2 * warmup, seed=3)
         requests = requests_for(users)
         result[f"grpc_{args.clients}_clients"] = with_cpu_share(
-            lambda: asyncio.run(concurrent_clients(address, requests, args.clients, 2 * warmup)),
+            lambda: asyncio.run(concurrent_clients(address, requests, args.clients, 2 * warmup, channels)),
             proc.pid, len(requests))
     finally:
         proc.terminate()
@@ -263,6 +294,9 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=300, help="measured calls with 1 client")
     p.add_argument("--concurrent-calls", type=int, default=3000)
     p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--channels", type=int, default=0,
+                   help="connections the concurrent clients use (default: one per client)")
+    p.add_argument("--workers", type=int, default=1, help="server processes (metarec serve --workers)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-delay-ms", type=float, default=0.0)
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -295,6 +329,7 @@ def main(argv=None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {
             "support": SUPPORT_SIZE, "inner_steps": INNER_STEPS, "candidates": NUM_CANDIDATES, "k": TOP_K,
+            "workers": args.workers, "channels": args.channels or args.clients,
             "max_batch_size": args.max_batch_size, "max_delay_ms": args.max_delay_ms, "cache": "off",
         },
         "results": results,

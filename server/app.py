@@ -50,6 +50,10 @@ class ServerConfig:
         model_name: the name requests use for it (an empty name means this default model).
         extra_models: more models to serve, name → folder.
         host, port: where to listen; ``port=0`` picks a free port (see ``MetarecServer.port``).
+        reuse_port: share the port with other processes that set it too (``SO_REUSEPORT``;
+            the kernel spreads new connections across them). Off by default, so that a
+            second server started by mistake on a busy port fails instead of silently
+            taking part of its traffic. ``metarec serve --workers N`` sets it.
         log_path: the SQLite interaction log.
         tls_cert_file, tls_key_file: PEM files; both or neither.
         auth_token: when set, every call except health checks needs
@@ -72,6 +76,7 @@ class ServerConfig:
     extra_models: Mapping[str, str | Path] = dataclasses.field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 8500
+    reuse_port: bool = False
     log_path: str | Path = "metarec-interactions.sqlite"
     tls_cert_file: str | Path | None = None
     tls_key_file: str | Path | None = None
@@ -157,8 +162,9 @@ class MetarecServer:
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
-                # Without this a second server on the same port would silently share it.
-                ("grpc.so_reuseport", 0),
+                # gRPC's default is 1: then a second server on the same port would silently
+                # share it. Only worker pools (``reuse_port``) share a port on purpose.
+                ("grpc.so_reuseport", int(config.reuse_port)),
             ],
         )
         pb_grpc.add_RecommenderServiceServicer_to_server(self.service, server)

@@ -3,7 +3,8 @@
 Call :func:`serve_main` with the arguments after ``serve`` (``metarec.cli`` does), or run
 ``python -m server.main --model-dir DIR --port N``. The server prints one line
 ``metarec server listening on HOST:PORT`` on stdout once it accepts connections (scripts and
-tests wait for it), runs until SIGINT / SIGTERM, then drains gracefully.
+tests wait for it), runs until SIGINT / SIGTERM, then drains gracefully. With ``--workers N``
+this process supervises N server processes sharing the port (``server.workers``).
 
 The auth token is read from ``--token-file`` or the ``METAREC_AUTH_TOKEN`` environment
 variable, never from the command line, where other local users could read it in ``ps``.
@@ -15,12 +16,15 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from server.app import MetarecServer, ServerConfig
 from server.batcher import BatcherConfig
+from server.interaction_log import InteractionLog
 from server.validation import Limits
+from server.workers import WorkerPool, reserve_port, watch_parent
 
 TOKEN_ENV = "METAREC_AUTH_TOKEN"
 
@@ -32,6 +36,12 @@ def build_parser(prog: str = "metarec serve") -> argparse.ArgumentParser:
     p.add_argument("--model-name", default="default", help="the model's name in requests (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8500, help="port (0 picks a free one; default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes sharing the port, one Python interpreter each (Linux; "
+                        "default: %(default)s). Use about one per CPU core")
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by --workers
+    p.add_argument("--reuse-port", action="store_true",
+                   help="share the port with other server processes (SO_REUSEPORT); --workers sets it")
     p.add_argument("--log-db", type=Path, default=Path("metarec-interactions.sqlite"),
                    help="SQLite interaction log (default: %(default)s)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain; enables TLS with --tls-key")
@@ -65,6 +75,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model_name=args.model_name,
         host=args.host,
         port=args.port,
+        reuse_port=args.reuse_port,
         log_path=args.log_db,
         tls_cert_file=args.tls_cert,
         tls_key_file=args.tls_key,
@@ -83,21 +94,58 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def serve_main(argv: list[str] | None = None, prog: str = "metarec serve") -> int:
     """Parse ``argv`` (the arguments after ``serve``), serve until a signal; exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The process id tells the lines of several workers apart.
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
     try:
+        if args.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {args.workers}")
         config = config_from_args(args)
     except ValueError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
-    server = MetarecServer(config)
 
     def ready(port: int) -> None:
         host = f"[{config.host}]" if ":" in config.host else config.host
         print(f"metarec server listening on {host}:{port}", flush=True)
 
-    asyncio.run(server.serve(ready))
+    if args.workers > 1:
+        return serve_workers(argv, config, args.workers, ready, prog)
+    if args.parent_pid is not None:
+        watch_parent(args.parent_pid)
+    asyncio.run(MetarecServer(config).serve(ready))
     return 0
+
+
+def serve_workers(argv: list[str], config: ServerConfig, workers: int, ready, prog: str) -> int:
+    """Supervise ``workers`` server processes on one port (see ``server.workers``)."""
+    try:
+        hold = reserve_port(config.host, config.port)
+        # Created here, once: workers starting together would race to switch it to WAL mode.
+        InteractionLog(config.log_path).close()
+    except (ValueError, OSError, RuntimeError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    port = hold.getsockname()[1]
+    # argparse keeps the last of repeated options: these override the user's own.
+    command = [sys.executable, "-m", "server.main", *argv, "--workers", "1", "--port", str(port),
+               "--reuse-port", "--parent-pid", str(os.getpid())]
+    pool = WorkerPool(command, workers, stop_timeout_s=config.grace_s + 65)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: pool.request_stop())
+    try:
+        pool.start()
+    except RuntimeError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        hold.close()
+        return 1
+    ready(port)
+    pool.wait()
+    logging.getLogger(__name__).info("stopping %d workers", workers)
+    status = pool.stop()
+    hold.close()
+    return status
 
 
 if __name__ == "__main__":
