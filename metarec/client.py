@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import itertools
 import math
 import numbers
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,9 @@ class Client:
         timeout: default deadline of each call in seconds (``None``: no deadline).
         server_name: the name to check the server certificate against, when it differs
             from the host in ``address``.
+        connections: TCP connections to open; calls take turns over them. A server run with
+            ``metarec serve --workers N`` spreads connections (not calls) over its worker
+            processes, so a busy client should open a few per worker.
     """
 
     def __init__(
@@ -92,22 +97,32 @@ class Client:
         tls: bool | None = None,
         server_name: str | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
+        connections: int = 1,
     ) -> None:
+        if not isinstance(connections, int) or connections < 1:
+            raise ValueError(f"connections must be an integer >= 1, got {connections!r}")
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
+        if connections > 1:
+            # Without a channel-local pool, channels to one address share one connection.
+            options.append(("grpc.use_local_subchannel_pool", 1))
         use_tls = tls if tls is not None else tls_root_cert is not None
+        credentials = None
         if use_tls:
             root = tls_root_cert
             if root is not None and not isinstance(root, bytes):
                 root = Path(root).read_bytes()
-            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root), options)
-        else:
-            self._channel = grpc.insecure_channel(address, options)
-        self._stub = pb_grpc.RecommenderServiceStub(self._channel)
+            credentials = grpc.ssl_channel_credentials(root_certificates=root)
+        self._channels = [
+            grpc.secure_channel(address, credentials, options) if use_tls else grpc.insecure_channel(address, options)
+            for _ in range(connections)
+        ]
+        self._stubs = [pb_grpc.RecommenderServiceStub(channel) for channel in self._channels]
+        self._turn = itertools.count()
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.timeout = timeout
         self._id_types: dict[tuple[str, int], str] = {}
@@ -115,7 +130,13 @@ class Client:
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
+
+    @property
+    def _stub(self) -> pb_grpc.RecommenderServiceStub:
+        # next() on itertools.count is atomic under the GIL: safe from many threads.
+        return self._stubs[next(self._turn) % len(self._stubs)]
 
     def __enter__(self) -> Client:
         return self
@@ -124,8 +145,10 @@ class Client:
         self.close()
 
     def wait_ready(self, timeout: float = 10.0) -> None:
-        """Block until the channel connects (raises ``grpc.FutureTimeoutError``)."""
-        grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        """Block until every connection is up (raises ``grpc.FutureTimeoutError``)."""
+        deadline = time.monotonic() + timeout
+        for channel in self._channels:
+            grpc.channel_ready_future(channel).result(timeout=max(0.0, deadline - time.monotonic()))
 
     # ------------------------------------------------------------------ calls
     def recommend(

@@ -271,3 +271,37 @@ def test_workers_stop_on_their_own_when_the_supervisor_is_killed(tmp_path):
     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignores TIME_WAIT, not listeners
     probe.bind(("127.0.0.1", int(address.rsplit(":", 1)[1])))
     probe.close()
+
+
+# ---------------------------------------------------------------------------- the client
+def established_connections(port: int) -> int:
+    """Client-side TCP connections to 127.0.0.1:``port`` (from /proc/net; gRPC may use
+    IPv6 sockets with IPv4-mapped addresses)."""
+    loopback = {f"0100007F:{port:04X}", f"0000000000000000FFFF00000100007F:{port:04X}"}
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[2] in loopback and fields[3] == "01":  # remote address, ESTABLISHED
+                count += 1
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc/net/tcp (Linux)")
+def test_client_spreads_calls_over_its_connections(tmp_path):
+    from metarec.client import Client
+    from server.app import ServerConfig
+    from server.background import BackgroundServer
+
+    config = ServerConfig(model_dir=tmp_path / "models", port=0, log_path=tmp_path / "log.sqlite",
+                          check=lambda model: None)
+    with BackgroundServer(config, wait_for_model=False) as running:
+        for connections in (1, 3):
+            with Client(running.address, connections=connections) as client:
+                for i in range(2 * connections):
+                    assert client.log_interactions(f"u{i}", [("i", 1.0)]) == 1
+                assert established_connections(running.port) == connections
+    with pytest.raises(ValueError, match="connections must be an integer >= 1, got 0"):
+        Client("127.0.0.1:1", connections=0)
