@@ -12,7 +12,9 @@ Start a server on a folder of numbered model versions (``DIR/1/model.keras``,
     metarec serve --model-dir DIR --port 8500 --log-db interactions.sqlite
 
 (``python -m server.main`` takes the same options and runs the same function,
-``server.main.serve_main``; ``metarec serve --help`` lists them.)
+``server.main.serve_main``; ``metarec serve --help`` lists them. On a machine with several
+cores, ``--workers N`` runs N server processes on the port; the kernel gives each new
+connection to one of them, so a busy client opens several: ``Client(address, connections=8)``.)
 
 and run the tour against it (``--address``), or let this script start one::
 

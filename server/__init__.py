@@ -4,6 +4,7 @@ Modules, one concept each:
 
 * :mod:`server.app`: server assembly (health, reflection, TLS, auth, limits, graceful shutdown);
 * :mod:`server.main`: the ``metarec serve`` command line (:func:`server.main.serve_main`);
+* :mod:`server.workers`: ``--workers N``, several server processes on one port, supervised;
 * :mod:`server.service`: the ``RecommenderService`` handlers;
 * :mod:`server.validation`: request checks that map to precise status codes;
 * :mod:`server.inference`: the model maths of one micro-batch (runs in a worker thread);
