@@ -52,38 +52,39 @@ def _encode_interactions(encoder, supports, raw_items=None):
     """``encoder.encode_interactions`` of each frame, in one call where the frames agree.
 
     The encoding is element-wise, so one call on the concatenated columns gives the same
-    arrays; frames whose column dtypes differ, or any error, take the per-frame path (which
-    also raises exactly the per-frame error). ``raw_items``, a list, receives each frame's raw
-    item ids (reading a pandas column costs tens of microseconds: read each once).
+    arrays. The frames are joined with one ``pd.concat`` (reading two columns of each of
+    1,000 frames costs twice as much). Where the joined columns do not have one id type
+    (integers, or strings) and numeric ratings, or on any error, each frame is encoded alone
+    (which also raises exactly that frame's error). ``raw_items``, a list, receives each
+    frame's raw item ids.
     """
     if len(supports) > 1:
         try:
-            items = [frame["item_id"].to_numpy() for frame in supports]
-            ratings = [frame["rating"].to_numpy() for frame in supports]
-        except (KeyError, TypeError, AttributeError):
+            lengths = [len(frame) for frame in supports]
+            joined = pd.concat(supports, ignore_index=True, sort=False)
+            items, ratings = joined["item_id"], joined["rating"]
+        except (KeyError, TypeError, ValueError, AttributeError, pd.errors.InvalidIndexError):
             items = None
-        if (
-            items is not None
-            and len({a.dtype for a in items}) == 1
-            and len({a.dtype for a in ratings}) == 1
-            and items[0].dtype.kind in "iuU"
-            and ratings[0].dtype.kind in "iuf"
-        ):
+        if items is not None and _one_id_type(items.dtype) and ratings.dtype.kind in "iuf":
             try:
-                idx, y = encoder.encode_interactions(
-                    pd.DataFrame({"item_id": np.concatenate(items), "rating": np.concatenate(ratings)})
-                )
+                idx, y = encoder.encode_interactions(pd.DataFrame({"item_id": items, "rating": ratings}))
             except ValueError:
                 pass
             else:
-                bounds = np.cumsum([len(a) for a in items])[:-1]
+                bounds = np.cumsum(lengths)[:-1]
                 if raw_items is not None:
-                    raw_items.extend(items)
+                    raw_items.extend(np.split(items.to_numpy(), bounds))
                 return list(zip(np.split(idx, bounds), np.split(y, bounds)))
     encoded = [encoder.encode_interactions(frame) for frame in supports]
     if raw_items is not None:
         raw_items.extend(np.asarray(frame["item_id"]) for frame in supports)
     return encoded
+
+
+def _one_id_type(dtype) -> bool:
+    """Integer ids, or string ids (a pandas string dtype): a join of frames with ids of
+    different kinds is ``object`` or float, and those frames are encoded one by one."""
+    return dtype.kind in "iu" or (dtype != object and pd.api.types.is_string_dtype(dtype))
 
 
 class _AdaptedBatch:

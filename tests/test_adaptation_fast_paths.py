@@ -268,6 +268,49 @@ def test_batched_interaction_encoding_matches_per_frame(setup):
         learner.adapt_many(bad)
 
 
+@pytest.mark.parametrize("variant", ["int ratings", "extra and reordered columns", "string ids",
+                                     "int and string ids", "float ids"])
+def test_joined_encoding_of_unlike_frames_matches_per_frame(setup, variant, monkeypatch):
+    """Frames are joined with pd.concat: whatever their columns and dtypes, the result and
+    each user's raw ids equal encoding the frames one by one."""
+    _, _, learner, users = setup
+    from metarec.adaptation import _encode_interactions
+
+    frames = [s.reset_index(drop=True) for s, _ in users[:4]]
+    if variant == "int ratings":
+        frames[1] = frames[1].assign(rating=frames[1]["rating"].round().astype(int))
+    elif variant == "extra and reordered columns":
+        frames[0] = frames[0].assign(timestamp=np.arange(len(frames[0])))[["rating", "timestamp", "item_id"]]
+    elif variant == "string ids":
+        frames = [f.assign(item_id=f["item_id"].astype(str)) for f in frames]
+    elif variant == "int and string ids":
+        frames[2] = frames[2].assign(item_id=frames[2]["item_id"].astype(str))
+    elif variant == "float ids":
+        frames[3] = frames[3].assign(item_id=frames[3]["item_id"].astype(float))
+    want = [learner.encoder.encode_interactions(f) for f in frames]
+    calls = []
+    encode = learner.encoder.encode_interactions
+    monkeypatch.setattr(learner.encoder, "encode_interactions", lambda f: calls.append(len(f)) or encode(f))
+    raw = []
+    got = _encode_interactions(learner.encoder, frames, raw)
+    # One joined call where the ids have one type; mixed id types go frame by frame.
+    assert len(calls) == (len(frames) if variant in ("int and string ids", "float ids") else 1)
+    for frame, (gi, gy), (wi, wy), r in zip(frames, got, want, raw, strict=True):
+        np.testing.assert_array_equal(gi, wi)
+        np.testing.assert_array_equal(gy, wy)
+        assert list(r) == list(frame["item_id"])
+
+
+def test_joined_encoding_raises_the_frames_own_error(setup):
+    _, _, learner, users = setup
+    frames = [s for s, _ in users[:3]]
+    with pytest.raises(ValueError) as joined:
+        learner.adapt_many(frames + [pd.DataFrame({"item_id": [1, 2]})])  # no rating column
+    with pytest.raises(ValueError) as alone:
+        learner.adapt_many([pd.DataFrame({"item_id": [1, 2]})])
+    assert str(joined.value) == str(alone.value)
+
+
 def test_weights_read_at_every_call(setup):
     """Kernels get the variables' current values: changing the model changes the scores."""
     data, _, learner, users = setup
