@@ -1,0 +1,70 @@
+"""The compiled-call wrapper of the TensorFlow backend (``backend.jit(fn, xla=True)``).
+
+It calls a ``tf.function``'s concrete functions directly; these tests pin that it returns
+what the ``tf.function`` returns, traces once per input signature, and follows changes of
+shape, dtype and nesting.
+"""
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+if keras.backend.backend() != "tensorflow":
+    pytest.skip("TensorFlow backend only", allow_module_level=True)
+
+import tensorflow as tf  # noqa: E402
+
+from metarec.backend import tensorflow as tf_backend  # noqa: E402
+
+
+def make():
+    traces = []
+
+    def fn(params, inputs, mask):
+        traces.append(1)  # runs only while tracing
+        h = tf.matmul(inputs["x"], params[0]) + params[1]
+        return {"out": tf.reduce_sum(h * mask[:, None], axis=0), "n": tf.shape(inputs["ids"])[0]}, [h]
+
+    return tf_backend.jit(fn, xla=True), tf.function(fn, jit_compile=True), traces
+
+
+def args(rows=4, dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    params = [tf.constant(rng.normal(size=(3, 2)), tf.float32), tf.constant(rng.normal(size=(2,)), tf.float32)]
+    inputs = {"x": rng.normal(size=(rows, 3)).astype(dtype), "ids": np.arange(rows, dtype=np.int32)}
+    return params, inputs, np.ones(rows, np.float32)
+
+
+def test_results_equal_the_tf_function():
+    fast, plain, _ = make()
+    for rows in (4, 7):
+        got, want = fast(*args(rows)), plain(*args(rows))
+        tf.nest.assert_same_structure(got, want)
+        for g, w in zip(tf.nest.flatten(got), tf.nest.flatten(want)):
+            np.testing.assert_array_equal(g.numpy(), w.numpy())
+
+
+def test_one_trace_per_signature_and_new_values_are_used():
+    fast, _, traces = make()
+    first = fast(*args(4, seed=0))
+    second = fast(*args(4, seed=1))  # same signature, new values: no trace, new result
+    assert len(traces) == 1
+    assert not np.allclose(first[0]["out"].numpy(), second[0]["out"].numpy())
+    fast(*args(6))  # a new shape traces
+    assert len(traces) == 2
+    fast(*args(4))
+    assert len(traces) == 2
+
+
+def test_dtype_and_nesting_changes_trace_anew():
+    fast, _, traces = make()
+    fast(*args(4))
+    params, inputs, mask = args(4)
+    inputs["x"] = inputs["x"].astype(np.float64)
+    with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+        fast(params, inputs, mask)  # float64 against float32 weights: the trace itself fails
+    assert len(traces) == 2
+    params, inputs, mask = args(4)
+    inputs["extra"] = np.zeros(4, np.float32)  # another key: another signature
+    fast(params, inputs, mask)
+    assert len(traces) == 3
