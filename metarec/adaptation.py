@@ -363,13 +363,13 @@ class AdaptationMixin:
         return [AdaptedUser._from_batch(self, batch, u, per_user[u], seen[u]) for u in range(len(per_user))]
 
     def _inference_weights(self):
-        """``snapshot()`` as plain tensors: on TensorFlow, a ``tf.function`` called with
-        variables costs milliseconds per call more than one called with tensors."""
-        # The same values as ``snapshot()``; the variable lists are kept, since walking the
+        """The weights of ``snapshot()`` as the compiled kernels take them
+        (``backend.kernel_weights``): read when the kernel runs."""
+        # The variable lists are kept, since walking the
         # layers for them costs more than the rest of a single-user request's bookkeeping.
         cached = self.__dict__.get("_variable_lists")
         if cached is None or cached[0] is not self.model:
             cached = (self.model, self.meta_variables, list(self.model.non_trainable_variables))
             self.__dict__["_variable_lists"] = cached
         _, meta, fixed = cached
-        return backend.as_tensors([v.value for v in meta]), backend.as_tensors([v.value for v in fixed])
+        return backend.kernel_weights([v.value for v in meta]), backend.kernel_weights([v.value for v in fixed])

@@ -68,3 +68,18 @@ def test_dtype_and_nesting_changes_trace_anew():
     inputs["extra"] = np.zeros(4, np.float32)  # another key: another signature
     fast(params, inputs, mask)
     assert len(traces) == 3
+
+
+def test_variables_are_read_when_the_kernel_runs():
+    fast, plain, traces = make()
+    params, inputs, mask = args(4)
+    variables = [tf.Variable(p) for p in params]
+    before = fast(variables, inputs, mask)[0]["out"].numpy()
+    np.testing.assert_array_equal(before, plain(variables, inputs, mask)[0]["out"].numpy())
+    traced = len(traces)  # one trace each for the wrapper and the plain tf.function
+    variables[1].assign(variables[1] + 1.0)  # e.g. a training step between two calls
+    after = fast(variables, inputs, mask)[0]["out"].numpy()
+    np.testing.assert_allclose(after, before + 4.0, rtol=1e-6)  # 4 rows, mask 1: +1 each
+    assert len(traces) == traced
+    fast(params, inputs, mask)  # tensors where variables were: another signature
+    assert len(traces) == traced + 1

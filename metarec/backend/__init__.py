@@ -10,7 +10,8 @@ small module with the same four functions; everything else in metarec is written
 * ``vmap(fn, in_axes)``: vectorise ``fn`` over the leading axis of the arguments whose
   ``in_axes`` entry is 0; ``None`` arguments are shared.
 * ``jit(fn)``: compile ``fn``.
-* ``as_tensors(values)``: plain tensors of variables' values, for compiled calls.
+* ``kernel_weights(values)``: variables' values as the compiled kernels of ``jit(fn, xla=True)``
+  take them (JAX arrays; on TensorFlow the variables, read when the kernel runs).
 * ``TrainStep``: applies a meta-gradient function and a Keras optimizer in one compiled step.
 """
 
@@ -19,12 +20,12 @@ import keras
 BACKEND = keras.backend.backend()
 
 if BACKEND == "tensorflow":
-    from metarec.backend.tensorflow import TrainStep, as_tensors, jit, to_numpy, value_and_grad, vmap
+    from metarec.backend.tensorflow import TrainStep, kernel_weights, jit, to_numpy, value_and_grad, vmap
 elif BACKEND == "jax":
-    from metarec.backend.jax import TrainStep, as_tensors, jit, to_numpy, value_and_grad, vmap
+    from metarec.backend.jax import TrainStep, kernel_weights, jit, to_numpy, value_and_grad, vmap
 else:  # pragma: no cover - depends on the environment
     raise ImportError(
         f"metarec supports the 'tensorflow' and 'jax' Keras backends; KERAS_BACKEND is {BACKEND!r}."
     )
 
-__all__ = ["BACKEND", "TrainStep", "as_tensors", "jit", "to_numpy", "value_and_grad", "vmap"]
+__all__ = ["BACKEND", "TrainStep", "kernel_weights", "jit", "to_numpy", "value_and_grad", "vmap"]

@@ -70,6 +70,6 @@ class TrainStep:
         self._opt_state = [v.value for v in self.optimizer.variables]
 
 
-def as_tensors(values):
-    """Plain arrays for a compiled call (JAX variables' values already are)."""
+def kernel_weights(values):
+    """Variables' values for a compiled call (on JAX they already are plain arrays)."""
     return list(values)
