@@ -220,7 +220,7 @@ def test_pool_serves_restarts_a_killed_worker_and_stops_cleanly(tmp_path, model_
                 raise
             return replies
 
-        replies = wait_for(score_everywhere, what="both workers serving version 1")
+        replies = wait_for(score_everywhere, timeout=300, what="both workers serving version 1")
         for reply in replies:
             assert reply.model.version == 1
             np.testing.assert_allclose(reply.scores, expected, rtol=1e-5, atol=1e-6)
