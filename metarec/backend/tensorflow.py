@@ -80,30 +80,31 @@ class _ConcreteCall:
         self._concrete = {}
 
     def __call__(self, *args):
-        leaves = [x if isinstance(x, (tf.Variable, tf.Tensor, np.ndarray)) else tf.convert_to_tensor(x)
-                  for x in tf.nest.flatten(args)]
+        leaves = tf.nest.flatten(args)
         key = (_nesting(args), tuple(_signature(x) for x in leaves))
+        tensors = [x if isinstance(x, (tf.Variable, tf.Tensor)) else tf.convert_to_tensor(x) for x in leaves]
         concrete = self._concrete.get(key)
         if concrete is None:
-            traced = [x if isinstance(x, (tf.Variable, tf.Tensor)) else tf.convert_to_tensor(x) for x in leaves]
-            concrete = self.function.get_concrete_function(*tf.nest.pack_sequence_as(args, traced))
+            concrete = self.function.get_concrete_function(*tf.nest.pack_sequence_as(args, tensors))
             self._concrete[key] = concrete
         # ``_call_flat`` is ConcreteFunction's own flat entry point (private); where a
         # TensorFlow version lacks it, the public call gives the same results, slower.
         call_flat = getattr(concrete, "_call_flat", None)
         if call_flat is None:
-            return concrete(*tf.nest.pack_sequence_as(args, leaves))
-        inputs = [x.handle if isinstance(x, tf.Variable) else x if isinstance(x, tf.Tensor)
-                  else tf.convert_to_tensor(x) for x in leaves]
-        return call_flat(inputs, concrete.captured_inputs)
+            return concrete(*tf.nest.pack_sequence_as(args, tensors))
+        return call_flat([x.handle if isinstance(x, tf.Variable) else x for x in tensors],
+                         concrete.captured_inputs)
 
 
 def _signature(x):
+    """What selects a concrete function: the leaf's kind, shape and dtype (numpy shapes are
+    read without building a ``TensorShape``)."""
     if isinstance(x, tf.Variable):
         return ("variable", tuple(x.shape), x.dtype)
-    if isinstance(x, np.ndarray):
-        return ("array", x.shape, x.dtype)
-    return ("tensor", tuple(x.shape), x.dtype)
+    if isinstance(x, tf.Tensor):
+        return ("tensor", tuple(x.shape), x.dtype)
+    x = np.asarray(x)
+    return ("array", x.shape, x.dtype)
 
 
 def _nesting(x):
