@@ -269,6 +269,7 @@ def worker(args):
         # adapt="all" copies the 2,000-item embedding table per user: smaller batches.
         out["batch"] = [bench_batch(a, n, args.batch_users if a == "decision_layers" else min(256, args.batch_users))
                         for a in (["decision_layers"] if quick else ["decision_layers", "all"])]
+        out["batch"].append(bench_batch("decision_layers", n, args.batch_users, flat=True))
         out["batch"].append(bench_batch("decision_layers", n, args.batch_users, shared=True))
         out["batch"].append(bench_batch("decision_layers", n, args.batch_users, shared=True, flat=True))
         _log(out["batch"])

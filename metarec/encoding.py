@@ -124,6 +124,18 @@ class _IdVocabulary:
         self.dtype = dtype
         self.ids = ids  # int64 or unicode array, sorted, no OOV entry
         self._index = pd.Index(ids)
+        self._dense = self._dense_table(ids) if dtype == "int" else None
+
+    @staticmethod
+    def _dense_table(ids: np.ndarray) -> np.ndarray | None:
+        """``table[id] = index`` for compact non-negative int ids (most catalogues number
+        their items 0..n or 1..n), so a lookup is one gather: a batch job looks up a million
+        candidate ids per batch. None where the ids are sparse (the table would be big)."""
+        if not len(ids) or ids[0] < 0 or ids[-1] >= 8 * len(ids) + 65536:
+            return None
+        table = np.zeros(int(ids[-1]) + 1, np.int32)
+        table[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+        return table
 
     @classmethod
     def from_values(cls, values: Iterable[Any]) -> _IdVocabulary:
@@ -139,6 +151,14 @@ class _IdVocabulary:
         values = np.asarray(ids, dtype=object) if not isinstance(ids, np.ndarray) else ids
         shape = np.shape(values)
         flat = np.ravel(values)
+        if self._dense is not None and flat.dtype.kind in "iu":
+            table = self._dense
+            inside = (flat >= 0) & (flat < len(table))
+            if inside.all():
+                return table[flat].reshape(shape)
+            out = np.zeros(flat.shape, np.int32)
+            out[inside] = table[flat[inside]]
+            return out.reshape(shape)
         if self.dtype == "int" and flat.dtype.kind in "iu" and len(self.ids):
             # Sorted int ids: a binary search, much cheaper than a hash lookup for the few ids
             # of one request (and no slower for many).

@@ -57,6 +57,34 @@ def _mask_seen(scores, ids, seen):
         scores[u, : len(cands)][np.isin(cands, s)] = -np.inf
 
 
+def _mask_seen_lists(scores, ids, index, seen, encoder):
+    """``_mask_seen`` for one candidate list per user (``index``: their encoded ids), with
+    integer ids: one ``isin`` over every user's (user, item index) pairs instead of one call
+    per user (1,024 users per batch). Anything else, and users with ids unknown to the
+    catalogue (index 0, which raw ids tell apart and indices do not), compare raw ids."""
+    seen = [np.asarray(s) for s in seen]
+    if not all(a.ndim == 1 and a.dtype.kind in "iu" for a in list(ids) + seen):
+        return _mask_seen(scores, ids, seen)
+    n, num_items = len(ids), encoder.num_items
+    seen_lengths = [len(s) for s in seen]
+    if not sum(seen_lengths):
+        return
+    seen_index = encoder.item_index(np.concatenate(seen))
+    cand = np.concatenate(index)
+    lengths = np.array([len(i) for i in index])
+    owner = np.repeat(np.arange(n), lengths)
+    seen_owner = np.repeat(np.arange(n), seen_lengths)
+    unknown = np.zeros(n, bool)
+    unknown[owner[cand == 0]] = True
+    unknown[seen_owner[seen_index == 0]] = True
+    hit = np.isin(owner.astype(np.int64) * num_items + cand,
+                  seen_owner.astype(np.int64) * num_items + seen_index) & ~unknown[owner]
+    column = np.arange(len(cand)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    scores[owner[hit], column[hit]] = -np.inf
+    for u in np.flatnonzero(unknown):
+        scores[u, : len(ids[u])][np.isin(ids[u], seen[u])] = -np.inf
+
+
 class ScoringMixin:
     """``score_many`` / ``score_indices`` / ``recommend_many`` / ``predict_items`` for
     ``MetaLearner`` (the adapted weights come from ``AdaptationMixin``)."""
@@ -156,13 +184,19 @@ class ScoringMixin:
             # One list shared by every user (a batch job's candidate file, the same candidate
             # list in every request): encoded and gathered once, scored by the shared kernel.
             return encoder.item_index(np.asarray(candidates[0])), True
-        return [encoder.item_index(np.asarray(c)) for c in candidates], False
+        arrays = [np.asarray(c) for c in candidates]
+        if all(a.ndim == 1 and a.dtype.kind in "iu" for a in arrays):
+            # Integer ids: one lookup of all users' candidates (a batch job's million ids),
+            # not one call per user.
+            index = encoder.item_index(np.concatenate(arrays))
+            return np.split(index, np.cumsum([len(a) for a in arrays])[:-1]), False
+        return [encoder.item_index(a) for a in arrays], False
 
     def score_many(self, adapted_users, candidates=None):
         """Scores of each user's candidates (raw item ids; None = whole catalogue)."""
         if not adapted_users:
             return []
-        scores, sizes, _ = self._score_matrix(adapted_users, candidates)
+        scores, sizes, _, _ = self._score_matrix(adapted_users, candidates)
         return [np.array(scores[u, : sizes[u]]) for u in range(len(adapted_users))]  # writable copies
 
     def score_indices(self, adapted_users, item_index):
@@ -171,7 +205,7 @@ class ScoringMixin:
         if not adapted_users:
             return []
         n = len(adapted_users)
-        scores, sizes, _ = self._score_matrix(adapted_users, None, self._checked_index(item_index, n))
+        scores, sizes, _, _ = self._score_matrix(adapted_users, None, self._checked_index(item_index, n))
         return [np.array(scores[u, : sizes[u]]) for u in range(n)]
 
     def _checked_index(self, item_index, n_users):
@@ -189,7 +223,8 @@ class ScoringMixin:
 
     def _score_matrix(self, adapted_users, candidates, encoded=None):
         """Scores as one padded array ``[users_bucket, candidates_bucket]``, each user's number
-        of candidates, and whether all users share one candidate array."""
+        of candidates, whether all users share one candidate array, and the encoded
+        candidates (that array, or one per user)."""
         n = len(adapted_users)
         b = bucket(n)
         batch = adapted_users[0]._batch
@@ -218,7 +253,7 @@ class ScoringMixin:
         scores = backend.to_numpy(
             self._score_kernel(shared)(params, non_trainable, weights, users, items)
         )
-        return scores, sizes, shared
+        return scores, sizes, shared, index
 
     def adapt_score_indices(self, item_index, ratings, lengths, candidate_index,
                             user_features=None, seen_items=None):
@@ -248,7 +283,7 @@ class ScoringMixin:
         if not adapted_users:
             return []
         n = len(adapted_users)
-        scores, sizes, shared = self._score_matrix(adapted_users, candidates)
+        scores, sizes, shared, index = self._score_matrix(adapted_users, candidates)
         scores = scores[:n].astype(np.float64)
         if candidates is None:
             ids = [self.encoder.item_ids[1:]] * n
@@ -258,7 +293,9 @@ class ScoringMixin:
             ids = [np.asarray(c) for c in candidates]
         # Padding columns and seen items can never be chosen.
         scores[np.arange(scores.shape[1])[None, :] >= np.asarray(sizes)[:, None]] = -np.inf
-        if exclude_seen:
+        if exclude_seen and not shared:
+            _mask_seen_lists(scores, ids, index, [u.seen_items for u in adapted_users], self.encoder)
+        elif exclude_seen:
             _mask_seen(scores, ids, [u.seen_items for u in adapted_users])
         # One top-k over the whole matrix: partition, then sort the k kept per row.
         kk = min(int(k), scores.shape[1])

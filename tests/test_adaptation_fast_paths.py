@@ -328,3 +328,26 @@ def test_weights_read_at_every_call(setup):
         var.assign(old)
     np.testing.assert_allclose(plain_after, plain_before + 1.0, rtol=1e-5, atol=1e-5)
     assert not np.allclose(after, before)
+
+
+def test_per_user_lists_mask_seen_items_like_raw_ids(setup):
+    """A different candidate list per user is masked in one pass over (user, item index) pairs;
+    it excludes exactly what comparing raw ids user by user excludes: duplicates, ids unknown
+    to the catalogue among the candidates and, for a user whose support held an unknown id,
+    that same id among their candidates (unknown ids all share index 0, raw ids differ)."""
+    data, _, learner, users = setup
+    frames = [s for s, _ in users] * 4
+    frames[0] = pd.concat([frames[0], pd.DataFrame({"item_id": [10**9], "rating": [3.0]})],
+                          ignore_index=True)
+    batch = learner.adapt_many(frames, [f for _, f in users] * 4)
+    catalogue = data.items.index.to_numpy()
+    rng = np.random.default_rng(7)
+    lists = []
+    for u, user in enumerate(batch):
+        picks = rng.choice(catalogue, 40, replace=False)
+        lists.append(np.concatenate([picks, user.seen_items[:3], picks[:2], [10**9, 10**9 + 1 + u]]))
+    recs = learner.recommend_many(batch, k=10_000, candidates=lists)
+    for u, (ids, _) in enumerate(recs):
+        kept = np.asarray(lists[u])[~np.isin(lists[u], batch[u].seen_items)]
+        np.testing.assert_array_equal(np.sort(ids), np.sort(kept))
+    assert 10**9 not in recs[0][0] and 10**9 in recs[1][0]

@@ -193,3 +193,26 @@ def test_mixed_ids_are_keyed_by_canonical_strings():
     assert enc.item_index([3, "3", 3.0, 4, "a", 5]).tolist() == [1, 1, 1, 2, 3, 0]
     restored = FeatureEncoder.from_config(enc.get_config(), enc.to_arrays())
     assert restored.item_index([4.0, "a"]).tolist() == [2, 3]
+
+
+@pytest.mark.parametrize("ids", [
+    np.arange(1, 501),                               # compact: one gather through a dense table
+    np.array([0, 5, 9, 70_000]),                     # compact enough for the table too
+    np.array([3, 10**9, 10**12]),                    # sparse: a binary search
+    np.array([-4, -1, 2, 8]),                        # negative ids: a binary search
+])
+def test_int_id_lookup_matches_a_dictionary(ids):
+    """Every int lookup path gives the index of each known id and 0 for the rest, for any int
+    dtype and shape, including ids outside the table's range."""
+    from metarec.encoding import _IdVocabulary
+
+    vocab = _IdVocabulary(np.sort(ids).astype(np.int64), "int")
+    expected = {int(v): i + 1 for i, v in enumerate(np.sort(ids))}
+    rng = np.random.default_rng(0)
+    queries = np.concatenate([ids, ids + 1, ids - 1, [-(10**13), 10**13],
+                              rng.integers(-10, int(ids.max()) + 10, 300)])
+    for dtype in (np.int64, np.int32, np.uint32, np.uint64):
+        q = queries[(queries >= np.iinfo(dtype).min) & (queries <= np.iinfo(dtype).max)].astype(dtype)
+        got = vocab.lookup(q.reshape(-1, 1) if dtype == np.int64 else q)
+        assert got.dtype == np.int32 and got.shape == ((len(q), 1) if dtype == np.int64 else (len(q),))
+        np.testing.assert_array_equal(got.ravel(), [expected.get(int(v), 0) for v in q])
