@@ -319,6 +319,12 @@ class FeatureEncoder:
                              f"[{idx.min()}, {idx.max()}]")
         return {name: np.take(table, idx, axis=0) for name, table in tables.items()}
 
+    @property
+    def item_tables(self) -> dict[str, np.ndarray]:
+        """Each item feature's table ``[num_items, ...]``: row ``i`` is item index ``i``'s
+        encoded feature (what ``item_inputs`` gathers). Read-only."""
+        return dict(self._item_tables)
+
     def item_inputs(self, item_idx: Any) -> dict[str, np.ndarray]:
         """``item_id`` plus every item feature for item indices of any shape ``[...]``."""
         inputs = {"item_id": np.asarray(item_idx).astype(np.int32, copy=False)}
