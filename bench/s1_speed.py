@@ -139,16 +139,23 @@ def bench_adapt_score(adapt, calls, warmup, learner=None):
         adapted = learner.adapt_many([frame], [features])
         learner.recommend_many(adapted, TOP_K, True, [cands])
 
-    # Interleave in rounds so that load from other processes hits both alike.
-    for fn in (plain, sdk):
+    def one_call():
+        # The same ranking from one compiled call (adapt_recommend_many).
+        frame, features, cands = users[state["i"] % len(users)]
+        state["i"] += 1
+        learner.adapt_recommend_many([frame], TOP_K, True, [cands], [features])
+
+    # Interleave in rounds so that load from other processes hits all alike.
+    fns = {"plain": plain, "sdk": sdk, "one_call": one_call}
+    for fn in fns.values():
         _time_calls(fn, 0, warmup)
     rounds = 4
-    res = {"plain": [], "sdk": []}
+    res = {name: [] for name in fns}
     for _ in range(rounds):
-        res["plain"] += _time_calls(plain, calls // rounds, 2)
-        res["sdk"] += _time_calls(sdk, calls // rounds, 2)
-    plain_s, sdk_s = _stats(res["plain"]), _stats(res["sdk"])
-    return {"adapt": adapt, "plain_predict": plain_s, "adapt_score": sdk_s,
+        for name, fn in fns.items():
+            res[name] += _time_calls(fn, calls // rounds, 2)
+    plain_s, sdk_s, one_s = _stats(res["plain"]), _stats(res["sdk"]), _stats(res["one_call"])
+    return {"adapt": adapt, "plain_predict": plain_s, "adapt_score": sdk_s, "adapt_score_one_call": one_s,
             "ratio_median": sdk_s["median_ms"] / plain_s["median_ms"]}
 
 
@@ -308,6 +315,11 @@ def markdown(results):
                 x = by[b]["adapt_score"][i]
                 cells.append(f"{x['adapt_score']['median_ms']:.2f} / {x['adapt_score']['p99_ms']:.2f} ms")
             lines.append(f"| adapt+score ({name}) median / p99 | " + " | ".join(cells) + " |")
+            if all("adapt_score_one_call" in by[b]["adapt_score"][i] for b in backends):
+                cells = [f"{by[b]['adapt_score'][i]['adapt_score_one_call']['median_ms']:.2f} / "
+                         f"{by[b]['adapt_score'][i]['adapt_score_one_call']['p99_ms']:.2f} ms" for b in backends]
+                lines.append(f"| adapt_recommend_many, one call ({name}) median / p99 | "
+                             + " | ".join(cells) + " |")
             cells = [f"{by[b]['adapt_score'][i]['plain_predict']['median_ms']:.2f} / "
                      f"{by[b]['adapt_score'][i]['plain_predict']['p99_ms']:.2f} ms" for b in backends]
             lines.append(f"| plain predict_items, same run ({name}) median / p99 | " + " | ".join(cells) + " |")

@@ -390,7 +390,7 @@ class FeatureEncoder:
         missing = [c for c in ("item_id", "rating") if c not in frame.columns]
         if missing:
             raise ValueError(f"interaction frame lacks columns {missing}; got {list(frame.columns)}")
-        return self.item_index(frame["item_id"].to_numpy()), self.check_ratings(frame["rating"])
+        return self.item_index(frame["item_id"].to_numpy()), self.check_ratings(frame["rating"].to_numpy())
 
     def check_ratings(self, ratings: Any) -> np.ndarray:
         """Ratings as float32, checked: finite, within the schema's rating range (explicit) or

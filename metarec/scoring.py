@@ -63,8 +63,8 @@ def _mask_seen_lists(scores, ids, index, seen, encoder):
     per user (1,024 users per batch). Anything else, and users with ids unknown to the
     catalogue (index 0, which raw ids tell apart and indices do not), compare raw ids."""
     seen = [np.asarray(s) for s in seen]
-    if not all(a.ndim == 1 and a.dtype.kind in "iu" for a in list(ids) + seen):
-        return _mask_seen(scores, ids, seen)
+    if len(ids) < 16 or not all(a.ndim == 1 and a.dtype.kind in "iu" for a in list(ids) + seen):
+        return _mask_seen(scores, ids, seen)  # a few users: one isin each is quicker
     n, num_items = len(ids), encoder.num_items
     seen_lengths = [len(s) for s in seen]
     if not sum(seen_lengths):
@@ -83,6 +83,11 @@ def _mask_seen_lists(scores, ids, index, seen, encoder):
     scores[owner[hit], column[hit]] = -np.inf
     for u in np.flatnonzero(unknown):
         scores[u, : len(ids[u])][np.isin(ids[u], seen[u])] = -np.inf
+
+
+def _check_k(k):
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer; received k={k!r}.")
 
 
 class ScoringMixin:
@@ -293,12 +298,34 @@ class ScoringMixin:
 
     def recommend_many(self, adapted_users, k=10, exclude_seen=True, candidates=None):
         """Top-``k`` (item ids, scores) per user, best first; seen items excluded by default."""
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer; received k={k!r}.")
+        _check_k(k)
         if not adapted_users:
             return []
-        n = len(adapted_users)
         scores, sizes, shared, index = self._score_matrix(adapted_users, candidates)
+        return self._top_k(scores, sizes, shared, index, candidates,
+                           [u.seen_items for u in adapted_users], k, exclude_seen)
+
+    def adapt_recommend_many(self, supports, k=10, exclude_seen=True, candidates=None,
+                             user_features=None):
+        """``recommend_many(adapt_many(supports, user_features), k, exclude_seen, candidates)``
+        in one compiled call: one dispatch, and the adapted weights stay on the device (they
+        are not returned; use ``adapt_many`` to keep them). The quickest way to rank items
+        for users seen once, such as a cold-start request."""
+        _check_k(k)
+        seen = []
+        padded, users, per_user = self.encode_supports(supports, user_features, raw_items=seen)
+        n = len(per_user)
+        index, shared = self._candidate_index(candidates, n)
+        items, sizes = self._item_batch(index, shared, n, pad_shared=candidates is not None)
+        params, non_trainable = self._inference_weights()
+        _, scores = self._adapt_score_kernel(shared)(params, non_trainable, *padded, users, items,
+                                                     self._item_tables())
+        return self._top_k(backend.to_numpy(scores), sizes, shared, index, candidates, seen, k,
+                           exclude_seen)
+
+    def _top_k(self, scores, sizes, shared, index, candidates, seen, k, exclude_seen):
+        """Each user's top ``k`` of a padded score matrix as (raw item ids, scores)."""
+        n = len(seen)
         scores = scores[:n].astype(np.float64)
         if candidates is None:
             ids = [self.encoder.item_ids[1:]] * n
@@ -309,9 +336,9 @@ class ScoringMixin:
         # Padding columns and seen items can never be chosen.
         scores[np.arange(scores.shape[1])[None, :] >= np.asarray(sizes)[:, None]] = -np.inf
         if exclude_seen and not shared:
-            _mask_seen_lists(scores, ids, index, [u.seen_items for u in adapted_users], self.encoder)
+            _mask_seen_lists(scores, ids, index, seen, self.encoder)
         elif exclude_seen:
-            _mask_seen(scores, ids, [u.seen_items for u in adapted_users])
+            _mask_seen(scores, ids, seen)
         # One top-k over the whole matrix: partition, then sort the k kept per row.
         kk = min(int(k), scores.shape[1])
         top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]

@@ -351,3 +351,40 @@ def test_per_user_lists_mask_seen_items_like_raw_ids(setup):
         kept = np.asarray(lists[u])[~np.isin(lists[u], batch[u].seen_items)]
         np.testing.assert_array_equal(np.sort(ids), np.sort(kept))
     assert 10**9 not in recs[0][0] and 10**9 in recs[1][0]
+
+
+@pytest.mark.parametrize("layout", ["catalogue", "shared", "per_user", "keep_seen"])
+def test_adapt_recommend_many_is_adapt_then_recommend(setup, layout):
+    """The one-call path gives what adapt_many + recommend_many give, for every candidate
+    layout; the ranking (ties, seen items, padding) is the same code."""
+    data, _, learner, users = setup
+    supports, features = [s for s, _ in users] * 4, [f for _, f in users] * 4
+    catalogue = data.items.index.to_numpy()
+    seen = np.concatenate([s["item_id"].to_numpy() for s in supports])
+    candidates = {
+        "catalogue": None,
+        "shared": [np.unique(np.concatenate([catalogue[:50], seen[:10]]))] * len(supports),
+        "per_user": [np.concatenate([catalogue[u:u + 40], supports[u]["item_id"].to_numpy()[:2]])
+                     for u in range(len(supports))],
+        "keep_seen": [catalogue[:30]] * len(supports),
+    }[layout]
+    exclude = layout != "keep_seen"
+    got = learner.adapt_recommend_many(supports, k=12, exclude_seen=exclude, candidates=candidates,
+                                       user_features=features)
+    want = learner.recommend_many(learner.adapt_many(supports, features), k=12, exclude_seen=exclude,
+                                  candidates=candidates)
+    assert len(got) == len(want) == len(supports)
+    for (ids, scores), (want_ids, want_scores) in zip(got, want):
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-6)
+    if exclude:
+        assert all(not set(ids.tolist()) & set(s["item_id"].tolist()) for (ids, _), s in zip(got, supports))
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True, "3"])
+def test_adapt_recommend_many_rejects_bad_k(setup, k):
+    _, _, learner, users = setup
+    with pytest.raises(ValueError, match=r"k must be a positive integer; received k="):
+        learner.adapt_recommend_many([users[0][0]], k=k)
+    with pytest.raises(ValueError, match="supports is empty"):
+        learner.adapt_recommend_many([], k=3)
