@@ -83,3 +83,20 @@ def test_variables_are_read_when_the_kernel_runs():
     assert len(traces) == traced
     fast(params, inputs, mask)  # tensors where variables were: another signature
     assert len(traces) == traced + 1
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(12, dtype=np.float32).reshape(3, 4),
+    np.arange(12, dtype=np.float64).reshape(3, 4)[:, ::2],   # a strided view
+    np.arange(6, dtype=np.int64)[::-1],                       # negative strides
+    np.array([True, False]),
+    np.array(3.5, dtype=np.float32),                          # 0-d
+    np.zeros((0, 5), np.int32),                               # empty
+    np.asfortranarray(np.arange(6, dtype=np.int32).reshape(2, 3)),
+])
+def test_direct_array_conversion_equals_convert_to_tensor(array):
+    """Kernel arguments skip tf.convert_to_tensor's dispatch; the tensor must be the same."""
+    got, want = tf_backend._tensor(array), tf.convert_to_tensor(array)
+    assert got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape)
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    assert isinstance(tf_backend._tensor([1.0, 2.0]), tf.Tensor)  # non-arrays: the plain path

@@ -3,6 +3,14 @@
 import numpy as np
 import tensorflow as tf
 
+try:
+    # What tf.convert_to_tensor ends in for a numpy array, without its dispatch: 13 instead of
+    # 27 us per array on this project's CPU, and a serving kernel takes about a dozen arrays.
+    from tensorflow.python.eager import context as _eager_context
+    from tensorflow.python.framework.constant_op import convert_to_eager_tensor as _to_eager
+except ImportError:  # pragma: no cover - a TensorFlow without these private modules
+    _to_eager = None
+
 
 def _dense(grad, like):
     # Embedding gradients arrive as IndexedSlices; `w - lr * g` needs a dense tensor.
@@ -82,7 +90,7 @@ class _ConcreteCall:
     def __call__(self, *args):
         leaves = tf.nest.flatten(args)
         key = (_nesting(args), tuple(_signature(x) for x in leaves))
-        tensors = [x if isinstance(x, (tf.Variable, tf.Tensor)) else tf.convert_to_tensor(x) for x in leaves]
+        tensors = [x if isinstance(x, (tf.Variable, tf.Tensor)) else _tensor(x) for x in leaves]
         concrete = self._concrete.get(key)
         if concrete is None:
             concrete = self.function.get_concrete_function(*tf.nest.pack_sequence_as(args, tensors))
@@ -94,6 +102,14 @@ class _ConcreteCall:
             return concrete(*tf.nest.pack_sequence_as(args, tensors))
         return call_flat([x.handle if isinstance(x, tf.Variable) else x for x in tensors],
                          concrete.captured_inputs)
+
+
+def _tensor(x):
+    """An eager tensor of an argument: numpy arrays through the direct eager conversion when
+    running eagerly (as kernel calls do), anything else through ``tf.convert_to_tensor``."""
+    if _to_eager is not None and isinstance(x, np.ndarray) and tf.executing_eagerly():
+        return _to_eager(x, _eager_context.context())
+    return tf.convert_to_tensor(x)
 
 
 def _signature(x):
