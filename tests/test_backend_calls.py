@@ -100,3 +100,12 @@ def test_direct_array_conversion_equals_convert_to_tensor(array):
     assert got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape)
     np.testing.assert_array_equal(got.numpy(), want.numpy())
     assert isinstance(tf_backend._tensor([1.0, 2.0]), tf.Tensor)  # non-arrays: the plain path
+
+
+def test_arrays_the_direct_conversion_refuses_take_the_public_path():
+    """An array the direct conversion cannot take gets tf.convert_to_tensor's own result or
+    its own error, never a different one."""
+    strings = np.array(["a", "bc"])
+    np.testing.assert_array_equal(tf_backend._tensor(strings).numpy(), tf.convert_to_tensor(strings).numpy())
+    with pytest.raises((ValueError, TypeError)):
+        tf_backend._tensor(np.array([{"a": 1}], dtype=object))

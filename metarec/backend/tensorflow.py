@@ -108,7 +108,10 @@ def _tensor(x):
     """An eager tensor of an argument: numpy arrays through the direct eager conversion when
     running eagerly (as kernel calls do), anything else through ``tf.convert_to_tensor``."""
     if _to_eager is not None and isinstance(x, np.ndarray) and tf.executing_eagerly():
-        return _to_eager(x, _eager_context.context())
+        try:
+            return _to_eager(x, _eager_context.context())
+        except Exception:  # noqa: BLE001 - whatever it refuses takes the public path below,
+            pass  # which converts it or raises its own error
     return tf.convert_to_tensor(x)
 
 
