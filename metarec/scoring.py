@@ -288,13 +288,20 @@ class ScoringMixin:
         catalogue = candidate_index is None
         index, shared = (self._candidate_index(None, n) if catalogue
                          else self._checked_index(candidate_index, n))
-        items, sizes = self._item_batch(index, shared, n, pad_shared=not catalogue)
+        adapted, scores, sizes = self._adapt_and_score(padded, users, index, shared, n,
+                                                       pad_shared=not catalogue)
+        return (self._users_of_batch(adapted, per_user, seen),
+                [np.array(scores[u, : sizes[u]]) for u in range(n)])
+
+    def _adapt_and_score(self, padded, users, index, shared, n_users, pad_shared):
+        """The fused adapt + score kernel on padded supports and encoded candidates: (stacked
+        adapted weights, scores as numpy ``[users_bucket, candidates_bucket]``, each user's
+        number of candidates)."""
+        items, sizes = self._item_batch(index, shared, n_users, pad_shared=pad_shared)
         params, non_trainable = self._inference_weights()
         adapted, scores = self._adapt_score_kernel(shared)(params, non_trainable, *padded, users, items,
                                                            self._item_tables())
-        scores = backend.to_numpy(scores)
-        return (self._users_of_batch(adapted, per_user, seen),
-                [np.array(scores[u, : sizes[u]]) for u in range(n)])
+        return adapted, backend.to_numpy(scores), sizes
 
     def recommend_many(self, adapted_users, k=10, exclude_seen=True, candidates=None):
         """Top-``k`` (item ids, scores) per user, best first; seen items excluded by default."""
@@ -316,12 +323,9 @@ class ScoringMixin:
         padded, users, per_user = self.encode_supports(supports, user_features, raw_items=seen)
         n = len(per_user)
         index, shared = self._candidate_index(candidates, n)
-        items, sizes = self._item_batch(index, shared, n, pad_shared=candidates is not None)
-        params, non_trainable = self._inference_weights()
-        _, scores = self._adapt_score_kernel(shared)(params, non_trainable, *padded, users, items,
-                                                     self._item_tables())
-        return self._top_k(backend.to_numpy(scores), sizes, shared, index, candidates, seen, k,
-                           exclude_seen)
+        _, scores, sizes = self._adapt_and_score(padded, users, index, shared, n,
+                                                 pad_shared=candidates is not None)
+        return self._top_k(scores, sizes, shared, index, candidates, seen, k, exclude_seen)
 
     def _top_k(self, scores, sizes, shared, index, candidates, seen, k, exclude_seen):
         """Each user's top ``k`` of a padded score matrix as (raw item ids, scores)."""

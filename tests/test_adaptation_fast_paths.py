@@ -415,3 +415,22 @@ def test_kernel_gathered_item_features_match_the_plain_forward_pass():
                                           user_features=[features])[0]
     order = np.argsort(-plain.astype(np.float64), kind="stable")
     np.testing.assert_array_equal(ranked[0], candidates[order])
+
+
+def test_adapt_recommend_many_rejects_bad_supports_and_candidates(setup):
+    """The one-call path checks its inputs as adapt_many / recommend_many do, before any
+    compiled work, and the learner keeps answering afterwards."""
+    _, _, learner, users = setup
+    support, features = users[0]
+    nan = support.copy()
+    nan.loc[nan.index[0], "rating"] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        learner.adapt_recommend_many([nan], k=3)
+    with pytest.raises(ValueError, match="candidates has 1 entries for 2 users"):
+        learner.adapt_recommend_many([support, support], k=3, candidates=[support["item_id"].to_numpy()])
+    with pytest.raises(ValueError, match="user_features has 2 entries for 1 users"):
+        learner.adapt_recommend_many([support], k=3, user_features=[features, features])
+    with pytest.raises(ValueError, match="list of DataFrames"):
+        learner.adapt_recommend_many(support, k=3)
+    (ids, scores), = learner.adapt_recommend_many([support], k=3, user_features=[features])
+    assert len(ids) == len(scores) == 3
