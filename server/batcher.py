@@ -22,10 +22,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,11 @@ class MicroBatcher(Generic[K, T, R]):
             worker thread.
         config: batching limits.
         name: used for the worker thread's name and log lines.
+
+    The queue belongs to the worker thread: ``submit`` appends under a lock and wakes the
+    worker, which forms batches itself and hands each batch's results back to the event loop
+    in one callback. A request thus costs the loop no extra task switch between arriving and
+    running, and its result reaches the caller in the loop iteration after the batch ends.
     """
 
     def __init__(
@@ -102,11 +107,12 @@ class MicroBatcher(Generic[K, T, R]):
         self.config = config or BatcherConfig()
         self.name = name
         self._pending: deque[_Pending] = deque()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"metarec-{name}")
-        self._wakeup: asyncio.Event | None = None
-        self._full: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._lock = threading.Condition()  # guards _pending, _closed and _idle
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Future | None = None
         self._closed = False
+        self._idle = True  # the worker waits for work (it is not running a batch)
         # Counters for status pages and the benchmark.
         self.batches = 0
         self.items = 0
@@ -123,78 +129,98 @@ class MicroBatcher(Generic[K, T, R]):
         unprocessed (:class:`DeadlineExpiredError`). Cancelling the awaiting coroutine drops
         the item if its batch has not started yet.
         """
-        if self._closed:
-            raise BatcherClosedError(f"{self.name} is shut down")
-        if len(self._pending) >= self.config.max_queue:
-            raise QueueFullError(
-                f"{self.name}: {len(self._pending)} requests queued (max_queue={self.config.max_queue})"
-            )
         loop = asyncio.get_running_loop()
-        self._ensure_started(loop)
         future = loop.create_future()
-        self._pending.append(_Pending(key, item, future, time.monotonic(), deadline))
-        self._wakeup.set()
-        if len(self._pending) >= self.config.max_batch_size:
-            self._full.set()
+        with self._lock:
+            if self._closed:
+                raise BatcherClosedError(f"{self.name} is shut down")
+            if len(self._pending) >= self.config.max_queue:
+                raise QueueFullError(
+                    f"{self.name}: {len(self._pending)} requests queued (max_queue={self.config.max_queue})"
+                )
+            self._ensure_started(loop)
+            self._pending.append(_Pending(key, item, future, time.monotonic(), deadline))
+            # A busy worker looks at the queue when its batch ends: no need to wake it.
+            if self._idle or len(self._pending) >= self.config.max_batch_size:
+                self._lock.notify()
         return await future
 
     def _ensure_started(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._task is None:
-            self._wakeup = asyncio.Event()
-            self._full = asyncio.Event()
-            self._task = loop.create_task(self._collect(), name=f"{self.name}-collector")
+        if self._thread is None:
+            self._loop = loop
+            self._stopped = loop.create_future()
+            self._thread = threading.Thread(target=self._work, name=f"metarec-{self.name}", daemon=True)
+            self._thread.start()
+        elif loop is not self._loop:
+            raise RuntimeError(f"{self.name}: submit() from a second event loop")
 
-    async def _collect(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._pending:
-                if self._closed:
+    # ------------------------------------------------------------------ worker thread
+    def _work(self) -> None:
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
                     return
-                # Same thread as submit(): nothing can be appended between check and clear.
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            # Wait for the batch to fill, but never longer than the oldest item's budget.
-            waited = time.monotonic() - self._pending[0].enqueued
-            remaining = self.config.max_delay_s - waited
-            if remaining > 0 and len(self._pending) < self.config.max_batch_size and not self._closed:
-                self._full.clear()
-                try:
-                    await asyncio.wait_for(self._full.wait(), remaining)
-                except asyncio.TimeoutError:
-                    pass
-            batch = self._take_batch()
-            self._full.clear()
-            for key, group in _group_by_key(batch):
-                try:
-                    results = await loop.run_in_executor(
-                        self._executor, self._run_group, key, [p.item for p in group]
-                    )
-                except Exception as error:  # noqa: BLE001 - never leave a caller hanging
-                    results = [error] * len(group)
-                self.batches += 1
-                self.items += len(group)
-                for pending, result in zip(group, results):
-                    if pending.future.done():  # the caller gave up (cancelled / deadline)
-                        continue
-                    if isinstance(result, BaseException):
-                        pending.future.set_exception(result)
-                    else:
-                        pending.future.set_result(result)
+                for key, group in _group_by_key(batch):
+                    results = self._run_group(key, [p.item for p in group])
+                    self.batches += 1
+                    self.items += len(group)
+                    self._to_loop(_deliver, list(zip(group, results)))
+        finally:
+            # Normally the queue is empty here; if the worker died, nobody may wait forever.
+            with self._lock:
+                self._closed = True
+                left = [(p, BatcherClosedError(f"{self.name} stopped")) for p in self._pending]
+                self._pending.clear()
+            if left:
+                self._to_loop(_deliver, left)
+            self._to_loop(_resolve, self._stopped, None)
 
-    def _take_batch(self) -> list[_Pending]:
-        """Pop up to ``max_batch_size`` live items; expired ones are failed on the spot."""
+    def _next_batch(self) -> list[_Pending] | None:
+        """Wait for work, let a batch fill for up to ``max_delay_s``, and take it; ``None``
+        once closed with nothing left."""
+        config = self.config
+        with self._lock:
+            while True:
+                self._idle = True
+                while not self._pending and not self._closed:
+                    self._lock.wait()
+                if not self._pending:
+                    return None  # closed and drained
+                # Wait for the batch to fill, but never longer than the oldest item's budget.
+                while len(self._pending) < config.max_batch_size and not self._closed:
+                    remaining = self._pending[0].enqueued + config.max_delay_s - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._lock.wait(remaining)
+                self._idle = False
+                batch, expired = self._take_batch()
+                if expired:
+                    self._to_loop(_deliver, [(p, DeadlineExpiredError("deadline passed while queued"))
+                                             for p in expired])
+                if batch:
+                    return batch
+
+    def _take_batch(self) -> tuple[list[_Pending], list[_Pending]]:
+        """Pop up to ``max_batch_size`` live items, and the expired ones met on the way."""
         now = time.monotonic()
         batch: list[_Pending] = []
+        expired: list[_Pending] = []
         while self._pending and len(batch) < self.config.max_batch_size:
             pending = self._pending.popleft()
-            if pending.future.done():
+            if pending.future.done():  # the caller gave up (cancelled)
                 continue
             if pending.deadline is not None and now >= pending.deadline:
-                pending.future.set_exception(DeadlineExpiredError("deadline passed while queued"))
+                expired.append(pending)
                 continue
             batch.append(pending)
-        return batch
+        return batch, expired
+
+    def _to_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
 
     def _run_group(self, key: K, items: list[T]) -> list[R | BaseException]:
         """Worker thread: one batch call, or item by item if the batch call fails."""
@@ -220,12 +246,28 @@ class MicroBatcher(Generic[K, T, R]):
 
     async def aclose(self) -> None:
         """Stop taking work, finish everything already queued, then stop the worker."""
-        self._closed = True
-        if self._task is not None:
-            self._wakeup.set()
-            self._full.set()
-            await self._task
-        self._executor.shutdown(wait=True)
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        if self._stopped is not None:
+            # Resolved by the worker's last callback, after every result it delivered.
+            await self._stopped
+
+
+def _deliver(outcomes: list[tuple[_Pending, Any]]) -> None:
+    """Event loop: hand each item's result (or exception) to its caller, if still waiting."""
+    for pending, result in outcomes:
+        if pending.future.done():  # the caller gave up (cancelled / deadline)
+            continue
+        if isinstance(result, BaseException):
+            pending.future.set_exception(result)
+        else:
+            pending.future.set_result(result)
+
+
+def _resolve(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 def _group_by_key(batch: list[_Pending]) -> list[tuple[Hashable, list[_Pending]]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import operator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,17 @@ class Catalog:
 
     def index(self, item_ids: Sequence[str]) -> np.ndarray:
         """int32 item indices of string ids; 0 for unknown ids."""
-        # map() over dict.get runs in C: no Python frame per id (1,000 candidates per request).
-        return np.fromiter(map(self._index.get, item_ids, itertools.repeat(0)), dtype=np.int32,
-                           count=len(item_ids))
+        # A list first: a protobuf repeated field builds its str objects on each access, and
+        # iterating a list is quicker. Then one itemgetter call looks every id up in C (about
+        # half the time of map(dict.get)); it raises KeyError on an unknown id, and that rare
+        # request takes the map path, which gives unknown ids index 0.
+        ids = list(item_ids)
+        if len(ids) > 1:
+            try:
+                return np.fromiter(operator.itemgetter(*ids)(self._index), dtype=np.int32, count=len(ids))
+            except KeyError:
+                pass
+        return np.fromiter(map(self._index.get, ids, itertools.repeat(0)), dtype=np.int32, count=len(ids))
 
     def raw(self, indices: np.ndarray) -> np.ndarray:
         """Raw ids (the training data's type) of item indices >= 1."""
@@ -239,10 +248,20 @@ def _top_k(idx: np.ndarray, scores: np.ndarray, job: Job) -> Result:
     """Best ``k`` candidates, ties broken by candidate order, as ``recommend_many`` does."""
     ranked = scores.astype(np.float64)
     if job.exclude_seen and len(job.support_idx):
-        ranked[np.isin(idx, job.support_idx)] = -math.inf
+        ranked[_is_seen(idx, job.support_idx)] = -math.inf
     k = min(job.k, int(np.isfinite(ranked).sum()))
     if k == 0:
         return Result(np.zeros(0, np.int32), np.zeros(0, np.float32))
     top = np.argpartition(-ranked, k - 1)[:k]
     top = top[np.argsort(-ranked[top], kind="stable")]
     return Result(idx[top], scores[top])
+
+
+def _is_seen(idx: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """``np.isin(idx, seen)`` for item indices (small non-negative ints), through a lookup
+    table as long as the largest seen index: a few microseconds, where ``np.isin``'s general
+    machinery takes about 35 for 1,000 candidates."""
+    top = int(seen.max()) + 1
+    table = np.zeros(top + 1, dtype=bool)  # the last entry stands for every index above
+    table[seen] = True
+    return table[np.minimum(idx, top)]

@@ -93,6 +93,18 @@ def check_rating(rating: float, model: ServingModel | None, where: str) -> None:
             raise invalid(f"{where}: rating {rating!r} is outside the model's range [{low}, {high}]")
 
 
+def _ratings_valid(ratings: np.ndarray, model: ServingModel) -> bool:
+    """``check_rating`` of every rating at once: True when none would be refused."""
+    if not np.isfinite(ratings).all():
+        return False
+    if model.feedback == "implicit":
+        return bool(((ratings == 0.0) | (ratings == 1.0)).all())
+    if model.rating_range is not None and len(ratings):
+        low, high = model.rating_range
+        return bool(low <= ratings.min() and ratings.max() <= high)
+    return True
+
+
 def check_timestamp(message: Any, where: str) -> int | None:
     if not message.HasField("timestamp"):
         return None
@@ -105,13 +117,23 @@ def parse_interactions(messages: Sequence[Any], model: ServingModel, limits: Lim
     """Request interactions → indices; unknown items, bad ratings or too many rows are invalid."""
     if len(messages) > limits.max_interactions:
         raise invalid(f"{len(messages)} interactions (max {limits.max_interactions})")
-    rows = []
-    for i, m in enumerate(messages):
-        where = f"interactions[{i}]"
-        check_id(m.item_id, f"{where}.item_id", limits)
-        check_rating(m.rating, model, where)
-        rows.append((m.item_id, float(m.rating), check_timestamp(m, where)))
-    item_idx = model.catalog.index([r[0] for r in rows])
+    rows = [(m.item_id, m.rating, m.timestamp if m.HasField("timestamp") else None) for m in messages]
+    # All rows checked at once; only a bad request walks them one by one, for its message.
+    ids = [r[0] for r in rows]
+    ratings = np.array([r[1] for r in rows], np.float64)
+    if (
+        not all(ids)
+        or max(map(len, ids), default=0) > limits.max_id_length
+        or not _ratings_valid(ratings, model)
+        or any(r[2] is not None and r[2] < 0 for r in rows)
+    ):
+        for i, m in enumerate(messages):
+            where = f"interactions[{i}]"
+            check_id(m.item_id, f"{where}.item_id", limits)
+            check_rating(m.rating, model, where)
+            check_timestamp(m, where)
+        raise AssertionError(f"the row checks accepted what the batch checks refused: {rows!r}")
+    item_idx = model.catalog.index(ids)
     unknown = np.flatnonzero(item_idx == 0)
     if len(unknown):
         names = ", ".join(repr(rows[i][0]) for i in unknown[:5])
