@@ -247,6 +247,10 @@ class AdaptationMixin:
                 one = encoder.user_inputs_from_features([dicts[i]])
                 rows[keys[i]] = {k: v[0] for k, v in one.items()}
         got = [rows[key] for key in keys]
+        if all(key == keys[0] for key in keys):
+            # One row for every user (often: no features at all): repeat it, skipping
+            # np.stack's per-row work.
+            return {k: np.repeat(v[None], len(got), axis=0) for k, v in got[0].items()}
         return {k: np.stack([r[k] for r in got]) for k in got[0]}
 
     # ------------------------------------------------------------------ compiled kernels

@@ -113,6 +113,7 @@ class MicroBatcher(Generic[K, T, R]):
         self._stopped: asyncio.Future | None = None
         self._closed = False
         self._idle = True  # the worker waits for work (it is not running a batch)
+        self._wake_scheduled = False
         # Counters for status pages and the benchmark.
         self.batches = 0
         self.items = 0
@@ -140,10 +141,19 @@ class MicroBatcher(Generic[K, T, R]):
                 )
             self._ensure_started(loop)
             self._pending.append(_Pending(key, item, future, time.monotonic(), deadline))
-            # A busy worker looks at the queue when its batch ends: no need to wake it.
-            if self._idle or len(self._pending) >= self.config.max_batch_size:
-                self._lock.notify()
+            # An idle worker is woken once the loop has run every handler that is ready now:
+            # requests that arrived together then form one batch, instead of the first one
+            # leaving alone while the others are still being validated. A busy worker looks
+            # at the queue when its batch ends.
+            if self._idle and not self._wake_scheduled:
+                self._wake_scheduled = True
+                loop.call_soon(self._wake)
         return await future
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_scheduled = False
+            self._lock.notify()
 
     def _ensure_started(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._thread is None:
