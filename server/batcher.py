@@ -193,7 +193,9 @@ class MicroBatcher(Generic[K, T, R]):
         with self._lock:
             while True:
                 self._idle = True
-                while not self._pending and not self._closed:
+                # A scheduled wake means the loop is still queuing requests that arrived
+                # together (see submit): take them all at once.
+                while (not self._pending or self._wake_scheduled) and not self._closed:
                     self._lock.wait()
                 if not self._pending:
                     return None  # closed and drained

@@ -81,6 +81,21 @@ def test_zero_delay_sends_a_lone_item_at_once_and_batches_under_load():
     assert sizes[:2] == [1, 1] and max(sizes[2:]) == 8 and sum(sizes) == 14
 
 
+def test_requests_that_arrive_together_form_one_batch():
+    """Handlers made ready by the same loop iteration all queue before the idle worker is
+    woken: the first of them does not leave alone."""
+    rec = Recorder()
+
+    async def main():
+        batcher = MicroBatcher(rec, BatcherConfig(max_batch_size=8, max_delay_s=0))
+        out = await asyncio.gather(*(batcher.submit("k", i) for i in range(5)))
+        await batcher.aclose()
+        return out
+
+    assert run(main()) == [i * i for i in range(5)]
+    assert [items for _, items in rec.batches] == [[0, 1, 2, 3, 4]]
+
+
 def test_batch_function_runs_off_the_event_loop_thread():
     rec = Recorder()
 
