@@ -91,10 +91,11 @@ class MicroBatcher(Generic[K, T, R]):
         config: batching limits.
         name: used for the worker thread's name and log lines.
 
-    The queue belongs to the worker thread: ``submit`` appends under a lock and wakes the
-    worker, which forms batches itself and hands each batch's results back to the event loop
-    in one callback. A request thus costs the loop no extra task switch between arriving and
-    running, and its result reaches the caller in the loop iteration after the batch ends.
+    The queue belongs to the worker thread: ``submit`` appends under a lock, and an idle
+    worker is woken by a loop callback that runs after every handler ready in the same loop
+    iteration (so requests that arrived together share a batch). The worker forms batches
+    itself and hands each batch's results back to the event loop in one callback: there is
+    no collector task and no executor future between a request and its batch.
     """
 
     def __init__(
@@ -166,10 +167,11 @@ class MicroBatcher(Generic[K, T, R]):
 
     # ------------------------------------------------------------------ worker thread
     def _work(self) -> None:
+        batch: list[_Pending] = []
         try:
             while True:
-                batch = self._next_batch()
-                if batch is None:
+                batch = self._next_batch() or []
+                if not batch:
                     return
                 for key, group in _group_by_key(batch):
                     results = self._run_group(key, [p.item for p in group])
@@ -177,10 +179,11 @@ class MicroBatcher(Generic[K, T, R]):
                     self.items += len(group)
                     self._to_loop(_deliver, list(zip(group, results)))
         finally:
-            # Normally the queue is empty here; if the worker died, nobody may wait forever.
+            # Normally nothing is left here; if the worker died, nobody may wait forever
+            # (items already answered are skipped by _deliver).
             with self._lock:
                 self._closed = True
-                left = [(p, BatcherClosedError(f"{self.name} stopped")) for p in self._pending]
+                left = [(p, BatcherClosedError(f"{self.name} stopped")) for p in [*batch, *self._pending]]
                 self._pending.clear()
             if left:
                 self._to_loop(_deliver, left)

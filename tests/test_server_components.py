@@ -188,6 +188,25 @@ def test_one_bad_item_fails_alone():
     assert isinstance(out[2], ValueError)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_worker_fails_its_callers_instead_of_leaving_them_waiting():
+    def process(key, items):
+        raise SystemExit("worker killed")  # not an Exception: it ends the worker thread
+
+    async def main():
+        batcher = MicroBatcher(process, BatcherConfig(max_batch_size=4, max_delay_s=0))
+        out = await asyncio.wait_for(
+            asyncio.gather(*(batcher.submit("k", i) for i in range(3)), return_exceptions=True), 5)
+        with pytest.raises(BatcherClosedError):
+            await batcher.submit("k", 9)
+        await asyncio.wait_for(batcher.aclose(), 5)
+        batcher._thread.join(5)  # its SystemExit is reported within this test
+        return out
+
+    out = run(main())
+    assert all(isinstance(o, BatcherClosedError) for o in out)
+
+
 def test_close_finishes_queued_work_then_refuses_new_work():
     rec = Recorder(delay=0.01)
 

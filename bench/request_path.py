@@ -1,0 +1,85 @@
+"""What the server's event loop spends on one ``Recommend`` before any model maths.
+
+Times, per request, the validation steps a handler runs on the event loop, on parsed protobuf
+requests shaped like protocol S1 "gRPC" (20 interactions, 1,000 candidate ids, a catalogue of
+2,000 integer ids), each request parsed afresh from bytes as the server receives it:
+
+* ``candidates``: 1,000 candidate id strings to item indices, with the unknown-id and
+  duplicate checks (``server.validation.parse_candidates``);
+* ``interactions``: 20 interactions to indices, ratings and timestamps, all checked;
+* ``cache digest``: the adapted-user cache key of those interactions;
+* ``protobuf parse``: ``RecommendRequest.FromString`` of the serialized request, for scale
+  (gRPC does this in C before the handler runs).
+
+No Keras import: the catalogue is a plain ``ServingModel`` without a learner. Usage:
+
+    python bench/request_path.py                 # median microseconds per request
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from server._generated.metarec.v1 import recommender_pb2 as pb  # noqa: E402
+from server.cache import interactions_digest  # noqa: E402
+from server.inference import Catalog, ServingModel  # noqa: E402
+from server.validation import Limits, parse_candidates, parse_interactions  # noqa: E402
+
+
+def requests(n: int, num_items: int = 2000, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        items = rng.choice(np.arange(1, num_items + 1), 1020, replace=False)
+        request = pb.RecommendRequest(candidate_item_ids=[str(i) for i in items[20:]], k=10)
+        for item in items[:20]:
+            request.user.interactions.add(item_id=str(item), rating=float(rng.integers(1, 6)),
+                                          timestamp=int(rng.integers(1, 10**9)))
+        out.append(request.SerializeToString())
+    return out
+
+
+def median_us(fn, payloads: list[bytes], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        for data in payloads:
+            request = pb.RecommendRequest.FromString(data)  # fresh strings, as on the server
+            start = time.perf_counter()
+            fn(request, data)
+            times.append(time.perf_counter() - start)
+    return round(float(np.median(times)) * 1e6, 1)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=500)
+    p.add_argument("--repeats", type=int, default=4)
+    args = p.parse_args(argv)
+    model = ServingModel(learner=None, catalog=Catalog(list(range(1, 2001))), feedback="explicit",
+                         rating_range=(1.0, 5.0), user_features={})
+    limits = Limits()
+    payloads = requests(args.requests)
+    steps = {
+        "candidates": lambda r, _: parse_candidates(r.candidate_item_ids, model, limits),
+        "interactions": lambda r, _: parse_interactions(r.user.interactions, model, limits),
+        "cache digest": lambda r, _: interactions_digest(
+            parse_interactions(r.user.interactions, model, limits).rows),
+        "protobuf parse": lambda _, data: pb.RecommendRequest.FromString(data),
+    }
+    result = {name: median_us(fn, payloads, args.repeats) for name, fn in steps.items()}
+    # The digest row includes a second parse of the interactions: report the digest alone.
+    result["cache digest"] = round(result["cache digest"] - result["interactions"], 1)
+    print(json.dumps({"median_us_per_request": result}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
