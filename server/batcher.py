@@ -115,7 +115,9 @@ class MicroBatcher(Generic[K, T, R]):
         self._closed = False
         self._idle = True  # the worker waits for work (it is not running a batch)
         self._wake_scheduled = False
-        # Counters for status pages and the benchmark.
+        # Counters for status pages, tests and the benchmark: items accepted by submit(),
+        # batch calls made, and items those calls processed.
+        self.submitted = 0
         self.batches = 0
         self.items = 0
 
@@ -142,6 +144,7 @@ class MicroBatcher(Generic[K, T, R]):
                 )
             self._ensure_started(loop)
             self._pending.append(_Pending(key, item, future, time.monotonic(), deadline))
+            self.submitted += 1
             # An idle worker is woken once the loop has run every handler that is ready now:
             # requests that arrived together then form one batch, instead of the first one
             # leaving alone while the others are still being validated. A busy worker looks

@@ -47,6 +47,7 @@ def test_concurrent_requests_form_batches_bounded_by_max_batch_size():
         batcher = MicroBatcher(rec, BatcherConfig(max_batch_size=8, max_delay_s=0.005, max_queue=100))
         results = await asyncio.gather(*(batcher.submit("k", i) for i in range(40)))
         await batcher.aclose()
+        assert batcher.submitted == batcher.items == 40
         return results
 
     results = run(main())
@@ -145,6 +146,8 @@ def test_full_queue_is_refused_with_queue_full_error():
         tasks = [asyncio.ensure_future(batcher.submit("k", i)) for i in range(10)]
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         await batcher.aclose()
+        # Refused items were never accepted.
+        assert batcher.submitted == batcher.items == sum(not isinstance(o, Exception) for o in outcomes)
         return outcomes
 
     outcomes = run(main())

@@ -312,11 +312,11 @@ def test_graceful_shutdown_finishes_in_flight_requests(model_file, tmp_path):
     try:
         requests = [pb.RecommendRequest(user=user((i, 3.0), (i + 1, 4.0)), k=3) for i in range(1, 41)]
         futures = [api.Recommend.future(r, timeout=60) for r in requests]
-        # Wait until every call is inside a handler (queued in the batcher or done; at most
-        # one batch of 2 is in progress), while plenty are still waiting for the model.
+        # Wait until every call is inside a handler (queued in the batcher, in progress or
+        # done), while plenty are still waiting for the model.
         batcher = server.server.service.batcher
         deadline = time.monotonic() + 30
-        while batcher.queued + batcher.items < len(requests) - 2 and time.monotonic() < deadline:
+        while batcher.submitted < len(requests) and time.monotonic() < deadline:
             time.sleep(0.001)
         queued_at_stop = batcher.queued
         server.stop()
