@@ -68,7 +68,7 @@ def test_good_interactions_become_indices_ratings_and_timestamps():
     ],
 )
 def test_bad_interactions_name_the_first_bad_row(rows, message):
-    with pytest.raises(RequestError, match=None) as error:
+    with pytest.raises(RequestError) as error:
         parse_interactions(interactions(*rows), serving(), Limits())
     assert message in error.value.message
 
