@@ -4,8 +4,8 @@ import numpy as np
 import tensorflow as tf
 
 try:
-    # What tf.convert_to_tensor ends in for a numpy array, without its dispatch: 13 instead of
-    # 27 us per array on this project's CPU, and a serving kernel takes about a dozen arrays.
+    # What tf.convert_to_tensor ends in for a numpy array, without its dispatch: about half its
+    # time per array (bench/kernel_floor.py), and a serving kernel takes about a dozen arrays.
     from tensorflow.python.eager import context as _eager_context
     from tensorflow.python.framework.constant_op import convert_to_eager_tensor as _to_eager
 except ImportError:  # pragma: no cover - a TensorFlow without these private modules
