@@ -225,6 +225,14 @@ def test_close_finishes_queued_work_then_refuses_new_work():
     run(main())
 
 
+def test_submit_from_a_second_event_loop_is_refused_and_the_first_keeps_working():
+    batcher = MicroBatcher(Recorder(), BatcherConfig(max_delay_s=0))
+    assert run(batcher.submit("k", 3)) == 9  # binds the batcher to this loop
+    with pytest.raises(RuntimeError, match="second event loop"):
+        run(batcher.submit("k", 4))  # run() starts a new loop
+    assert batcher.queued == 0 and batcher.submitted == 1  # nothing was queued
+
+
 def test_batcher_config_rejects_nonsense():
     with pytest.raises(ValueError):
         BatcherConfig(max_batch_size=0)
