@@ -20,7 +20,6 @@ import asyncio
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import machine  # noqa: E402 - bench/machine.py, after the path is set
 
 SUPPORT_SIZE = 20
 NUM_CANDIDATES = 1000
@@ -325,7 +327,7 @@ def main(argv=None) -> int:
     report = {
         "protocol": "S1 gRPC",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": machine.describe(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {
             "support": SUPPORT_SIZE, "inner_steps": INNER_STEPS, "candidates": NUM_CANDIDATES, "k": TOP_K,

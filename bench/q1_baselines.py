@@ -12,13 +12,15 @@ The baselines are deterministic, so one seed is run.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "bench"))
+
+import machine  # noqa: E402 - bench/machine.py
 
 from metarec.datasets import load_movielens  # noqa: E402
 from metarec.evaluation import GlobalMean, ItemMean, ItemMeanUserOffset, Q1Protocol, run_evaluation  # noqa: E402
@@ -41,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                             seeds=(0,), split=args.split)
     print(report.to_markdown())
     print(f"command: python bench/q1_baselines.py {' '.join(sys.argv[1:])}".rstrip())
-    print(f"machine: {platform.node()} ({platform.processor() or platform.machine()}), "
-          f"{time.perf_counter() - started:.1f} s")
+    print(f"machine: {machine.describe()}, {time.perf_counter() - started:.1f} s")
     if args.out:
         for name, path in report.save(args.out).items():
             print(f"wrote {name}: {path}")

@@ -45,6 +45,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import machine  # noqa: E402 - bench/machine.py, after the path is set
 
 SUPPORT = 20
 QUERY = 20
@@ -360,7 +363,7 @@ def save_report(script, results, out, **extra):
     report.update({
         "command": f"python bench/{Path(script).name} " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()})",
+        "machine": machine.describe(),
         "results": results,
     })
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import machine  # noqa: E402 - bench/machine.py, after the path is set
 
 SUPPORT = 20
 QUERY = 20
@@ -256,7 +259,7 @@ def main():
         "protocol": "S2",
         "command": "python bench/s2_gpu.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()})",
+        "machine": machine.describe(),
         "tiny": args.tiny,
         "workers": {},
     }
