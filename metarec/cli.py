@@ -5,6 +5,17 @@ import os
 import sys
 
 
+def _positive_int(text):
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; received {value}")
+    return value
+
+
 def _quickstart(args):
     from metarec.quickstart import run_quickstart
 
@@ -60,7 +71,7 @@ def build_parser():
 
     p = sub.add_parser("quickstart", help="meta-train on synthetic data and compare adaptation")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=_positive_int, default=15)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_quickstart)
 
@@ -72,7 +83,7 @@ def build_parser():
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--k", default="5,10,20", help="support sizes")
     p.add_argument("--out", default="runs/evaluate")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=_positive_int, default=None)
     p.add_argument("--list-methods", action="store_true")
     p.add_argument("--search", metavar="METHOD",
                    help="instead of the report: search METHOD's hyper-parameters on validation "
@@ -84,9 +95,9 @@ def build_parser():
     p.add_argument("--interactions", required=True, help="Parquet/CSV: user_id, item_id, rating")
     p.add_argument("--candidates", help="Parquet/CSV with an item_id column (default: catalogue)")
     p.add_argument("--user-features", help="Parquet/CSV with user_id and feature columns")
-    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--k", type=_positive_int, default=20)
     p.add_argument("--out", required=True, help="output folder of Parquet parts (resumable)")
-    p.add_argument("--chunk-users", type=int, default=1024)
+    p.add_argument("--chunk-users", type=_positive_int, default=1024)
     p.add_argument("--include-seen", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_score_batch)
@@ -96,9 +107,9 @@ def build_parser():
     p.add_argument("--logs", required=True, help="the server's SQLite log, or Parquet/CSV")
     p.add_argument("--user-features", help="Parquet/CSV with user_id and the model's user feature columns "
                                            "(the log holds interactions only)")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=_positive_int, default=10)
     p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--support-size", type=int, default=10)
+    p.add_argument("--support-size", type=_positive_int, default=10)
     p.add_argument("--margin", type=float, default=0.0,
                    help="how much worse the new model may be and still be promoted")
     p.add_argument("--gate-metric", choices=["mae", "loss"], default=None)
