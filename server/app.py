@@ -69,6 +69,10 @@ class ServerConfig:
         limits: per-request limits.
         loader, check: how a version is loaded and verified (defaults: ``metarec.load`` in
             safe mode, and a test prediction that also warms up the compiled kernels).
+
+    Raises:
+        ValueError: on construction, for a value out of range; the message names the field
+            and quotes the value received.
     """
 
     model_dir: str | Path
@@ -97,7 +101,21 @@ class ServerConfig:
         if self.model_name in self.extra_models:
             raise ValueError(f"model name {self.model_name!r} is given twice")
         if self.max_message_bytes < 1024:
-            raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+            raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes!r}")
+        for name in self.extra_models:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"extra model names must be non-empty strings, got {name!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port!r}")
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
+            raise ValueError(f"max_concurrent_rpcs must be None or >= 1, got {self.max_concurrent_rpcs!r}")
+        if self.cache_entries < 0:
+            raise ValueError(f"cache_entries must be >= 0, got {self.cache_entries!r}")
+        # Written as "not >" so that NaN is refused too.
+        if not self.poll_interval_s > 0:
+            raise ValueError(f"poll_interval_s must be > 0, got {self.poll_interval_s!r}")
+        if not self.grace_s >= 0:
+            raise ValueError(f"grace_s must be >= 0, got {self.grace_s!r}")
 
 
 def _address(host: str, port: int) -> str:

@@ -34,6 +34,9 @@ def build_parser(prog: str = "metarec serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Serve a meta-learned recommender over gRPC.")
     p.add_argument("--model-dir", required=True, type=Path, help="folder of numbered versions: DIR/1/model.keras, ...")
     p.add_argument("--model-name", default="default", help="the model's name in requests (default: %(default)s)")
+    p.add_argument("--extra-model", action="append", default=[], metavar="NAME=DIR",
+                   help="one more model to serve, named NAME in requests, from the folder of numbered "
+                        "versions DIR (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8500, help="port (0 picks a free one; default: %(default)s)")
     p.add_argument("--workers", type=int, default=1,
@@ -58,21 +61,45 @@ def build_parser(prog: str = "metarec serve") -> argparse.ArgumentParser:
     p.add_argument("--max-interactions", type=int, default=d_limits.max_interactions)
     p.add_argument("--max-candidates", type=int, default=d_limits.max_candidates)
     p.add_argument("--max-k", type=int, default=d_limits.max_k)
+    p.add_argument("--max-log-rows", type=int, default=d_limits.max_log_rows,
+                   help="most interactions in one LogInteractions call (default: %(default)s)")
+    p.add_argument("--max-id-length", type=int, default=d_limits.max_id_length,
+                   help="longest user or item id, in characters (default: %(default)s)")
+    p.add_argument("--max-user-features", type=int, default=d_limits.max_user_features,
+                   help="most user features in one request (default: %(default)s)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
 
+def parse_extra_models(values: list[str]) -> dict[str, Path]:
+    """``["NAME=DIR", ...]`` → ``{NAME: DIR}``; ``ValueError`` quoting a malformed value."""
+    models: dict[str, Path] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or not name.strip() or not folder:
+            raise ValueError(f"--extra-model takes NAME=DIR, got {value!r}")
+        if name in models:
+            raise ValueError(f"--extra-model names {name!r} twice (in {value!r})")
+        models[name] = Path(folder)
+    return models
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The :class:`ServerConfig` of parsed arguments; ``ValueError`` for a bad value."""
     token = None
     if args.token_file is not None:
-        token = args.token_file.read_text().strip()
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as error:
+            raise ValueError(f"cannot read --token-file {str(args.token_file)!r}: {error}") from error
         if not token:
-            raise SystemExit(f"{args.token_file} is empty")
+            raise ValueError(f"--token-file {str(args.token_file)!r} is empty")
     elif os.environ.get(TOKEN_ENV):
         token = os.environ[TOKEN_ENV]
     return ServerConfig(
         model_dir=args.model_dir,
         model_name=args.model_name,
+        extra_models=parse_extra_models(args.extra_model),
         host=args.host,
         port=args.port,
         reuse_port=args.reuse_port,
@@ -87,7 +114,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         poll_interval_s=args.poll_interval,
         grace_s=args.grace,
         limits=Limits(
-            max_interactions=args.max_interactions, max_candidates=args.max_candidates, max_k=args.max_k
+            max_interactions=args.max_interactions,
+            max_candidates=args.max_candidates,
+            max_k=args.max_k,
+            max_log_rows=args.max_log_rows,
+            max_id_length=args.max_id_length,
+            max_user_features=args.max_user_features,
         ),
     )
 
@@ -101,6 +133,7 @@ def serve_main(argv: list[str] | None = None, prog: str = "metarec serve") -> in
     try:
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        # ServerConfig, BatcherConfig and Limits check their values on construction.
         config = config_from_args(args)
     except ValueError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
@@ -114,7 +147,12 @@ def serve_main(argv: list[str] | None = None, prog: str = "metarec serve") -> in
         return serve_workers(argv, config, args.workers, ready, prog)
     if args.parent_pid is not None:
         watch_parent(args.parent_pid)
-    asyncio.run(MetarecServer(config).serve(ready))
+    try:
+        server = MetarecServer(config)
+    except ValueError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    asyncio.run(server.serve(ready))
     return 0
 
 
