@@ -1,6 +1,7 @@
 """Server plumbing on loopback without a Keras model: health, reflection, auth, TLS, limits,
-loading states and LogInteractions validation."""
+loading states, draining at shutdown and LogInteractions validation."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -17,8 +18,11 @@ from server._generated.metarec.v1 import recommender_pb2_grpc as pb_grpc
 from server.app import ServerConfig
 from server.background import BackgroundServer
 from server.inference import Catalog, ServingModel
+from server.interaction_log import InteractionLog
 
 TOKEN = "s3cret-token"
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE = "metarec.v1.RecommenderService"
 
 
 def json_loader(folder):
@@ -49,6 +53,26 @@ def config(tmp_path, **overrides):
     return ServerConfig(**base)
 
 
+def publish_json(tmp_path, version=1, spec=None):
+    folder = tmp_path / "models" / str(version)
+    folder.mkdir(parents=True)
+    (folder / "model.keras").write_text(json.dumps(spec or {}))
+
+
+class Aborted(Exception):
+    pass
+
+
+class DirectContext:
+    """What the handlers use of a ``grpc.aio.ServicerContext``, to call them directly."""
+
+    def time_remaining(self):
+        return None
+
+    async def abort(self, code, details):
+        raise Aborted(code, details)
+
+
 def stub(address, credentials=None, metadata_token=None, **options):
     channel = (
         grpc.secure_channel(address, credentials, list(options.items()))
@@ -72,7 +96,7 @@ def code_of(call, *args, **kwargs):
 
 # ---------------------------------------------------------------------------- health & reflection
 def test_health_follows_model_availability_and_shutdown(tmp_path):
-    with BackgroundServer(config(tmp_path), wait_for_model=True) as running:
+    with BackgroundServer(config(tmp_path, grace_s=30), wait_for_model=True) as running:
         with grpc.insecure_channel(running.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             check = lambda service="": health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
@@ -85,6 +109,57 @@ def test_health_follows_model_availability_and_shutdown(tmp_path):
             while check() != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert check("metarec.v1.RecommenderService") == health_pb2.HealthCheckResponse.SERVING
+            # Once the stop begins both turn NOT_SERVING, during the grace window: watches
+            # opened before the stop see it (gRPC refuses new calls once it stops).
+            watches = [health.Watch(health_pb2.HealthCheckRequest(service=s), timeout=60) for s in ("", SERVICE)]
+            assert [next(w).status for w in watches] == [SERVING, SERVING]
+            stopper = threading.Thread(target=running.stop)
+            stopper.start()
+            try:
+                assert [next(w).status for w in watches] == [NOT_SERVING, NOT_SERVING]
+                assert stopper.is_alive()  # the open watches hold the grace window
+            finally:
+                for w in watches:
+                    w.cancel()
+                stopper.join(60)
+            assert not stopper.is_alive()
+
+
+def test_calls_reaching_the_service_while_draining_are_unavailable(tmp_path):
+    publish_json(tmp_path)
+    with BackgroundServer(config(tmp_path, grace_s=30)) as running:
+        service = running.server.service
+        with grpc.insecure_channel(running.address) as channel:
+            # A call in flight before the stop keeps the server in its grace window.
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+            # Health follows the registry within HEALTH_REFRESH_S: wait for SERVING.
+            while next(watch).status != SERVING:
+                pass
+            stopper = threading.Thread(target=running.stop)
+            stopper.start()
+            try:
+                assert next(watch).status == NOT_SERVING  # draining has begun
+                interactions = [pb.Interaction(item_id="1", rating=3)]
+                calls = {
+                    "Recommend": pb.RecommendRequest(user=pb.UserContext(interactions=interactions), k=2),
+                    "Score": pb.ScoreRequest(user=pb.UserContext(interactions=interactions)),
+                    "LogInteractions": log_request(),
+                    "GetModelStatus": pb.GetModelStatusRequest(),
+                }
+                for method, request in calls.items():
+                    with pytest.raises(Aborted) as info:
+                        running.call(getattr(service, method)(request, DirectContext()), timeout=30)
+                    assert info.value.args == (grpc.StatusCode.UNAVAILABLE, "server is shutting down"), method
+                assert stopper.is_alive()
+            finally:
+                watch.cancel()
+                stopper.join(60)
+            assert not stopper.is_alive()
+    log = InteractionLog(tmp_path / "log.sqlite")
+    try:
+        assert log.count() == 0  # the refused LogInteractions stored nothing
+    finally:
+        log.close()
 
 
 def test_reflection_lists_and_describes_the_service(tmp_path):
@@ -179,6 +254,41 @@ def test_bad_log_requests_are_invalid_argument_and_store_nothing(tmp_path, reque
             assert code_of(api.LogInteractions, request_, timeout=5) == grpc.StatusCode.INVALID_ARGUMENT
             assert api.LogInteractions(log_request(), timeout=5).stored == 1  # still serving
         assert running.server.interaction_log.count() == 1
+
+
+def implicit_loader(folder):
+    return dataclasses.replace(json_loader(folder), feedback="implicit", rating_range=(0.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    "loader, bad, good, message",
+    [
+        (json_loader, [6.0, 0.5], 5.0, "is outside the model's range [1.0, 5.0]"),
+        (implicit_loader, [0.5, 2.0], 1.0, "implicit feedback needs a 0 or 1 label"),
+    ],
+    ids=["explicit", "implicit"],
+)
+def test_logged_ratings_are_checked_against_the_loaded_model(tmp_path, loader, bad, good, message):
+    publish_json(tmp_path)
+    with BackgroundServer(config(tmp_path, loader=loader)) as running:
+        assert running.serving
+        channel, api = stub(running.address)
+        with channel:
+            for rating in bad:
+                # A valid first row does not get stored either: a call is stored whole or not at all.
+                request = pb.LogInteractionsRequest(
+                    user_id="u",
+                    interactions=[pb.Interaction(item_id="a", rating=good), pb.Interaction(item_id="b", rating=rating)],
+                )
+                with pytest.raises(grpc.RpcError) as info:
+                    api.LogInteractions(request, timeout=5)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert info.value.details().startswith("interactions[1]:") and message in info.value.details()
+            assert running.server.interaction_log.count() == 0
+            good_request = pb.LogInteractionsRequest(user_id="u", interactions=[pb.Interaction(item_id="a", rating=good)])
+            assert api.LogInteractions(good_request, timeout=5).stored == 1
+        rows = running.server.interaction_log.user_interactions("u")
+        assert [(r.item_id, r.rating) for r in rows] == [("a", good)]
 
 
 def test_too_many_log_rows_and_oversize_messages(tmp_path):
