@@ -117,7 +117,10 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):
             code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
         except ValueError as error:
             # The SDK raises ValueError only for inputs it cannot use; validation should have
-            # caught them first, but the caller still deserves the reason, not INTERNAL.
+            # caught them first, but the caller still deserves the reason, not INTERNAL. The
+            # traceback is logged: it tells a gap in validation from a client's mistake.
+            log.warning("%s: ValueError past request validation, answered INVALID_ARGUMENT: %s", method, error,
+                        exc_info=True)
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(error)
         except Exception:  # noqa: BLE001 - last resort: log it, do not leak internals
             log.exception("unexpected error in %s", method)

@@ -1,8 +1,10 @@
 """Server plumbing on loopback without a Keras model: health, reflection, auth, TLS, limits,
-loading states, draining at shutdown and LogInteractions validation."""
+loading states, draining at shutdown, errors raised by the model and LogInteractions
+validation."""
 
 import dataclasses
 import json
+import logging
 import shutil
 import subprocess
 import threading
@@ -306,6 +308,32 @@ def test_too_many_log_rows_and_oversize_messages(tmp_path):
             assert big.ByteSize() > 16 * 1024
             assert code_of(api.LogInteractions, big, timeout=5) == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert api.LogInteractions(log_request(10), timeout=5).stored == 10
+
+
+# ---------------------------------------------------------------------------- errors from the model
+class RefusingLearner:
+    """Stands in for an SDK learner that raises ValueError on input validation let through."""
+
+    def adapt_score_indices(self, *args, **kwargs):
+        raise ValueError("this learner cannot use these interactions")
+
+
+def test_a_value_error_from_the_model_is_invalid_argument_and_logged_with_its_traceback(tmp_path, caplog):
+    publish_json(tmp_path)
+    loader = lambda folder: dataclasses.replace(json_loader(folder), learner=RefusingLearner())  # noqa: E731
+    caplog.set_level(logging.WARNING, logger="server.service")
+    with BackgroundServer(config(tmp_path, loader=loader)) as running:
+        channel, api = stub(running.address)
+        with channel:
+            request = pb.RecommendRequest(user=pb.UserContext(interactions=[pb.Interaction(item_id="1", rating=3)]), k=2)
+            with pytest.raises(grpc.RpcError) as info:
+                api.Recommend(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details() == "this learner cannot use these interactions"
+    records = [r for r in caplog.records if r.name == "server.service"]
+    assert len(records) == 1, records
+    assert records[0].levelno == logging.WARNING and "Recommend" in records[0].getMessage()
+    assert records[0].exc_info is not None and records[0].exc_info[0] is ValueError
 
 
 # ---------------------------------------------------------------------------- auth
