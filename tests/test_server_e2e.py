@@ -64,7 +64,9 @@ def running(model_file, tmp_path_factory):
         log_path=root / "log.sqlite",
         poll_interval_s=0.1,
         batching=BatcherConfig(max_batch_size=16, max_delay_s=0.002),
-        limits=Limits(max_interactions=50, max_candidates=500, max_k=100),
+        # Fewer candidates than the 400 catalogue items, so that the limit can be exceeded
+        # with distinct, known ids.
+        limits=Limits(max_interactions=50, max_candidates=300, max_k=100),
         grace_s=5.0,
         # The real check with a lighter warm-up than the production default, to keep the
         # reload test quick on a busy 2-core machine.
@@ -187,70 +189,131 @@ def user(*interactions, **features):
 
 
 GOOD_USER = user((5, 5.0), (17, 2.0))
+# name: (request, status code, a part of the message that names the mistake)
 BAD_REQUESTS = {
-    "no-interactions-no-user": (pb.RecommendRequest(user=pb.UserContext(), k=5), grpc.StatusCode.INVALID_ARGUMENT),
+    "no-interactions-no-user": (
+        pb.RecommendRequest(user=pb.UserContext(), k=5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "needs interactions, or a user_id",
+    ),
     "user-without-log": (
         pb.RecommendRequest(user=pb.UserContext(user_id="never-logged"), k=5),
         grpc.StatusCode.INVALID_ARGUMENT,
+        "none usable logged for user 'never-logged'",
     ),
-    "unknown-item": (pb.RecommendRequest(user=user(("999999", 4.0)), k=5), grpc.StatusCode.INVALID_ARGUMENT),
-    "empty-item": (pb.RecommendRequest(user=user(("", 4.0)), k=5), grpc.StatusCode.INVALID_ARGUMENT),
-    "non-canonical-id": (pb.RecommendRequest(user=user(("05", 4.0)), k=5), grpc.StatusCode.INVALID_ARGUMENT),
-    "nan-rating": (pb.RecommendRequest(user=user((5, float("nan"))), k=5), grpc.StatusCode.INVALID_ARGUMENT),
-    "rating-above-range": (pb.RecommendRequest(user=user((5, 6.0)), k=5), grpc.StatusCode.INVALID_ARGUMENT),
-    "rating-below-range": (pb.RecommendRequest(user=user((5, 0.0)), k=5), grpc.StatusCode.INVALID_ARGUMENT),
-    "k-zero": (pb.RecommendRequest(user=GOOD_USER, k=0), grpc.StatusCode.INVALID_ARGUMENT),
-    "k-too-big": (pb.RecommendRequest(user=GOOD_USER, k=101), grpc.StatusCode.INVALID_ARGUMENT),
+    "unknown-item": (
+        pb.RecommendRequest(user=user(("999999", 4.0)), k=5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "interaction item id(s) unknown to the model's catalogue: '999999'",
+    ),
+    "empty-item": (
+        pb.RecommendRequest(user=user(("", 4.0)), k=5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "interactions[0].item_id must be non-empty",
+    ),
+    "non-canonical-id": (
+        pb.RecommendRequest(user=user(("05", 4.0)), k=5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unknown to the model's catalogue: '05'",
+    ),
+    "nan-rating": (
+        pb.RecommendRequest(user=user((5, float("nan"))), k=5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "rating must be finite",
+    ),
+    "rating-above-range": (
+        pb.RecommendRequest(user=user((5, 6.0)), k=5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "rating 6.0 is outside the model's range [1.0, 5.0]",
+    ),
+    "rating-below-range": (
+        pb.RecommendRequest(user=user((5, 0.0)), k=5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "rating 0.0 is outside the model's range [1.0, 5.0]",
+    ),
+    "k-zero": (pb.RecommendRequest(user=GOOD_USER, k=0), grpc.StatusCode.INVALID_ARGUMENT, "k must be >= 1, got 0"),
+    "k-too-big": (pb.RecommendRequest(user=GOOD_USER, k=101), grpc.StatusCode.INVALID_ARGUMENT, "k is 101 (max 100)"),
     "too-many-interactions": (
         pb.RecommendRequest(user=user(*[(i, 3.0) for i in range(1, 52)]), k=5),
         grpc.StatusCode.INVALID_ARGUMENT,
+        "51 interactions (max 50)",
     ),
     "too-many-candidates": (
-        pb.RecommendRequest(user=GOOD_USER, k=5, candidate_item_ids=[str(i) for i in range(1, 400)][:400] * 2),
+        # 301 distinct ids the catalogue knows: only the limit (300 in `running`) is wrong.
+        pb.RecommendRequest(user=GOOD_USER, k=5, candidate_item_ids=[str(i) for i in range(1, 302)]),
         grpc.StatusCode.INVALID_ARGUMENT,
+        "301 candidates (max 300)",
     ),
     "unknown-candidate": (
         pb.RecommendRequest(user=GOOD_USER, k=5, candidate_item_ids=["1", "nope"]),
         grpc.StatusCode.INVALID_ARGUMENT,
+        "candidate item id(s) unknown to the model's catalogue: 'nope'",
     ),
     "duplicate-candidates": (
         pb.RecommendRequest(user=GOOD_USER, k=5, candidate_item_ids=["1", "2", "1"]),
         grpc.StatusCode.INVALID_ARGUMENT,
+        "candidate item ids contain duplicates",
     ),
     "unknown-feature": (
         pb.RecommendRequest(user=user((5, 5.0), agee=pb.FeatureValue(number_value=3)), k=5),
         grpc.StatusCode.INVALID_ARGUMENT,
+        "unknown user feature 'agee'",
     ),
     "nan-numeric-feature": (
         pb.RecommendRequest(user=user((5, 5.0), age=pb.FeatureValue(number_value=float("nan"))), k=5),
         grpc.StatusCode.INVALID_ARGUMENT,
+        "user feature 'age' (numeric) must be finite",
     ),
     "text-for-numeric-feature": (
         pb.RecommendRequest(user=user((5, 5.0), age=pb.FeatureValue(string_value="old")), k=5),
         grpc.StatusCode.INVALID_ARGUMENT,
+        "user feature 'age' (numeric) needs a number",
     ),
     "unknown-model": (
         pb.RecommendRequest(model=pb.ModelSpec(name="other"), user=GOOD_USER, k=5),
         grpc.StatusCode.NOT_FOUND,
+        "unknown model 'other'",
     ),
     "unserved-version": (
         pb.RecommendRequest(model=pb.ModelSpec(version=7), user=GOOD_USER, k=5),
         grpc.StatusCode.NOT_FOUND,
+        "version 7 is not served (serving version 1)",
     ),
 }
+# ScoreRequest carries the same model, user and candidates, but no k.
+SCORE_CASES = sorted(name for name in BAD_REQUESTS if not name.startswith("k-"))
 
 
-@pytest.mark.parametrize("name", sorted(BAD_REQUESTS))
-def test_bad_requests_get_their_status_and_the_server_keeps_serving(running, name):
-    request, code = BAD_REQUESTS[name]
+def as_score_request(request):
+    return pb.ScoreRequest(model=request.model, user=request.user, candidate_item_ids=request.candidate_item_ids)
+
+
+@pytest.mark.parametrize(
+    "rpc, name", [("Recommend", n) for n in sorted(BAD_REQUESTS)] + [("Score", n) for n in SCORE_CASES]
+)
+def test_bad_requests_get_their_status_and_the_server_keeps_serving(running, rpc, name):
+    request, code, detail = BAD_REQUESTS[name]
+    if rpc == "Score":
+        request = as_score_request(request)
     channel, api = raw_stub(running)
     with channel:
+        call = getattr(api, rpc)
         with pytest.raises(grpc.RpcError) as info:
-            api.Recommend(request, timeout=30)
+            call(request, timeout=30)
         assert info.value.code() == code, info.value.details()
-        assert info.value.details()  # a message saying what was wrong
-        reply = api.Recommend(pb.RecommendRequest(user=GOOD_USER, k=3), timeout=30)
-        assert len(reply.item_ids) == 3
+        assert detail in info.value.details()
+        good = pb.RecommendRequest(user=GOOD_USER, k=3, candidate_item_ids=[str(c) for c in CANDIDATES])
+        reply = call(good if rpc == "Recommend" else as_score_request(good), timeout=30)
+        assert len(reply.item_ids) == (3 if rpc == "Recommend" else len(CANDIDATES))
+
+
+def test_a_request_at_the_candidate_limit_is_served(running):
+    """300 candidates (the limit in `running`) are scored; 301 are refused (BAD_REQUESTS)."""
+    channel, api = raw_stub(running)
+    with channel:
+        at_limit = [str(i) for i in range(1, 301)]
+        reply = api.Score(pb.ScoreRequest(user=GOOD_USER, candidate_item_ids=at_limit), timeout=60)
+        assert list(reply.item_ids) == at_limit
 
 
 def test_unknown_categories_are_accepted_as_out_of_vocabulary(client):
@@ -399,6 +462,18 @@ def test_hot_reload_under_load_loses_no_request_and_refuses_a_corrupt_version(mo
     _, expected = sdk_scores(sdk, SUPPORT, FEATURES, CANDIDATES)
     got = client.score(SUPPORT, CANDIDATES, user_features=FEATURES, version=2)
     np.testing.assert_allclose(got.scores, expected, rtol=1e-6, atol=1e-6)
+
+
+def save_model_with_python_code(path):
+    """A meta-learner whose model runs a ``keras.layers.Lambda``: a valid model file, whose
+    loading would run code stored in it."""
+    data = metarec.datasets.synthetic(seed=0)
+    tasks = metarec.UserTasks(data, support_size=10)
+    base = metarec.models.rating_mlp(tasks.encoder, embedding_dim=8, hidden_units=(16,))
+    out = keras.layers.Lambda(lambda t: t * 1.0, name="stored_code")(base.output)
+    learner = metarec.MAML(keras.Model(base.input, out), inner_steps=1, inner_lr=0.05, encoder=tasks.encoder)
+    learner.save(path)
+    return path
 
 
 def test_memory_based_model_is_served_through_the_same_api(tmp_path):
