@@ -330,6 +330,125 @@ def test_deadline_exceeded_and_server_keeps_serving(running, client):
     assert len(client.recommend(SUPPORT, k=3)) == 3
 
 
+# ---------------------------------------------------------------------------- server-side deadlines
+class Gate:
+    """Holds the batcher's worker at the start of every batch until ``open()``: requests
+    sent meanwhile wait in the server's queue for as long as a test needs."""
+
+    def __init__(self, batcher):
+        self.holding = threading.Event()  # a batch is waiting at the gate
+        self._open = threading.Event()
+        process = batcher._process
+
+        def gated(key, items):
+            self.holding.set()
+            self._open.wait(120)
+            return process(key, items)
+
+        batcher._process = gated
+
+    def open(self):
+        self._open.set()
+
+
+class Aborted(Exception):
+    pass
+
+
+class DirectContext:
+    """What the handlers use of a ``grpc.aio.ServicerContext``, to call them directly."""
+
+    def __init__(self, remaining=None):
+        self.remaining = remaining
+
+    def time_remaining(self):
+        return self.remaining
+
+    async def abort(self, code, details):
+        raise Aborted(code, details)
+
+
+@pytest.fixture
+def gated(model_file, tmp_path):
+    """A server that batches one request at a time behind a gate (see Gate)."""
+    publish(tmp_path / "models", 1, model_file)
+    config = ServerConfig(
+        model_dir=tmp_path / "models",
+        port=0,
+        log_path=tmp_path / "log.sqlite",
+        batching=BatcherConfig(max_batch_size=1, max_delay_s=0, max_queue=100),
+        cache_entries=0,
+        check=lambda model: None,
+    )
+    server = BackgroundServer(config).start()
+    gate = Gate(server.server.service.batcher)
+    try:
+        yield server, gate
+    finally:
+        gate.open()
+        server.stop()
+
+
+def wait_for(condition, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return condition()
+
+
+def test_deadline_passing_while_queued_on_the_server(gated):
+    """A request whose 1 s deadline passes while it waits behind a busy batch is answered
+    DEADLINE_EXCEEDED and never reaches the model; the server then serves normally."""
+    server, gate = gated
+    batcher = server.server.service.batcher
+    channel, api = raw_stub(server)
+    with channel:
+        busy = api.Recommend.future(pb.RecommendRequest(user=GOOD_USER, k=3), timeout=120)
+        assert gate.holding.wait(60)  # the worker is inside the first batch
+        late = api.Recommend.future(pb.RecommendRequest(user=user((8, 4.0)), k=3), timeout=1.0)
+        # It reached the server's queue (no tight timing: the worker waits at the gate).
+        assert wait_for(lambda: batcher.submitted == 2 or late.done(), timeout=30)
+        assert batcher.submitted == 2, "the request never reached the batcher"
+        with pytest.raises(grpc.RpcError) as info:
+            late.result(timeout=60)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        gate.open()
+        assert len(busy.result(timeout=120).item_ids) == 3
+        assert len(api.Recommend(pb.RecommendRequest(user=GOOD_USER, k=3), timeout=60).item_ids) == 3
+    # Three requests reached the batcher, two were processed: the late one was dropped.
+    assert (batcher.submitted, batcher.items) == (3, 2)
+    assert batcher.queued == 0
+
+
+def test_server_side_deadline_expiry_in_the_batcher(gated):
+    """The handler's own deadline path: an item whose deadline passed while queued is dropped
+    by the batcher with DeadlineExpiredError (DEADLINE_EXCEEDED), and a request arriving with
+    no time left is not queued at all."""
+    server, gate = gated
+    service, batcher = server.server.service, server.server.service.batcher
+    request = pb.RecommendRequest(user=GOOD_USER, k=3)
+    with pytest.raises(Aborted) as info:
+        server.call(service.Recommend(request, DirectContext(remaining=0.0)), timeout=30)
+    assert info.value.args == (grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was queued")
+    assert batcher.submitted == 0
+    channel, api = raw_stub(server)
+    with channel, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        busy = api.Recommend.future(request, timeout=120)
+        assert gate.holding.wait(60)
+        late = pool.submit(server.call, service.Recommend(request, DirectContext(remaining=0.3)), 120)
+        assert wait_for(lambda: batcher.submitted == 2, timeout=30)
+        time.sleep(0.4)  # its deadline (0.3 s after it was queued) has passed
+        assert batcher.queued == 1
+        gate.open()
+        with pytest.raises(Aborted) as info:
+            late.result(timeout=120)
+        assert info.value.args == (grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued")
+        assert len(busy.result(timeout=120).item_ids) == 3
+        assert batcher.items == 1  # only the busy request was processed
+        assert len(api.Recommend(request, timeout=60).item_ids) == 3
+    assert (batcher.submitted, batcher.items) == (3, 2)
+
+
 # ---------------------------------------------------------------------------- overload & shutdown
 def test_full_queue_is_resource_exhausted(model_file, tmp_path):
     publish(tmp_path / "models", 1, model_file)
