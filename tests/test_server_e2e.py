@@ -595,6 +595,30 @@ def save_model_with_python_code(path):
     return path
 
 
+# Keras's refusal in safe mode, as the refused version's reason carries it.
+SAFE_MODE_REFUSAL = "deserialization of a `Lambda` layer"
+
+
+def test_a_version_that_needs_unsafe_deserialisation_is_refused(model_file, tmp_path):
+    unsafe = save_model_with_python_code(tmp_path / "unsafe.keras")
+    # Only safe mode makes it unloadable: with safe mode off it loads as a learner.
+    assert isinstance(metarec.load(unsafe, safe_mode=False), metarec.MAML)
+    publish(tmp_path / "models", 1, model_file)
+    config = ServerConfig(model_dir=tmp_path / "models", port=0, log_path=tmp_path / "log.sqlite",
+                          poll_interval_s=0.1, check=lambda model: None)
+    with BackgroundServer(config) as server, Client(server.address, timeout=60) as c:
+        registry = server.server.registries["default"]
+        assert registry.current.version == 1
+        publish(tmp_path / "models", 2, unsafe)
+        assert wait_for(lambda: registry.refused, timeout=120)
+        assert registry.current.version == 1
+        status = c.model_status()[0]
+        assert status["version"] == 1 and [r["version"] for r in status["refused"]] == [2]
+        assert SAFE_MODE_REFUSAL in status["refused"][0]["reason"], status["refused"][0]["reason"]
+        got = c.recommend(SUPPORT, k=3)
+        assert got.model_version == 1 and len(got) == 3
+
+
 def test_memory_based_model_is_served_through_the_same_api(tmp_path):
     # A GRU reads the request's interactions; no gradient step runs at serving.
     data = metarec.datasets.synthetic(seed=0)
