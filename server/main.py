@@ -50,17 +50,25 @@ def build_parser(prog: str = "metarec serve") -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain; enables TLS with --tls-key")
     p.add_argument("--tls-key", type=Path, help="PEM private key")
     p.add_argument("--token-file", type=Path, help=f"file holding the bearer token (or set ${TOKEN_ENV})")
-    p.add_argument("--max-batch-size", type=int, default=d_batch.max_batch_size)
-    p.add_argument("--max-batch-delay-ms", type=float, default=d_batch.max_delay_s * 1000)
-    p.add_argument("--max-queue", type=int, default=d_batch.max_queue)
+    p.add_argument("--max-batch-size", type=int, default=d_batch.max_batch_size,
+                   help="most requests adapted and scored in one model call (default: %(default)s)")
+    p.add_argument("--max-batch-delay-ms", type=float, default=d_batch.max_delay_s * 1000,
+                   help="how long an idle server waits for a batch to fill (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=d_batch.max_queue,
+                   help="requests waiting for the model before RESOURCE_EXHAUSTED (default: %(default)s)")
     p.add_argument("--cache-size", type=int, default=10_000, help="adapted users cached (0 disables)")
     p.add_argument("--poll-interval", type=float, default=5.0, help="seconds between model-folder scans")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to finish in-flight calls on shutdown")
-    p.add_argument("--max-message-mb", type=float, default=4.0)
-    p.add_argument("--max-concurrent-rpcs", type=int, default=4096)
-    p.add_argument("--max-interactions", type=int, default=d_limits.max_interactions)
-    p.add_argument("--max-candidates", type=int, default=d_limits.max_candidates)
-    p.add_argument("--max-k", type=int, default=d_limits.max_k)
+    p.add_argument("--max-message-mb", type=float, default=4.0,
+                   help="largest request or reply, in MiB (default: %(default)s)")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=4096,
+                   help="calls in progress at once before RESOURCE_EXHAUSTED (default: %(default)s)")
+    p.add_argument("--max-interactions", type=int, default=d_limits.max_interactions,
+                   help="most interactions in one request (default: %(default)s)")
+    p.add_argument("--max-candidates", type=int, default=d_limits.max_candidates,
+                   help="most candidate items in one request (default: %(default)s)")
+    p.add_argument("--max-k", type=int, default=d_limits.max_k,
+                   help="largest k of a Recommend call (default: %(default)s)")
     p.add_argument("--max-log-rows", type=int, default=d_limits.max_log_rows,
                    help="most interactions in one LogInteractions call (default: %(default)s)")
     p.add_argument("--max-id-length", type=int, default=d_limits.max_id_length,
