@@ -159,6 +159,10 @@ class AdaptationMixin:
     """``adapt`` / ``adapt_many`` / ``adapt_flat`` / ``adapt_indices`` for ``MetaLearner``, and
     the compiled-kernel cache the scoring side (``metarec.scoring``) shares."""
 
+    #: Attributes that the compiled kernels read as constants while tracing; the kernel cache
+    #: is keyed on their current values. Each learner class lists its own.
+    TRACED_SETTINGS = ()
+
     # ------------------------------------------------------------------ encoding requests
     def _require_encoder(self):
         if self.encoder is None:
@@ -256,13 +260,17 @@ class AdaptationMixin:
     # ------------------------------------------------------------------ compiled kernels
     def release_kernels(self):
         """Drop the compiled adaptation, scoring and evaluation kernels; they are rebuilt on
-        the next call. Each setting (e.g. each ``inner_steps``) keeps its own compiled
-        program, so a sweep over settings should release them as it goes."""
+        the next call. Each combination of settings (``TRACED_SETTINGS``: ``inner_steps``,
+        ``inner_lr``, ...) keeps its own compiled program, so a sweep over settings should
+        release them as it goes."""
         self.__dict__.get("_kernel_cache", {}).clear()
 
     def _kernel(self, name, build):
-        # Settings are baked in at trace time: key the cache on them too.
-        key = (name, self.inner_steps, self.feedback, getattr(self, "proximal", 0.0))
+        # Settings are read as Python constants while tracing: key the cache on every one of
+        # them (the learner's ``TRACED_SETTINGS`` and the adapted weights' positions), so a
+        # changed setting (``inner_lr``, ``clipnorm``, ``first_order``, ...) takes effect.
+        settings = tuple(getattr(self, attr, None) for attr in self.TRACED_SETTINGS)
+        key = (name, settings, tuple(self.forward.adapt_index))
         cache = self.__dict__.setdefault("_kernel_cache", {})
         if key not in cache:
             cache[key] = backend.jit(build(), xla=_XLA)

@@ -105,6 +105,12 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
     #: Whether ``support_contexts`` reads the support set (the memory-based learner).
     reads_support = False
 
+    #: Settings that ``adapt_user`` and the scoring kernels read as Python constants (traced
+    #: into the compiled programs): the kernel cache is keyed on them. (MAML's
+    #: ``ranking_weight`` is read only by ``meta_gradients``, whose step ``fit`` compiles anew.)
+    TRACED_SETTINGS = ("inner_steps", "inner_lr", "clipnorm", "proximal", "first_order",
+                       "learn_inner_lr", "feedback")
+
     def __init__(
         self,
         model,
@@ -381,7 +387,7 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
 
             return eval_fn
 
-        # Cached per (inner_steps, feedback): changing learner.inner_steps takes effect.
+        # Cached per value of the traced settings: changing e.g. learner.inner_lr takes effect.
         return self._kernel("evaluate", build)
 
     # ------------------------------------------------------------------ saving

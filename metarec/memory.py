@@ -93,6 +93,7 @@ class MemoryLearner(MAML):
     """
 
     reads_support = True
+    TRACED_SETTINGS = MAML.TRACED_SETTINGS + ("conditioning",)
 
     def __init__(self, model, inner_steps=0, inner_lr=0.01, adapt="decision_layers", units=64,
                  conditioning="film", reader=None, **kwargs):

@@ -434,3 +434,90 @@ def test_adapt_recommend_many_rejects_bad_supports_and_candidates(setup):
         learner.adapt_recommend_many(support, k=3)
     (ids, scores), = learner.adapt_recommend_many([support], k=3, user_features=[features])
     assert len(ids) == len(scores) == 3
+
+
+def _adapt_outputs(learner, data, tasks, users):
+    """Adapted weights, scores and adapt-and-score results of a few users, and the
+    evaluation losses: every compiled path that reads the inner-loop settings."""
+    items = data.items.index.to_numpy()[:25]
+    supports, features = [s for s, _ in users[:3]], [f for _, f in users[:3]]
+    adapted = learner.adapt_many(supports, features)
+    index = learner.encoder.item_index(items)
+    lengths = [len(s) for s in supports]
+    flat = np.concatenate([learner.encoder.item_index(s["item_id"].to_numpy()) for s in supports])
+    ratings = np.concatenate([s["rating"].to_numpy() for s in supports])
+    _, one_call = learner.adapt_score_indices(flat, ratings, lengths, index, features)
+    return {
+        "weights": [np.concatenate([np.ravel(w) for w in u.weights]) for u in adapted],
+        "scores": learner.score_many(adapted, [items] * 3),
+        "one_call": one_call,
+        "evaluate": [learner.evaluate(tasks.val, verbose=0)["loss"]],  # the adapted loss
+    }
+
+
+def _assert_outputs(got, expected, equal=True):
+    for key in expected:
+        for g, e in zip(got[key], expected[key]):
+            if equal:
+                np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6, err_msg=key)
+            else:
+                assert not np.allclose(g, e, rtol=1e-5, atol=1e-6), key
+
+
+def test_changed_settings_take_effect_after_the_first_compiled_call(setup):
+    """inner_lr and clipnorm are traced into the compiled kernels as constants: changing them
+    on a learner that already adapted must give what a learner built with the new settings
+    gives, on every path (adapt, score, adapt-and-score, evaluate)."""
+    data, tasks, _, users = setup
+    keras.utils.set_random_seed(0)
+    model = metarec.models.rating_mlp(tasks.encoder, embedding_dim=8, hidden_units=(16,))
+
+    def fresh(**settings):
+        return metarec.MAML(model, inner_steps=3, feedback="explicit", encoder=tasks.encoder,
+                            **settings)
+
+    learner = fresh(inner_lr=0.1, clipnorm=5.0)
+    old = _adapt_outputs(learner, data, tasks, users)
+    learner.inner_lr = 0.3
+    new_lr = _adapt_outputs(learner, data, tasks, users)
+    _assert_outputs(new_lr, _adapt_outputs(fresh(inner_lr=0.3, clipnorm=5.0), data, tasks, users))
+    _assert_outputs(new_lr, old, equal=False)
+    learner.clipnorm = 0.01  # small enough to clip every step
+    new_clip = _adapt_outputs(learner, data, tasks, users)
+    _assert_outputs(new_clip, _adapt_outputs(fresh(inner_lr=0.3, clipnorm=0.01), data, tasks, users))
+    _assert_outputs(new_clip, new_lr, equal=False)
+    # And back: the first settings give the first results again.
+    learner.inner_lr, learner.clipnorm = 0.1, 5.0
+    _assert_outputs(_adapt_outputs(learner, data, tasks, users), old)
+
+
+@pytest.mark.parametrize("setting,value", [
+    ("inner_steps", 1), ("inner_lr", 0.5), ("clipnorm", None), ("proximal", 0.1),
+    ("first_order", True), ("feedback", "implicit"),
+])
+def test_every_traced_setting_selects_its_own_kernel(setup, setting, value):
+    """Each setting adapt_user reads as a constant keys the compiled-kernel cache (first_order
+    changes only gradients, so no adapted value shows it: the kernel itself must differ)."""
+    _, tasks, _, _ = setup
+    keras.utils.set_random_seed(0)
+    model = metarec.models.rating_mlp(tasks.encoder, embedding_dim=4, hidden_units=(8,))
+    learner = metarec.MAML(model, inner_steps=2, inner_lr=0.1, feedback="explicit",
+                           encoder=tasks.encoder)
+    kernels = (learner._adapt_kernel(), learner._jit_eval())
+    assert learner._adapt_kernel() is kernels[0]  # unchanged settings reuse the kernel
+    setattr(learner, setting, value)
+    assert learner._adapt_kernel() is not kernels[0]
+    assert learner._jit_eval() is not kernels[1]
+
+
+def test_memory_learner_conditioning_keys_its_kernels(setup):
+    _, tasks, _, _ = setup
+    keras.utils.set_random_seed(0)
+    model = metarec.models.rating_mlp(tasks.encoder, embedding_dim=4, hidden_units=(8,))
+    learner = metarec.MemoryLearner(model, units=4, feedback="explicit", encoder=tasks.encoder)
+    kernel = learner._adapt_kernel()
+    learner.inner_lr = 0.2
+    assert learner._adapt_kernel() is not kernel
+    kernel = learner._adapt_kernel()
+    learner.conditioning = "concat"
+    assert learner._adapt_kernel() is not kernel
