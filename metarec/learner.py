@@ -58,6 +58,16 @@ def resolve_adapt(model, adapt):
     return index
 
 
+def _check_not_empty(tasks, what):
+    """``ValueError`` for a task set with no users: training on it would do nothing, and a
+    loss over no users would read as 0.0, a perfect score."""
+    size = len(tasks)
+    if size == 0:
+        raise ValueError(
+            f"{what} is empty: it must hold at least one user; received {tasks!r} of size {size}."
+        )
+
+
 def _trailing_dense_index(model):
     layers = [layer for layer in model.layers if layer.trainable_weights]
     trailing = []
@@ -315,6 +325,9 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
         validation user's support set, which is what callbacks such as EarlyStopping watch.
         """
         self._check_ready(x)
+        _check_not_empty(x, "the training set x")
+        if validation_data is not None:
+            _check_not_empty(validation_data, "validation_data")
         verbose = 1 if verbose == "auto" else verbose
         steps = x.num_batches(batch_size)
         train_step = backend.TrainStep(
@@ -360,6 +373,7 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
     def evaluate(self, x, batch_size=32, verbose="auto", steps=None):
         """Mean query loss over the users of ``x`` after (``loss``) and before (``loss_before``)
         adaptation to their support sets. Returns a dict."""
+        _check_not_empty(x, "the evaluation set x")
         if self.feedback is None:
             self.feedback = x.encoder.schema.feedback
         verbose = 1 if verbose == "auto" else verbose
@@ -374,7 +388,13 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
             users += float(weight.sum())
             if progbar:
                 progbar.update(i + 1)
-        users = max(users, 1.0)
+        if users == 0:
+            # Every user's query set is empty: there is no loss to report, and 0.0 would read
+            # as a perfect score (to EarlyStopping, say).
+            raise ValueError(
+                f"The evaluation set x has no query interactions: none of its {len(x)} users "
+                "has an interaction beyond the support set."
+            )
         return {"loss": sums[1] / users, "loss_before": sums[0] / users}
 
     # ------------------------------------------------------------------ compiled functions

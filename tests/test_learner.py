@@ -213,6 +213,30 @@ def test_corrupt_model_file(tmp_path):
         metarec.load(tmp_path / "missing.keras")
 
 
+def test_empty_task_sets_are_refused(tasks):
+    """fit on no users trains nothing, and a loss over no users would read as 0.0 (a perfect
+    score to EarlyStopping): both are refused, naming the set and its size."""
+    data, t = tasks
+    learner = make_learner(t)
+    no_val = metarec.UserTasks(data, support_size=10, fractions=(1.0, 0.0, 0.0))
+    no_train = metarec.UserTasks(data, support_size=10, fractions=(0.0, 0.5, 0.5))
+    assert len(no_val.val) == 0 and len(no_train.train) == 0
+    with pytest.raises(ValueError, match=r"training set x is empty.*size 0"):
+        learner.fit(no_train.train, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"validation_data is empty.*size 0"):
+        learner.fit(t.train, validation_data=no_val.val, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"evaluation set x is empty.*size 0"):
+        learner.evaluate(no_val.val, verbose=0)
+    # Users but no query interactions: nothing to score either.
+    no_query = metarec.UserTasks(data, support_size=100, min_interactions=1)
+    assert len(no_query.test) and not any(len(no_query.test.query_frame(i)) for i in range(len(no_query.test)))
+    with pytest.raises(ValueError, match=r"no query interactions.*users"):
+        learner.evaluate(no_query.test, verbose=0)
+    # The refusals changed nothing: the learner still trains and evaluates.
+    learner.fit(t.train, validation_data=t.val, epochs=1, verbose=0)
+    assert np.isfinite(learner.evaluate(t.val, verbose=0)["loss"])
+
+
 CROSS_BACKEND = """
 import sys, numpy as np, pandas as pd, metarec
 learner = metarec.load(sys.argv[1])

@@ -368,6 +368,8 @@ class LearnerMethod(Method):
     def fit(self, train_tasks, val_tasks=None, seed: int = 0) -> LearnerMethod:
         self.learner = self.build(train_tasks, seed)
         kwargs = {"verbose": 0, **self.fit_kwargs, "seed": seed}
+        if val_tasks is not None and not len(val_tasks):
+            val_tasks = None  # fit refuses an empty validation set
         self.learner.fit(train_tasks, validation_data=val_tasks, **kwargs)
         return self
 

@@ -337,7 +337,9 @@ class _EarlyStoppedLearnerMethod(LearnerMethod):
 
         self.learner = self.build(train_tasks, seed)
         kwargs = {"verbose": 0, **self.fit_kwargs, "seed": seed}
-        if val_tasks is not None and len(val_tasks):
+        if val_tasks is not None and not len(val_tasks):
+            val_tasks = None  # no validation users: nothing to stop on (fit refuses an empty set)
+        if val_tasks is not None:
             kwargs["callbacks"] = [keras.callbacks.EarlyStopping(
                 monitor="val_loss", patience=self.patience, restore_best_weights=True)]
         history = self.learner.fit(train_tasks, validation_data=val_tasks, **kwargs)
