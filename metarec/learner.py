@@ -340,35 +340,69 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
                 verbose=verbose, epochs=epochs, steps=steps,
             )
         self.stop_training = False
-        callbacks.on_train_begin()
-        base_seed = 0 if seed is None else int(seed)
-        logs = {}
-        for epoch in range(initial_epoch, epochs):
-            callbacks.on_epoch_begin(epoch)
-            totals = {}
-            batches = x.episodes(
-                batch_size, shuffle=shuffle, seed=base_seed + epoch, max_query=max_query,
-                resample=True,
-            )
-            for step, episode in enumerate(batches):
-                callbacks.on_train_batch_begin(step)
-                step_logs = train_step(episode)
-                for k, v in step_logs.items():
-                    totals[k] = totals.get(k, 0.0) + float(backend.to_numpy(v))
-                logs = {k: v / (step + 1) for k, v in totals.items()}
-                callbacks.on_train_batch_end(step, logs)
+        # While fit runs, a callback that reads ``callback.model`` on JAX has the train step's
+        # current state written back to the variables first (``jax_state_sync``), as Keras's
+        # own JAX trainer does; with no such callback, weights are written once per epoch.
+        self.__dict__["_fit_state"] = {"step": train_step, "synced": True}
+        try:
+            callbacks.on_train_begin()
+            base_seed = 0 if seed is None else int(seed)
+            logs = {}
+            for epoch in range(initial_epoch, epochs):
+                callbacks.on_epoch_begin(epoch)
+                totals = {}
+                batches = x.episodes(
+                    batch_size, shuffle=shuffle, seed=base_seed + epoch, max_query=max_query,
+                    resample=True,
+                )
+                for step, episode in enumerate(batches):
+                    callbacks.on_train_batch_begin(step)
+                    self._before_train_step()
+                    step_logs = train_step(episode)
+                    self._fit_state["synced"] = False
+                    for k, v in step_logs.items():
+                        totals[k] = totals.get(k, 0.0) + float(backend.to_numpy(v))
+                    logs = {k: v / (step + 1) for k, v in totals.items()}
+                    callbacks.on_train_batch_end(step, logs)
+                    if self.stop_training:
+                        break
+                self.jax_state_sync()
+                if validation_data is not None and (epoch + 1) % validation_freq == 0:
+                    val = self.evaluate(validation_data, batch_size=batch_size, verbose=0)
+                    logs.update({f"val_{k}": v for k, v in val.items()})
+                callbacks.on_epoch_end(epoch, logs)
+                train_step.reload()  # callbacks may have changed the weights
                 if self.stop_training:
                     break
-            train_step.sync()
-            if validation_data is not None and (epoch + 1) % validation_freq == 0:
-                val = self.evaluate(validation_data, batch_size=batch_size, verbose=0)
-                logs.update({f"val_{k}": v for k, v in val.items()})
-            callbacks.on_epoch_end(epoch, logs)
-            train_step.reload()  # callbacks may have changed the weights
-            if self.stop_training:
-                break
-        callbacks.on_train_end(logs)
+            callbacks.on_train_end(logs)
+        finally:
+            self.jax_state_sync()
+            self.__dict__.pop("_fit_state", None)
         return self.history
+
+    def _before_train_step(self):
+        """Re-read the variables into the train step where a callback had them written back
+        since the last step (it may also have changed them, e.g. restored a checkpoint)."""
+        state = self._fit_state
+        if state["synced"]:
+            state["step"].reload()
+
+    def jax_state_sync(self):
+        """Write the state of a running ``fit`` back to the Keras variables.
+
+        On JAX, ``fit`` keeps the weights and optimizer state as arrays between steps; Keras's
+        ``Callback.model`` calls this before handing the model to a callback, so a batch-level
+        callback (a ``ModelCheckpoint`` with ``save_freq``, anything reading the weights in
+        ``on_train_batch_end``) sees the current weights. A no-op when nothing is pending (and
+        on TensorFlow, whose train step updates the variables in place).
+        """
+        state = self.__dict__.get("_fit_state")
+        if state is not None and not state["synced"]:
+            state["step"].sync()
+            state["synced"] = True
+        parent = getattr(super(), "jax_state_sync", None)
+        if parent is not None:
+            parent()
 
     def evaluate(self, x, batch_size=32, verbose="auto", steps=None):
         """Mean query loss over the users of ``x`` after (``loss``) and before (``loss_before``)

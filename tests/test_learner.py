@@ -237,6 +237,69 @@ def test_empty_task_sets_are_refused(tasks):
     assert np.isfinite(learner.evaluate(t.val, verbose=0)["loss"])
 
 
+class RecordWeightsAtBatch(keras.callbacks.Callback):
+    """Reads the model's weights in on_train_batch_end (at ``batch``, or at every batch)."""
+
+    def __init__(self, batch=None, stop=False):
+        super().__init__()
+        self.batch, self.stop, self.seen = batch, stop, {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.batch is None or batch == self.batch:
+            self.seen[batch] = [np.array(w) for w in self.model.get_weights()]
+            if self.stop:
+                self.model.stop_training = True
+
+
+def test_batch_level_callbacks_see_current_weights(tasks):
+    """On JAX, fit keeps the weights as arrays between steps; a callback reading the model in
+    on_train_batch_end must still see the weights after that batch's update."""
+    _, t = tasks
+    learner = make_learner(t)
+    initial = [np.array(w) for w in learner.get_weights()]
+    record = RecordWeightsAtBatch(batch=2, stop=True)
+    learner.fit(t.train, epochs=1, batch_size=32, verbose=0, callbacks=[record])
+    seen = record.seen[2]
+    assert any(not np.allclose(a, b) for a, b in zip(seen, initial))
+    # Training stopped right after batch 2: what fit leaves in the variables (written back at
+    # the end) is the state the callback should have seen.
+    for a, b in zip(seen, learner.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_reading_weights_every_batch_does_not_change_training(tasks):
+    """Writing the state back for a callback, and reading it again before the next step,
+    leaves training exactly as it is with no callback."""
+    _, t = tasks
+    quiet = make_learner(t)
+    quiet.fit(t.train, epochs=2, batch_size=64, verbose=0, seed=1)
+    watched = make_learner(t)
+    record = RecordWeightsAtBatch()
+    watched.fit(t.train, epochs=2, batch_size=64, verbose=0, seed=1, callbacks=[record])
+    assert len(record.seen) == t.train.num_batches(64)
+    assert any(not np.allclose(a, b) for a, b in zip(record.seen[0], record.seen[1]))
+    for a, b in zip(watched.get_weights(), quiet.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_weights_are_written_back_once_per_epoch_without_such_callbacks(tasks, monkeypatch):
+    """With no callback reading the model mid-epoch, fit writes the weights back once per
+    epoch, not after every step."""
+    _, t = tasks
+    syncs = []
+
+    class Counting(metarec.backend.TrainStep):
+        def sync(self):
+            syncs.append(1)
+            super().sync()
+
+    monkeypatch.setattr(metarec.backend, "TrainStep", Counting)
+    learner = make_learner(t)
+    learner.fit(t.train, epochs=2, batch_size=64, verbose=0,
+                callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: None)])
+    assert len(syncs) == 2
+
+
 CROSS_BACKEND = """
 import sys, numpy as np, pandas as pd, metarec
 learner = metarec.load(sys.argv[1])

@@ -32,8 +32,9 @@ class TrainStep:
     """One jitted meta-update with ``optimizer.stateless_apply``.
 
     JAX cannot mutate Keras variables inside ``jax.jit``: parameters and optimizer state live
-    here as arrays during ``fit`` and ``sync()`` writes them back to the variables (before
-    callbacks read or save the model, and at the end of training).
+    here as arrays during ``fit`` and ``sync()`` writes them back to the variables: at each
+    epoch's end, and mid-epoch only when a callback asks for the model
+    (``MetaLearner.jax_state_sync``, which Keras's ``Callback.model`` calls).
     """
 
     def __init__(self, grad_fn, optimizer, variables, non_trainable_variables):
