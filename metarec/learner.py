@@ -48,7 +48,19 @@ def resolve_adapt(model, adapt):
     elif callable(adapt):
         index = [i for i, p in enumerate(paths) if adapt(p)]
     elif isinstance(adapt, (list, tuple)):
-        index = [i for i, p in enumerate(paths) if any(re.search(pat, p) for pat in adapt)]
+        patterns = []
+        for pat in adapt:
+            # Strings only: they are what the .keras file stores.
+            if not isinstance(pat, str):
+                raise ValueError(
+                    f"adapt as a list holds variable-path regexes (strings); received {pat!r} "
+                    f"in adapt={adapt!r}."
+                )
+            try:
+                patterns.append(re.compile(pat))
+            except re.error as exc:
+                raise ValueError(f"adapt holds an invalid regex {pat!r} ({exc}); received adapt={adapt!r}.") from exc
+        index = [i for i, p in enumerate(paths) if any(pat.search(p) for pat in patterns)]
     else:
         raise ValueError(f"adapt must be a string, a callable or a list; received adapt={adapt!r}.")
     if not index:
