@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import zipfile
 
 import keras
 import numpy as np
@@ -211,6 +212,49 @@ def test_corrupt_model_file(tmp_path):
         metarec.load(bad)
     with pytest.raises(ValueError, match="No model file"):
         metarec.load(tmp_path / "missing.keras")
+
+
+def test_damaged_model_files(tasks, tmp_path):
+    """A truncated archive and one whose members are damaged are refused with a ValueError
+    naming the file, not a zipfile, h5py or JSON error."""
+    _, t = tasks
+    learner = make_learner(t)
+    good = tmp_path / "good.keras"
+    learner.save(good)
+    raw = good.read_bytes()
+    truncated = tmp_path / "truncated.keras"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=r"truncated\.keras.*(not a \.keras archive|Could not load)"):
+        metarec.load(truncated)
+    # Damage every member's data but keep the zip's directory: it still looks like a zip.
+    with zipfile.ZipFile(good) as archive:
+        infos = archive.infolist()
+    damaged_bytes = bytearray(raw)
+    for info in infos:
+        header = raw[info.header_offset: info.header_offset + 30]  # the local file header
+        start = (info.header_offset + 30 + int.from_bytes(header[26:28], "little")
+                 + int.from_bytes(header[28:30], "little"))
+        for i in range(start, start + min(info.compress_size, 64)):
+            damaged_bytes[i] ^= 0xFF
+    damaged = tmp_path / "damaged.keras"
+    damaged.write_bytes(bytes(damaged_bytes))
+    assert zipfile.is_zipfile(damaged)
+    with pytest.raises(ValueError, match=r"Could not load the model file .*damaged\.keras"):
+        metarec.load(damaged)
+
+
+def test_plain_keras_model_file_is_refused(tasks, tmp_path):
+    """A .keras file of an ordinary Keras model (not saved by metarec) is not a meta-learner."""
+    _, t = tasks
+    plain = metarec.models.rating_mlp(t.encoder, embedding_dim=4, hidden_units=(8,))
+    path = tmp_path / "plain.keras"
+    plain.save(path)
+    with pytest.raises(ValueError, match=r"plain\.keras.* not a metarec meta-learner"):
+        metarec.load(path)
+    other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    other.save(tmp_path / "dense.keras")
+    with pytest.raises(ValueError, match="not a metarec meta-learner"):
+        metarec.load(tmp_path / "dense.keras")
 
 
 def test_empty_task_sets_are_refused(tasks):
