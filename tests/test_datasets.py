@@ -199,3 +199,25 @@ def test_synthetic_implicit():
         synthetic(feedback="ordinal")
     with pytest.raises(ValueError, match=r"\(5, 2\)"):
         synthetic(interactions_per_user=(5, 2))
+
+
+def test_ml1m_official_layout_with_timestamps(tmp_path):
+    """The published ML-1M archive's ``ratings.dat`` (with timestamps), from made-up rows: a
+    latin-1 title, a genre list, an unknown occupation code."""
+    folder = tmp_path / "ml-1m"
+    folder.mkdir()
+    (folder / "ratings.dat").write_text("1::10::5::978300760\n1::20::3::978302109\n2::10::4::978301968\n")
+    (folder / "users.dat").write_text("1::F::1::10::48067\n2::M::56::99::T8H1N\n")
+    (folder / "movies.dat").write_bytes("10::Am\xe9lie (2001)::Comedy|Romance\n20::Heat (1995)::Action\n"
+                                        .encode("latin-1"))
+    data = load_movielens(folder)
+    assert detect_variant(folder) == "1m"
+    assert data.has_timestamps and len(data) == 3 and data.num_users == 2 and data.num_items == 2
+    assert data.interactions.timestamp.tolist() == [978300760, 978302109, 978301968]
+    assert data.users.loc[1].tolist() == [1, "F", "K-12 student", "4"]
+    assert data.users.loc[2, "occupation"] == "99"  # a code outside the published list is kept
+    assert data.items.loc[10, "genres"] == ["Comedy", "Romance"]
+    assert data.items.loc[10, "year"] == 2001
+    # With timestamps the time-ordered split of protocol Q1 works.
+    tasks = UserTasks(data, support_size=1, split="time", user_split="time", fractions=(1.0, 0.0, 0.0))
+    assert tasks.train.support_frame(0).item_id.tolist() == [10]
