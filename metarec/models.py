@@ -140,6 +140,16 @@ def decision_layers(groups, hidden_units):
     return x
 
 
+def _check_encoder(encoder):
+    """The models are built from a fitted encoder (its vocabularies size the embeddings); a
+    schema or the data themselves are a common mistake."""
+    if not (hasattr(encoder, "input_spec") and hasattr(encoder, "feature_specs")):
+        raise ValueError(
+            "The first argument must be the data's fitted FeatureEncoder (tasks.encoder, or "
+            f"FeatureEncoder(data)); received {type(encoder).__name__} {encoder!r:.200}."
+        )
+
+
 def _check_sizes(embedding_dim, hidden_units):
     if not hidden_units or any(not isinstance(u, int) or u < 1 for u in hidden_units):
         raise ValueError(f"hidden_units must be one or more positive integers; received {hidden_units!r}.")
@@ -169,6 +179,7 @@ def rating_mlp(
         A built ``keras.Model`` mapping the feature dict to one score per row (a rating for
         explicit feedback, a logit for implicit feedback).
     """
+    _check_encoder(encoder)
     _check_sizes(embedding_dim, hidden_units)
     inputs = feature_inputs(encoder)
     x = decision_layers(item_and_user_parts(encoder, inputs, embedding_dim, use_item_id), hidden_units)
@@ -207,6 +218,7 @@ def residual_mlp(
     """
     import numpy as np
 
+    _check_encoder(encoder)
     prior = np.asarray(item_prior, dtype="float32").reshape(-1)
     if prior.shape != (encoder.num_items,) or not np.all(np.isfinite(prior)):
         raise ValueError(f"item_prior must hold {encoder.num_items} finite values (one per item "

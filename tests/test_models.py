@@ -86,3 +86,14 @@ def test_scores_agree_with_and_without_the_one_row_path(tasks):
         np.testing.assert_allclose(scores, keras.ops.convert_to_numpy(want)[:, 0], rtol=1e-5, atol=1e-5)
         plain = learner.predict_items(items, features)
         np.testing.assert_allclose(plain, keras.ops.convert_to_numpy(model(rows))[:, 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", ["rating_mlp", "residual_mlp"])
+def test_models_want_the_fitted_encoder_not_the_schema(tasks, build):
+    # Passing the schema (or the data) instead of tasks.encoder is an easy slip.
+    fn = getattr(metarec.models, build)
+    args = (np.zeros(tasks.encoder.num_items),) if build == "residual_mlp" else ()
+    for wrong in (tasks.encoder.schema, tasks.train):
+        with pytest.raises(ValueError, match="fitted FeatureEncoder .*received " + type(wrong).__name__):
+            fn(wrong, *args)
+    assert fn(tasks.encoder, *args, embedding_dim=4, hidden_units=(4,)).built
