@@ -54,6 +54,17 @@ def publish(model_dir, version, source):
     os.rename(tmp, model_dir / str(version))
 
 
+def bare_server_config(root, source, **overrides):
+    """Publish ``source`` as version 1 under ``root/models`` and configure a server on a free
+    port with no cache and no load-time check (what the overload, deadline and shutdown tests
+    need); ``overrides`` set any other ``ServerConfig`` field."""
+    publish(root / "models", 1, source)
+    settings = dict(model_dir=root / "models", port=0, log_path=root / "log.sqlite",
+                    cache_entries=0, check=lambda model: None)
+    settings.update(overrides)
+    return ServerConfig(**settings)
+
+
 @pytest.fixture(scope="module")
 def running(model_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
@@ -371,15 +382,8 @@ class DirectContext:
 @pytest.fixture
 def gated(model_file, tmp_path):
     """A server that batches one request at a time behind a gate (see Gate)."""
-    publish(tmp_path / "models", 1, model_file)
-    config = ServerConfig(
-        model_dir=tmp_path / "models",
-        port=0,
-        log_path=tmp_path / "log.sqlite",
-        batching=BatcherConfig(max_batch_size=1, max_delay_s=0, max_queue=100),
-        cache_entries=0,
-        check=lambda model: None,
-    )
+    config = bare_server_config(tmp_path, model_file,
+                                batching=BatcherConfig(max_batch_size=1, max_delay_s=0, max_queue=100))
     server = BackgroundServer(config).start()
     gate = Gate(server.server.service.batcher)
     try:
@@ -451,15 +455,8 @@ def test_server_side_deadline_expiry_in_the_batcher(gated):
 
 # ---------------------------------------------------------------------------- overload & shutdown
 def test_full_queue_is_resource_exhausted(model_file, tmp_path):
-    publish(tmp_path / "models", 1, model_file)
-    config = ServerConfig(
-        model_dir=tmp_path / "models",
-        port=0,
-        log_path=tmp_path / "log.sqlite",
-        batching=BatcherConfig(max_batch_size=1, max_delay_s=0, max_queue=1),
-        cache_entries=0,
-        check=lambda model: None,
-    )
+    config = bare_server_config(tmp_path, model_file,
+                                batching=BatcherConfig(max_batch_size=1, max_delay_s=0, max_queue=1))
     with BackgroundServer(config) as server:
         channel, api = raw_stub(server)
         with channel:
@@ -479,16 +476,8 @@ def test_full_queue_is_resource_exhausted(model_file, tmp_path):
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(model_file, tmp_path):
-    publish(tmp_path / "models", 1, model_file)
-    config = ServerConfig(
-        model_dir=tmp_path / "models",
-        port=0,
-        log_path=tmp_path / "log.sqlite",
-        batching=BatcherConfig(max_batch_size=2, max_delay_s=0.001, max_queue=1000),
-        cache_entries=0,
-        grace_s=30,
-        check=lambda model: None,
-    )
+    config = bare_server_config(tmp_path, model_file, grace_s=30,
+                                batching=BatcherConfig(max_batch_size=2, max_delay_s=0.001, max_queue=1000))
     server = BackgroundServer(config).start()
     channel, api = raw_stub(server)
     try:
@@ -603,9 +592,7 @@ def test_a_version_that_needs_unsafe_deserialisation_is_refused(model_file, tmp_
     unsafe = save_model_with_python_code(tmp_path / "unsafe.keras")
     # Only safe mode makes it unloadable: with safe mode off it loads as a learner.
     assert isinstance(metarec.load(unsafe, safe_mode=False), metarec.MAML)
-    publish(tmp_path / "models", 1, model_file)
-    config = ServerConfig(model_dir=tmp_path / "models", port=0, log_path=tmp_path / "log.sqlite",
-                          poll_interval_s=0.1, check=lambda model: None)
+    config = bare_server_config(tmp_path, model_file, poll_interval_s=0.1)
     with BackgroundServer(config) as server, Client(server.address, timeout=60) as c:
         registry = server.server.registries["default"]
         assert registry.current.version == 1
