@@ -1,4 +1,4 @@
-"""``metarec score-batch`` throughput (issue target: 2,000 users/s on 2 CPU cores).
+"""``metarec score-batch`` throughput (target: 2,000 users/s on 2 CPU cores).
 
     python bench/score_batch.py                  # both backends, 10,000 users
     python bench/score_batch.py --backends jax --users 4096
