@@ -278,7 +278,15 @@ class AdaptationMixin:
 
     def _adapt_fn(self):
         """The pure adaptation of a padded batch of users: (params, non_trainable, inputs,
-        target, mask) -> adapted weights stacked ``[users, ...]``."""
+        target, mask) -> adapted weights stacked ``[users, ...]``.
+
+        A catalogue objective's adaptation negatives (one fixed draw, or the whole catalogue)
+        are constants of the compiled program."""
+        objective = getattr(self, "objective", None)
+        negatives = None
+        if objective is not None:
+            negatives = self._negative_inputs(objective.sampler.inference_draw())
+
         def fn(params, non_trainable, inputs, target, mask):
             if self.inner_steps == 0 and not self.reads_support:
                 # Nothing to adapt: every user gets the initialisation. (Mapping a function
@@ -289,7 +297,8 @@ class AdaptationMixin:
 
             def one(params, non_trainable, context, inputs, target, mask):
                 adapted, _ = self.adapt_user(
-                    params, non_trainable, inputs, target, mask, context=context
+                    params, non_trainable, inputs, target, mask, context=context,
+                    negatives=negatives,
                 )
                 return adapted
 

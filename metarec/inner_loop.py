@@ -78,15 +78,29 @@ class Forward:
         return params
 
     def __call__(self, adapted, fixed, non_trainable, inputs):
-        """Predictions ``[n]`` for one user's ``inputs`` (a dict of ``[n, ...]`` arrays)."""
+        """Predictions ``[n]`` for one user's ``inputs`` (a dict of ``[n, ...]`` arrays): the
+        rating head of a two-headed model."""
+        rating, _ = self.heads(adapted, fixed, non_trainable, inputs)
+        return rating
+
+    def heads(self, adapted, fixed, non_trainable, inputs):
+        """``(rating, ranking)`` predictions ``[n]`` of one forward pass.
+
+        A model with dict outputs names them ``"rating"`` and ``"ranking"``
+        (``metarec.models.two_tower``); a model with one output gives it as both.
+        """
         if self.input_names is not None:
             inputs = {k: inputs[k] for k in self.input_names}
         out, _ = self.model.stateless_call(
             self.merge(adapted, fixed), non_trainable, inputs, training=False
         )
         if isinstance(out, dict):
-            out = next(iter(out.values()))
-        return ops.reshape(out, (-1,))
+            first = next(iter(out.values()))
+            rating = out.get("rating", first)
+            ranking = out.get("ranking", rating)
+            return ops.reshape(rating, (-1,)), ops.reshape(ranking, (-1,))
+        out = ops.reshape(out, (-1,))
+        return out, out
 
 
 def _input_names(model):
@@ -112,6 +126,7 @@ def inner_loop(
     first_order,
     feedback,
     proximal=0.0,
+    user_loss=None,
 ):
     """``steps`` of guarded gradient descent on one user's interactions.
 
@@ -120,12 +135,16 @@ def inner_loop(
     inner gradients are treated as constants, which drops the second-order terms. ``proximal``
     adds ``proximal / 2 * ||w - w_start||^2`` to the inner loss: a pull back toward the
     starting weights, so that more steps on a few noisy ratings cannot wander far (it has no
-    effect on the first step, where ``w = w_start``).
+    effect on the first step, where ``w = w_start``). ``user_loss(weights)``, when given,
+    replaces the rating loss of the user's rows (a catalogue-aware objective, say).
     """
     start = list(adapted)
 
     def loss_fn(weights):
-        loss = masked_loss(forward(weights, fixed, non_trainable, inputs), target, mask, feedback)
+        if user_loss is not None:
+            loss = user_loss(weights)
+        else:
+            loss = masked_loss(forward(weights, fixed, non_trainable, inputs), target, mask, feedback)
         if proximal:
             loss = loss + 0.5 * proximal * sum(
                 ops.sum(ops.square(w - w0)) for w, w0 in zip(weights, start)

@@ -18,7 +18,10 @@ from keras import ops
 
 from metarec import backend
 from metarec.adaptation import AdaptationMixin
+from metarec.catalogue_objective import CatalogueObjective
 from metarec.inner_loop import Forward, inner_loop, masked_loss
+from metarec.sampling import item_counts_of
+from metarec.tasks import Episode
 from metarec.scoring import ScoringMixin
 
 ADAPT_CHOICES = ("all", "decision_layers")
@@ -122,6 +125,10 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
         feedback: "explicit" or "implicit"; taken from the training tasks when None.
         encoder: the ``FeatureEncoder`` that turns raw ids into inputs; taken from the training
             tasks when None. Saved with the model.
+        objective: None (the rating loss: squared error for explicit feedback, log loss for
+            implicit) or a :class:`metarec.catalogue_objective.CatalogueObjective`: each
+            positive item against catalogue negatives (plus a rating term), in both loops.
+            Needed for positives-only implicit data.
     """
 
     #: Whether ``support_contexts`` reads the support set (the memory-based learner).
@@ -131,7 +138,7 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
     #: into the compiled programs): the kernel cache is keyed on them. (MAML's
     #: ``ranking_weight`` is read only by ``meta_gradients``, whose step ``fit`` compiles anew.)
     TRACED_SETTINGS = ("inner_steps", "inner_lr", "clipnorm", "proximal", "first_order",
-                       "learn_inner_lr", "feedback")
+                       "learn_inner_lr", "feedback", "objective")
 
     def __init__(
         self,
@@ -144,6 +151,7 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
         feedback=None,
         encoder=None,
         proximal=0.0,
+        objective=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -169,8 +177,13 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
         self.clipnorm = None if clipnorm is None else float(clipnorm)
         self.proximal = float(proximal)
         self.learn_inner_lr = learn_inner_lr
+        if objective is not None and not isinstance(objective, CatalogueObjective):
+            raise ValueError("objective must be None or a metarec.catalogue_objective.CatalogueObjective; "
+                             f"got {type(objective).__name__} {objective!r:.100}.")
         self.feedback = feedback
         self.encoder = encoder
+        # Stored outside Keras's attribute tracking: it holds no weights.
+        self.__dict__["objective"] = objective
         self.forward = Forward(model, resolve_adapt(model, adapt))
         self.inner_lr_weights = self._make_inner_lr_weights()
         self.built = True
@@ -244,10 +257,25 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
         model_params, _ = self._split_meta(params)
         return self.forward.split(model_params)
 
-    def adapt_user(self, params, non_trainable, inputs, target, mask, steps=None, context=None):
+    def user_loss(self, adapted, fixed, non_trainable, inputs, target, mask, negatives=None):
+        """One user's loss on their rows: the rating loss, or the catalogue objective's (which
+        needs ``negatives``, see ``metarec.catalogue_objective``)."""
+        if self.objective is None:
+            return masked_loss(self.forward(adapted, fixed, non_trainable, inputs), target, mask,
+                               self.feedback)
+        return self.objective.user_loss(self.forward, adapted, fixed, non_trainable, inputs, target,
+                                        mask, negatives, self.feedback)
+
+    def adapt_user(self, params, non_trainable, inputs, target, mask, steps=None, context=None,
+                   negatives=None):
         """Adapted weights of one user from their support set (pure; used everywhere)."""
         _, lr_params = self._split_meta(params)
         adapted, fixed = self.initial_weights(params, context)
+        user_loss = None
+        if self.objective is not None:
+            def user_loss(weights):
+                return self.user_loss(weights, fixed, non_trainable, inputs, target, mask, negatives)
+
         adapted = inner_loop(
             self.forward,
             adapted,
@@ -262,25 +290,25 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
             first_order=getattr(self, "first_order", False),
             feedback=self.feedback,
             proximal=self.proximal,
+            user_loss=user_loss,
         )
         return adapted, fixed
 
-    def user_query_losses(self, params, non_trainable, episode, steps=None, with_before=True):
+    def user_query_losses(self, params, non_trainable, episode, steps=None, with_before=True,
+                          negatives=None):
         """Per-user query loss after (and, with ``with_before``, before) adaptation to the
-        support set, vectorised over the meta-batch."""
+        support set, vectorised over the meta-batch. ``negatives`` (shared by the batch's
+        users) are those of a catalogue objective."""
 
         def one_user(params, non_trainable, context, s_x, s_y, s_m, q_x, q_y, q_m):
-            adapted, fixed = self.adapt_user(params, non_trainable, s_x, s_y, s_m, steps, context)
-            after = masked_loss(
-                self.forward(adapted, fixed, non_trainable, q_x), q_y, q_m, self.feedback
-            )
+            adapted, fixed = self.adapt_user(params, non_trainable, s_x, s_y, s_m, steps, context,
+                                             negatives)
+            after = self.user_loss(adapted, fixed, non_trainable, q_x, q_y, q_m, negatives)
             if not with_before:
                 return after
             model_params, _ = self._split_meta(params)
             adapted0, fixed = self.forward.split(model_params)
-            before = masked_loss(
-                self.forward(adapted0, fixed, non_trainable, q_x), q_y, q_m, self.feedback
-            )
+            before = self.user_loss(adapted0, fixed, non_trainable, q_x, q_y, q_m, negatives)
             return before, after
 
         return self.map_users(one_user, params, non_trainable, *episode)
@@ -315,6 +343,48 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
             self.feedback = tasks.encoder.schema.feedback
         if self.encoder is None:
             self.encoder = tasks.encoder
+        if self.objective is None and self.feedback == "implicit":
+            labels = np.asarray(tasks.frame()["rating"])
+            if len(labels) and np.all(labels == 1):
+                raise ValueError(
+                    f"The training set holds positives only (all {len(labels)} labels are 1): a log "
+                    "loss would learn to score every item 1. Pass objective=CatalogueObjective("
+                    "NegativeSampler(...)) (metarec.catalogue_objective, metarec.sampling) so that "
+                    "each positive is scored against catalogue negatives, or add 0-labelled rows."
+                )
+        if self.objective is not None and self.objective.sampler.item_counts is None:
+            self.objective.sampler.fit(item_counts_of(tasks))
+
+    @staticmethod
+    def split_batch(batch):
+        """A compiled step's input -> (episode, negatives or None)."""
+        if isinstance(batch, Episode):
+            return batch, None
+        return batch
+
+    def _negative_inputs(self, negatives):
+        """:class:`metarec.sampling.Negatives` as the compiled functions take them."""
+        return {"inputs": self._require_encoder().item_inputs(negatives.index),
+                "index": negatives.index, "correction": negatives.correction,
+                "mask": negatives.mask}
+
+    def _train_batch(self, episode, step):
+        """What the train step takes: the episode, with this step's negatives when the
+        objective is catalogue-aware."""
+        if self.objective is None:
+            return episode
+        items = None
+        if self.objective.sampler.kind == "in_batch":
+            items = np.concatenate([
+                (episode.support["item_id"] * (episode.support_mask > 0)).reshape(-1),
+                (episode.query["item_id"] * (episode.query_mask > 0)).reshape(-1),
+            ])
+        return episode, self._negative_inputs(self.objective.sampler.draw(step, items))
+
+    def _eval_batch(self, episode):
+        if self.objective is None:
+            return episode
+        return episode, self._negative_inputs(self.objective.sampler.inference_draw())
 
     def fit(
         self,
@@ -352,6 +422,7 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
                 verbose=verbose, epochs=epochs, steps=steps,
             )
         self.stop_training = False
+        global_step = initial_epoch * steps
         # While fit runs, a callback that reads ``callback.model`` on JAX has the train step's
         # current state written back to the variables first (``jax_state_sync``), as Keras's
         # own JAX trainer does; with no such callback, weights are written once per epoch.
@@ -370,7 +441,8 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
                 for step, episode in enumerate(batches):
                     callbacks.on_train_batch_begin(step)
                     self._before_train_step()
-                    step_logs = train_step(episode)
+                    step_logs = train_step(self._train_batch(episode, global_step))
+                    global_step += 1
                     self._fit_state["synced"] = False
                     for k, v in step_logs.items():
                         totals[k] = totals.get(k, 0.0) + float(backend.to_numpy(v))
@@ -429,7 +501,8 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
         users = 0.0
         progbar = keras.utils.Progbar(x.num_batches(batch_size)) if verbose else None
         for i, episode in enumerate(x.episodes(batch_size, shuffle=False)):
-            before, after, weight = (backend.to_numpy(t) for t in fn(params, non_trainable, episode))
+            outputs = fn(params, non_trainable, self._eval_batch(episode))
+            before, after, weight = (backend.to_numpy(t) for t in outputs)
             sums += [float((before * weight).sum()), float((after * weight).sum())]
             users += float(weight.sum())
             if progbar:
@@ -446,8 +519,10 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
     # ------------------------------------------------------------------ compiled functions
     def _jit_eval(self):
         def build():
-            def eval_fn(params, non_trainable, episode):
-                before, after = self.user_query_losses(params, non_trainable, episode)
+            def eval_fn(params, non_trainable, batch):
+                episode, negatives = self.split_batch(batch)
+                before, after = self.user_query_losses(params, non_trainable, episode,
+                                                       negatives=negatives)
                 weight = ops.cast(ops.sum(episode.query_mask, axis=1) > 0, before.dtype)
                 return before, after, weight
 
@@ -474,6 +549,7 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
                 "proximal": self.proximal,
                 "learn_inner_lr": self.learn_inner_lr,
                 "feedback": self.feedback,
+                "objective": None if self.objective is None else self.objective.get_config(),
             }
         )
         return config
@@ -482,10 +558,16 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
     def from_config(cls, config):
         config = dict(config)
         config["model"] = keras.saving.deserialize_keras_object(config["model"])
+        if config.get("objective") is not None:
+            config["objective"] = CatalogueObjective.from_config(config["objective"])
         return cls(**config)
 
     def save_assets(self, dir_path):
-        """Keras calls this while saving: the feature encoder travels inside the .keras file."""
+        """Keras calls this while saving: the feature encoder (and a catalogue objective's item
+        counts) travel inside the .keras file."""
+        sampler = None if self.objective is None else self.objective.sampler
+        if sampler is not None and sampler.item_counts is not None:
+            np.save(os.path.join(dir_path, "sampler_item_counts.npy"), sampler.item_counts)
         if self.encoder is None:
             return
         with open(os.path.join(dir_path, "encoder.json"), "w") as f:
@@ -493,6 +575,9 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
         np.savez(os.path.join(dir_path, "encoder.npz"), **self.encoder.to_arrays())
 
     def load_assets(self, dir_path):
+        counts = os.path.join(dir_path, "sampler_item_counts.npy")
+        if self.objective is not None and os.path.exists(counts):
+            self.objective.sampler.fit(np.load(counts, allow_pickle=False))
         path = os.path.join(dir_path, "encoder.json")
         if not os.path.exists(path):
             return

@@ -41,18 +41,25 @@ class MAML(MetaLearner):
         super().__init__(model, inner_steps=inner_steps, inner_lr=inner_lr, adapt=adapt, **kwargs)
         if not np.isfinite(ranking_weight) or ranking_weight < 0:
             raise ValueError(f"ranking_weight must be a finite number >= 0; received {ranking_weight!r}.")
+        if ranking_weight and self.objective is not None:
+            raise ValueError("ranking_weight is the sampled pairwise term of the rating loss; a "
+                             "catalogue objective already ranks: pass one or the other, got "
+                             f"ranking_weight={ranking_weight!r} and objective={self.objective!r}.")
         self.first_order = bool(first_order)
         self.ranking_weight = float(ranking_weight)
         self.relevance_threshold = float(relevance_threshold)
 
-    def meta_gradients(self, params, non_trainable, episode):
+    def meta_gradients(self, params, non_trainable, batch):
+        episode, negatives = self.split_batch(batch)
+
         def meta_loss(params):
             if self.ranking_weight:
                 after, ranking = self.ranked_query_losses(params, non_trainable, episode)
                 loss = weighted_user_mean(after, episode)
                 rank = weighted_user_mean(ranking, episode)
                 return loss + self.ranking_weight * rank, (loss, rank)
-            after = self.user_query_losses(params, non_trainable, episode, with_before=False)
+            after = self.user_query_losses(params, non_trainable, episode, with_before=False,
+                                           negatives=negatives)
             loss = weighted_user_mean(after, episode)
             return loss, (loss, loss)
 

@@ -234,3 +234,149 @@ def residual_mlp(
     base = keras.layers.Reshape((1,), name="item_prior_column")(prior_layer(inputs["item_id"]))
     out = keras.layers.Add(name="prediction")([base, residual])
     return keras.Model(inputs, out, name=name)
+
+
+@keras.saving.register_keras_serializable(package="metarec")
+class FactorizationHeads(keras.layers.Layer):
+    """The two outputs of :func:`two_tower` from a user's vectors and an item's vector.
+
+    ``ranking = ranking_bias[item] + <user_vector, item_vector>`` and, for explicit feedback,
+    ``rating = rating_offset + rating_bias[item] + <user_rating_vector, item_vector>``. The user
+    side may be one row against many item rows (it broadcasts), so scoring a catalogue never
+    copies the user's features.
+    """
+
+    def __init__(self, rating_offset=None, **kwargs):
+        super().__init__(**kwargs)
+        self.rating_offset = None if rating_offset is None else float(rating_offset)
+
+    def call(self, inputs):
+        user, item, ranking_bias = inputs[0], inputs[1], inputs[2]
+        ranking = ranking_bias + ops.sum(user * item, axis=-1, keepdims=True)
+        if self.rating_offset is None:
+            return {"ranking": ranking}
+        user_rating, rating_bias = inputs[3], inputs[4]
+        rating = self.rating_offset + rating_bias + ops.sum(user_rating * item, axis=-1, keepdims=True)
+        return {"rating": rating, "ranking": ranking}
+
+    def compute_output_shape(self, input_shape):
+        batch = input_shape[1][:-1]
+        shapes = {"ranking": tuple(batch) + (1,)}
+        if self.rating_offset is not None:
+            shapes["rating"] = tuple(batch) + (1,)
+        return shapes
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(rating_offset=self.rating_offset)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="metarec")
+class ZerosColumn(keras.layers.Layer):
+    """A ``[batch, 1]`` column of zeros shaped like its input: the user tower's input when the
+    data has no user features, so the user vector is the adapted layer's bias alone."""
+
+    def call(self, x):
+        return ops.zeros(ops.shape(x)[:1] + (1,), dtype=self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:1]) + (1,)
+
+
+def two_tower(
+    encoder,
+    embedding_dim=64,
+    feature_dim=16,
+    user_hidden_units=(64,),
+    item_prior=None,
+    name="two_tower",
+):
+    """A factorization model whose per-user adaptation reorders the whole catalogue.
+
+    An item is a vector ``q_i`` (an item-id embedding plus a projection of the item's
+    features) and a bias; a user is a vector ``p_u`` computed from the user's features by a
+    small tower whose last layer, ``decision_user_vector``, is what ``adapt="decision_layers"``
+    adapts per user. Moving ``p_u`` moves every item's score ``b_i + <p_u, q_i>`` at once,
+    which is what a top-k list needs; a rating MLP's adapted layers mostly shift ratings.
+
+    Outputs (a dict):
+
+    * ``"ranking"``: ``b_i + <p_u, q_i>``, a logit over the catalogue: what ``recommend`` and
+      the ``Recommend`` RPC rank by. Train it with a catalogue objective
+      (``metarec.catalogue_objective.CatalogueObjective``).
+    * ``"rating"`` (explicit feedback only): ``offset + r_i + <p'_u, q_i>`` with its own
+      adapted user vector ``decision_user_rating_vector``: what ``score`` and the ``Score``
+      RPC return. ``offset`` is the middle of the rating range; ``item_prior`` (e.g.
+      ``metarec.priors.item_mean_prior``) replaces it per item, frozen.
+
+    Args:
+        encoder: the data's fitted ``FeatureEncoder`` (``tasks.encoder``).
+        embedding_dim: width of the user and item vectors.
+        feature_dim: width of each feature embedding in the towers.
+        user_hidden_units: hidden layers of the user tower (may be empty).
+        item_prior: optional float array of ``encoder.num_items`` values, one per item index:
+            a fixed per-item rating baseline for the rating head.
+
+    Returns:
+        A built ``keras.Model`` from the feature dict to ``{"rating", "ranking"}`` (explicit)
+        or ``{"ranking"}`` (implicit).
+    """
+    import numpy as np
+
+    _check_encoder(encoder)
+    _check_sizes(feature_dim, tuple(user_hidden_units) or (1,))
+    if not isinstance(embedding_dim, int) or isinstance(embedding_dim, bool) or embedding_dim < 1:
+        raise ValueError(f"embedding_dim must be a positive integer; got embedding_dim={embedding_dim!r}.")
+    explicit = encoder.schema.feedback == "explicit"
+    inputs = feature_inputs(encoder)
+    user_names = {spec.name for spec in encoder.schema.user_features}
+    item_inputs = {k: v for k, v in inputs.items() if k not in user_names and k != "item_id"}
+    user_inputs = {k: v for k, v in inputs.items() if k in user_names}
+
+    # Item tower: id embedding + projected item features.
+    item_id = inputs["item_id"]
+    item_vector = keras.layers.Embedding(
+        encoder.num_items, embedding_dim, name="item_embedding",
+        embeddings_initializer=keras.initializers.RandomNormal(stddev=0.05))(item_id)
+    features = embed_features(encoder, item_inputs, feature_dim)
+    if features:
+        joined = features[0] if len(features) == 1 else keras.layers.Concatenate(name="item_features")(features)
+        projected = keras.layers.Dense(embedding_dim, use_bias=False, name="item_feature_projection")(joined)
+        item_vector = keras.layers.Add(name="item_vector")([item_vector, projected])
+    ranking_bias = keras.layers.Embedding(encoder.num_items, 1, name="item_ranking_bias",
+                                          embeddings_initializer="zeros")(item_id)
+
+    # User tower: features -> hidden -> the adapted user vector(s).
+    features = embed_features(encoder, user_inputs, feature_dim)
+    if features:
+        x = features[0] if len(features) == 1 else keras.layers.Concatenate(name="user_features")(features)
+    else:
+        x = ZerosColumn(name="no_user_features")(item_id)
+    for i, units in enumerate(user_hidden_units, start=1):
+        x = keras.layers.Dense(units, activation="relu", name=f"user_hidden_{i}")(x)
+    user_vector = keras.layers.Dense(embedding_dim, name="decision_user_vector",
+                                     kernel_initializer="zeros")(x)
+    heads_inputs = [user_vector, item_vector, ranking_bias]
+    offset = None
+    if explicit:
+        user_rating = keras.layers.Dense(embedding_dim, name="decision_user_rating_vector",
+                                         kernel_initializer="zeros")(x)
+        rating_bias = keras.layers.Embedding(encoder.num_items, 1, name="item_rating_bias",
+                                             embeddings_initializer="zeros")(item_id)
+        if item_prior is not None:
+            prior = np.asarray(item_prior, dtype="float32").reshape(-1)
+            if prior.shape != (encoder.num_items,) or not np.all(np.isfinite(prior)):
+                raise ValueError(f"item_prior must hold {encoder.num_items} finite values (one per "
+                                 f"item index); got shape {prior.shape}.")
+            prior_layer = keras.layers.Embedding(
+                encoder.num_items, 1, name="item_prior", trainable=False,
+                embeddings_initializer=keras.initializers.Constant(prior.reshape(-1, 1)))
+            rating_bias = keras.layers.Add(name="item_rating_baseline")([rating_bias, prior_layer(item_id)])
+            offset = 0.0
+        else:
+            low, high = encoder.schema.rating_range or (0.0, 0.0)
+            offset = (float(low) + float(high)) / 2.0
+        heads_inputs += [user_rating, rating_bias]
+    outputs = FactorizationHeads(rating_offset=offset, name="heads")(heads_inputs)
+    return keras.Model(inputs, outputs, name=name)

@@ -4,7 +4,6 @@ import keras
 from keras import ops
 
 from metarec import backend
-from metarec.inner_loop import masked_loss
 from metarec.learner import MetaLearner
 
 
@@ -28,12 +27,14 @@ class Reptile(MetaLearner):
             )
         super().__init__(model, inner_steps=inner_steps, inner_lr=inner_lr, adapt=adapt, **kwargs)
 
-    def meta_gradients(self, params, non_trainable, episode):
+    def meta_gradients(self, params, non_trainable, batch):
+        episode, negatives = self.split_batch(batch)
+
         def one_user(s_x, s_y, s_m, q_x, q_y, q_m):
             x = {k: ops.concatenate([s_x[k], q_x[k]], axis=0) for k in s_x}
             y = ops.concatenate([s_y, q_y], axis=0)
             m = ops.concatenate([s_m, q_m], axis=0)
-            adapted, _ = self.adapt_user(params, non_trainable, x, y, m)
+            adapted, _ = self.adapt_user(params, non_trainable, x, y, m, negatives=negatives)
             return [ops.stop_gradient(w) for w in adapted]
 
         adapted = backend.vmap(one_user, (0,) * 6)(*episode)
@@ -52,8 +53,7 @@ class Reptile(MetaLearner):
         # materialise one copy of every fixed weight (embedding tables included) per user.
         def mean_query_loss(fixed):
             def one(adapted, q_x, q_y, q_m):
-                pred = self.forward(adapted, fixed, non_trainable, q_x)
-                return masked_loss(pred, q_y, q_m, self.feedback)
+                return self.user_loss(adapted, fixed, non_trainable, q_x, q_y, q_m, negatives)
 
             losses = backend.vmap(one, (0, 0, 0, 0))(adapted, *episode[3:])
             return ops.sum(losses * weight) / count

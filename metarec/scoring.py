@@ -111,9 +111,10 @@ class ScoringMixin:
         full = dict(items, **{k: np.repeat(v, n, axis=0) for k, v in user.items()})
         one_row = dict(items, **user)
         try:
-            expected = backend.to_numpy(self.model(full, training=False))
-            got = backend.to_numpy(self.model(one_row, training=False))
-            ok = bool(user) and got.shape == expected.shape and np.allclose(got, expected, atol=1e-5)
+            expected = _output_arrays(self.model(full, training=False))
+            got = _output_arrays(self.model(one_row, training=False))
+            ok = bool(user) and len(got) == len(expected) and all(
+                g.shape == e.shape and np.allclose(g, e, atol=1e-5) for g, e in zip(got, expected))
         except Exception:  # noqa: BLE001 - any failure means "broadcast the rows instead"
             ok = False
         self.__dict__["_user_row_check"] = (self.model, ok)
@@ -130,11 +131,29 @@ class ScoringMixin:
             self.__dict__["_item_table_tensors"] = cached
         return cached[1]
 
-    def _score_fn(self, shared, one_row):
+    def has_ranking_head(self):
+        """Whether the model has a separate ``"ranking"`` output (``models.two_tower``):
+        ``recommend`` then ranks by it, while ``score`` keeps returning the rating head."""
+        cached = self.__dict__.get("_ranking_head_check")
+        if cached is None or cached[0] is not self.model:
+            struct = getattr(self.model, "_outputs_struct", None)
+            cached = (self.model, isinstance(struct, dict) and "ranking" in struct)
+            self.__dict__["_ranking_head_check"] = cached
+        return cached[1]
+
+    def _head(self, head):
+        """The head a kernel computes: "ranking" only for a model that has one."""
+        if head not in ("rating", "ranking"):
+            raise ValueError(f"head must be 'rating' or 'ranking'; got head={head!r}.")
+        return "ranking" if head == "ranking" and self.has_ranking_head() else "rating"
+
+    def _score_fn(self, shared, one_row, head="rating"):
         """The pure scoring of candidates by adapted users: (params, non_trainable, adapted
         ``[users, ...]``, user inputs ``[users, ...]``, candidate item indices, item feature
         tables) -> scores ``[users, items]``; the indices are one array for every user when
-        ``shared``, else one row per user."""
+        ``shared``, else one row per user. ``head="ranking"`` gives the ranking head's scores
+        (a model with one; see ``_head``), otherwise ratings (probabilities for implicit
+        feedback)."""
         def fn(params, non_trainable, adapted, users, item_index, tables):
             model_params, _ = self._split_meta(params)
             _, fixed = self.forward.split(model_params)
@@ -148,23 +167,27 @@ class ScoringMixin:
                     inputs.update({k: ops.expand_dims(v, 0) for k, v in user.items()})
                 else:
                     inputs.update(_broadcast_user(user, n))
-                out = self.forward(adapted, fixed, non_trainable, inputs)
-                return out if self.feedback == "explicit" else ops.sigmoid(out)
+                rating, ranking = self.forward.heads(adapted, fixed, non_trainable, inputs)
+                if head == "ranking":
+                    return ranking
+                return rating if self.feedback == "explicit" else ops.sigmoid(rating)
 
             return backend.vmap(one, (0, 0, None if shared else 0))(adapted, users, items)
 
         return fn
 
-    def _score_kernel(self, shared):
+    def _score_kernel(self, shared, head="rating"):
         one_row = self._user_row_broadcasts()
-        return self._kernel(f"score_shared={shared},one_row={one_row}",
-                            lambda: self._score_fn(shared, one_row))
+        head = self._head(head)
+        return self._kernel(f"score_shared={shared},one_row={one_row},head={head}",
+                            lambda: self._score_fn(shared, one_row, head))
 
-    def _adapt_score_kernel(self, shared):
+    def _adapt_score_kernel(self, shared, head="rating"):
         one_row = self._user_row_broadcasts()
+        head = self._head(head)
 
         def build():
-            adapt, score = self._adapt_fn(), self._score_fn(shared, one_row)
+            adapt, score = self._adapt_fn(), self._score_fn(shared, one_row, head)
 
             def fn(params, non_trainable, inputs, target, mask, users, item_index, tables):
                 adapted = adapt(params, non_trainable, inputs, target, mask)
@@ -172,7 +195,7 @@ class ScoringMixin:
 
             return fn
 
-        return self._kernel(f"adapt_score_shared={shared},one_row={one_row}", build)
+        return self._kernel(f"adapt_score_shared={shared},one_row={one_row},head={head}", build)
 
     def _item_batch(self, index, shared, n_users, pad_shared=True):
         """Candidate item indices for a score kernel (int32), and each user's number of
@@ -211,20 +234,26 @@ class ScoringMixin:
             return np.split(index, np.cumsum([len(a) for a in arrays])[:-1]), False
         return [encoder.item_index(a) for a in arrays], False
 
-    def score_many(self, adapted_users, candidates=None):
-        """Scores of each user's candidates (raw item ids; None = whole catalogue)."""
+    def score_many(self, adapted_users, candidates=None, head="rating"):
+        """Scores of each user's candidates (raw item ids; None = whole catalogue).
+
+        ``head="rating"`` (default): predicted ratings (probabilities for implicit feedback).
+        ``head="ranking"``: the scores ``recommend`` ranks by; the same as the ratings except
+        for a model with a separate ranking head (``models.two_tower``), whose ranking scores
+        are unnormalised logits over the catalogue."""
         if not adapted_users:
             return []
-        scores, sizes, _, _ = self._score_matrix(adapted_users, candidates)
+        scores, sizes, _, _ = self._score_matrix(adapted_users, candidates, head=head)
         return [np.array(scores[u, : sizes[u]]) for u in range(len(adapted_users))]  # writable copies
 
-    def score_indices(self, adapted_users, item_index):
+    def score_indices(self, adapted_users, item_index, head="rating"):
         """``score_many`` for candidates already encoded (``encoder.item_index``): one int array
         shared by every user, or a list of one array per user."""
         if not adapted_users:
             return []
         n = len(adapted_users)
-        scores, sizes, _, _ = self._score_matrix(adapted_users, None, self._checked_index(item_index, n))
+        scores, sizes, _, _ = self._score_matrix(adapted_users, None, self._checked_index(item_index, n),
+                                                 head=head)
         return [np.array(scores[u, : sizes[u]]) for u in range(n)]
 
     def _checked_index(self, item_index, n_users):
@@ -240,7 +269,7 @@ class ScoringMixin:
             return index[0], True
         return index, False
 
-    def _score_matrix(self, adapted_users, candidates, encoded=None):
+    def _score_matrix(self, adapted_users, candidates, encoded=None, head="rating"):
         """Scores as one padded array ``[users_bucket, candidates_bucket]``, each user's number
         of candidates, whether all users share one candidate array, and the encoded
         candidates (that array, or one per user)."""
@@ -270,12 +299,13 @@ class ScoringMixin:
                                         pad_shared=candidates is not None or encoded is not None)
         params, non_trainable = self._inference_weights()
         scores = backend.to_numpy(
-            self._score_kernel(shared)(params, non_trainable, weights, users, items, self._item_tables())
+            self._score_kernel(shared, head)(params, non_trainable, weights, users, items,
+                                             self._item_tables())
         )
         return scores, sizes, shared, index
 
     def adapt_score_indices(self, item_index, ratings, lengths, candidate_index,
-                            user_features=None, seen_items=None):
+                            user_features=None, seen_items=None, head="rating"):
         """``adapt_indices`` and then ``score_indices`` in one compiled call: one dispatch,
         and the adapted weights stay on the device between the two (the server's path).
 
@@ -289,17 +319,17 @@ class ScoringMixin:
         index, shared = (self._candidate_index(None, n) if catalogue
                          else self._checked_index(candidate_index, n))
         adapted, scores, sizes = self._adapt_and_score(padded, users, index, shared, n,
-                                                       pad_shared=not catalogue)
+                                                       pad_shared=not catalogue, head=head)
         return (self._users_of_batch(adapted, per_user, seen),
                 [np.array(scores[u, : sizes[u]]) for u in range(n)])
 
-    def _adapt_and_score(self, padded, users, index, shared, n_users, pad_shared):
+    def _adapt_and_score(self, padded, users, index, shared, n_users, pad_shared, head="rating"):
         """The fused adapt + score kernel on padded supports and encoded candidates: (stacked
         adapted weights, scores as numpy ``[users_bucket, candidates_bucket]``, each user's
         number of candidates)."""
         items, sizes = self._item_batch(index, shared, n_users, pad_shared=pad_shared)
         params, non_trainable = self._inference_weights()
-        adapted, scores = self._adapt_score_kernel(shared)(params, non_trainable, *padded, users, items,
+        adapted, scores = self._adapt_score_kernel(shared, head)(params, non_trainable, *padded, users, items,
                                                            self._item_tables())
         return adapted, backend.to_numpy(scores), sizes
 
@@ -308,7 +338,7 @@ class ScoringMixin:
         _check_k(k)
         if not adapted_users:
             return []
-        scores, sizes, shared, index = self._score_matrix(adapted_users, candidates)
+        scores, sizes, shared, index = self._score_matrix(adapted_users, candidates, head="ranking")
         return self._top_k(scores, sizes, shared, index, candidates,
                            [u.seen_items for u in adapted_users], k, exclude_seen)
 
@@ -324,7 +354,7 @@ class ScoringMixin:
         n = len(per_user)
         index, shared = self._candidate_index(candidates, n)
         _, scores, sizes = self._adapt_and_score(padded, users, index, shared, n,
-                                                 pad_shared=candidates is not None)
+                                                 pad_shared=candidates is not None, head="ranking")
         return self._top_k(scores, sizes, shared, index, candidates, seen, k, exclude_seen)
 
     def _top_k(self, scores, sizes, shared, index, candidates, seen, k, exclude_seen):
@@ -383,3 +413,10 @@ class ScoringMixin:
             return fn
 
         return self._kernel("predict", build)
+
+
+def _output_arrays(out):
+    """A model's output (one tensor, or a dict of heads) as a list of numpy arrays."""
+    if isinstance(out, dict):
+        return [backend.to_numpy(out[k]) for k in sorted(out)]
+    return [backend.to_numpy(out)]

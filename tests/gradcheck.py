@@ -15,6 +15,8 @@ from metarec import backend  # noqa: E402
 from metarec.maml import MAML  # noqa: E402
 from metarec.memory import MemoryLearner  # noqa: E402
 from metarec.reptile import Reptile  # noqa: E402
+from metarec.catalogue_objective import CatalogueObjective  # noqa: E402
+from metarec.sampling import NegativeSampler  # noqa: E402
 from metarec.tasks import Episode  # noqa: E402
 
 
@@ -41,6 +43,46 @@ def episode():
         {"x": rng.normal(size=(b, s, 3))}, rng.normal(size=(b, s)), support_mask,
         {"x": rng.normal(size=(b, q, 3))}, rng.normal(size=(b, q)), query_mask,
     )
+
+
+def two_headed_model():
+    """A tiny model with an item id, an item feature ``x`` and a user feature ``u``, and two
+    outputs, ``rating`` and ``ranking``: the shape of ``metarec.models.two_tower``."""
+    item_id = keras.Input((), name="item_id", dtype="int32")
+    x = keras.Input((3,), name="x", dtype="float64")
+    u = keras.Input((2,), name="u", dtype="float64")
+    h = keras.layers.Dense(4, activation="sigmoid", name="body")(keras.layers.Concatenate()([x, u]))
+    bias = keras.layers.Flatten()(keras.layers.Embedding(6, 1, name="item_bias")(item_id))
+    ranking = keras.layers.Add()([keras.layers.Dense(1, name="decision_out")(h), bias])
+    rating = keras.layers.Dense(1, name="decision_rating")(h)
+    model = keras.Model({"item_id": item_id, "x": x, "u": u}, {"rating": rating, "ranking": ranking})
+    rng = np.random.default_rng(11)
+    model.set_weights([rng.normal(scale=0.7, size=w.shape) for w in model.get_weights()])
+    return model
+
+
+def catalogue_batch():
+    """An episode of 3 users over 5 items (ratings 1..5, some liked) and 8 padded negatives."""
+    rng = np.random.default_rng(5)
+    table = rng.normal(size=(6, 3))
+    b, s, q = 3, 4, 5
+
+    def rows(n):
+        items = rng.integers(1, 6, size=(b, n)).astype(np.int32)
+        users = np.repeat(rng.normal(size=(b, 1, 2)), n, axis=1)
+        return {"item_id": items, "x": table[items], "u": users}, rng.integers(1, 6, size=(b, n)).astype(np.float64)
+
+    support, support_y = rows(s)
+    query, query_y = rows(q)
+    support_mask = np.ones((b, s))
+    support_mask[2, 3] = 0.0
+    query_mask = np.ones((b, q))
+    query_mask[1, 4] = 0.0
+    ep = Episode(support, support_y, support_mask, query, query_y, query_mask)
+    index = np.array([1, 2, 3, 4, 5, 2, 0, 0], np.int32)
+    negatives = {"inputs": {"item_id": index, "x": table[index]}, "index": index,
+                 "correction": rng.normal(scale=0.3, size=8), "mask": (index > 0).astype(np.float64)}
+    return ep, negatives
 
 
 def flat(arrays):
@@ -134,6 +176,19 @@ def main(out_path):
                                     if id(v) in reader)
     results["memory_finite_difference"] = finite_difference(
         mem_fn, [backend.to_numpy(p) for p in mem_params], mem_non_trainable, ep)
+    # The catalogue objective (softmax of each liked item against sampled negatives, plus the
+    # rating head's squared error) in both loops, second order.
+    for name, first_order in (("catalogue", False), ("catalogue_first_order", True)):
+        cat = MAML(two_headed_model(), inner_steps=2, inner_lr=0.3, adapt="decision_layers",
+                   clipnorm=None, feedback="explicit", first_order=first_order,
+                   objective=CatalogueObjective(NegativeSampler("uniform"), rating_weight=0.5))
+        cat_params, cat_non_trainable = cat.snapshot()
+        cat_fn = backend.jit(cat.meta_gradients)
+        batch = catalogue_batch()
+        _, grads = cat_fn(cat_params, cat_non_trainable, batch)
+        results[name] = flat(backend.to_numpy(g) for g in grads)
+    results["catalogue_finite_difference"] = finite_difference(
+        cat_fn, [backend.to_numpy(p) for p in cat_params], cat_non_trainable, batch)
     # Reptile with an SGD outer loop of rate 0.5: one update.
     reptile = Reptile(model, inner_steps=3, inner_lr=0.2, adapt="all", clipnorm=None,
                       feedback="explicit")
