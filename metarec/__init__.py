@@ -33,7 +33,7 @@ _EXPORTS = {
     "UserTasks": "metarec.tasks",
     "load": "metarec.saving",
 }
-_SUBMODULES = ("datasets", "evaluation", "models", "client", "presets")
+_SUBMODULES = ("datasets", "evaluation", "models", "client", "presets", "priors")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -1,6 +1,11 @@
 """Named, ready-to-fit meta-learner configurations.
 
 Each preset returns a *compiled* meta-learner for a ``FeatureEncoder`` (``tasks.encoder``).
+The residual presets also take an ``item_prior``, one value per item index, that the network
+predicts on top of; :func:`metarec.priors.item_mean_prior` builds it::
+
+    prior = metarec.priors.item_mean_prior(tasks)       # damped item means of tasks.train
+    learner = metarec.presets.residual_maml(tasks.encoder, prior)
 """
 
 from __future__ import annotations
@@ -55,8 +60,20 @@ def residual_maml(encoder, item_prior, inner_steps=1, inner_lr=0.01, adapt="deci
     """Second-order MAML over :func:`metarec.models.residual_mlp`: the network predicts the
     residual over a fixed item prior (the damped item mean), and the decision layers, whose
     output bias acts as a per-user offset, adapt per user. MeLU-sized (32 per feature,
-    64-64-1). ``learner_kwargs`` go to ``MAML`` (e.g. ``proximal``, ``ranking_weight``).
-    Returns a compiled ``metarec.MAML``."""
+    64-64-1).
+
+    Args:
+        encoder: the data's ``FeatureEncoder`` (``tasks.encoder``).
+        item_prior: float array of length ``encoder.num_items``, one value per item index
+            (index 0: the unknown item); ``metarec.priors.item_mean_prior(tasks)`` builds the
+            damped item means of the training users. Fixed in both loops.
+        inner_steps, inner_lr, adapt, first_order, clipnorm: as in ``MAML``.
+        outer_lr: Adam learning rate of the outer loop.
+        **learner_kwargs: further ``MAML`` arguments (e.g. ``proximal``, ``ranking_weight``).
+
+    Returns:
+        A compiled ``metarec.MAML``.
+    """
     import keras
 
     from metarec.maml import MAML
@@ -76,7 +93,16 @@ def residual_maml_tuned(encoder, item_prior, **overrides):
     ``metarec evaluate --data ml-100k --search residual-maml --seeds 0 --k 10`` (eight points:
     inner steps {1, 5} x inner lr {0.01, 0.05} x proximal {0, 1}; table in
     ``docs/BENCHMARKS.md``): 5 inner steps, inner lr 0.01, proximal pull 1.0. The margins
-    between the top points were within 0.001 validation MAE."""
+    between the top points were within 0.001 validation MAE.
+
+    Args:
+        encoder, item_prior: as in :func:`residual_maml`.
+        **overrides: settings that replace the tuned ones, or further ``residual_maml``
+            arguments.
+
+    Returns:
+        A compiled ``metarec.MAML``.
+    """
     settings = {"inner_steps": 5, "inner_lr": 0.01, "proximal": 1.0, **overrides}
     return residual_maml(encoder, item_prior, **settings)
 
@@ -85,7 +111,16 @@ def residual_memory(encoder, item_prior, inner_steps=0, inner_lr=0.01, units=64,
                     conditioning="film", outer_lr=1e-3, clipnorm=5.0):
     """The memory-based learner over :func:`metarec.models.residual_mlp`: a GRU reads the
     user's support ratings and conditions the decision layers of the residual network (FiLM);
-    ``inner_steps`` gradient steps may follow. Returns a compiled ``metarec.MemoryLearner``."""
+    ``inner_steps`` gradient steps may follow.
+
+    Args:
+        encoder, item_prior: as in :func:`residual_maml`.
+        inner_steps, inner_lr, units, conditioning, clipnorm: as in ``MemoryLearner``.
+        outer_lr: Adam learning rate of the outer loop.
+
+    Returns:
+        A compiled ``metarec.MemoryLearner``.
+    """
     import keras
 
     from metarec.memory import MemoryLearner

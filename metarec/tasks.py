@@ -2,7 +2,10 @@
 
 :class:`UserTasks` sorts and encodes the interactions once, splits users into train /
 validation / test :class:`TaskSet` s and precomputes every user's support and query rows,
-so building an :class:`Episode` batch is a handful of numpy gathers.
+so building an :class:`Episode` batch is a handful of numpy gathers. Both splits are either
+a rule (by time, or seeded random) or given: a mapping of set name to user ids, and the
+support interactions of each user (support sizes may then differ from user to user). Users
+that a filter leaves out are listed in ``UserTasks.dropped_users`` and counted in a warning.
 
 Shapes are kept to a few buckets so compiled (XLA / jit) code is reused: the support is
 always padded to ``support_size``; the query to the smallest of :func:`query_bucket`'s sizes
@@ -11,9 +14,10 @@ that fits the batch; the last partial batch is padded with fully-masked users.
 
 from __future__ import annotations
 
+import warnings
 import zlib
-from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import NamedTuple, Union
 
 import numpy as np
 import pandas as pd
@@ -22,6 +26,13 @@ from metarec.encoding import FeatureEncoder
 from metarec.interactions import InteractionData
 
 SPLITS = ("time", "random")
+#: The ``split`` of task sets whose support sets were given (``UserTasks(support=...)``).
+GIVEN = "given"
+#: Set names of a given user split (``UserTasks(user_split={...})``).
+SET_NAMES = ("train", "val", "test")
+
+#: What ``UserTasks(support=...)`` takes: (user_id, item_id) rows, or a boolean mask.
+SupportSpec = Union[pd.DataFrame, pd.Series, np.ndarray, Sequence[bool]]
 
 
 class Episode(NamedTuple):
@@ -76,6 +87,7 @@ class TaskSet:
         split: str,
         seed: int,
         user_frame: pd.DataFrame | None = None,
+        given: tuple[list[np.ndarray], list[np.ndarray]] | None = None,
     ) -> None:
         self.name = name
         self.encoder = encoder
@@ -90,6 +102,10 @@ class TaskSet:
         self._user_frame = user_frame
         self._user_inputs = self._encode_users(user_frame)
         self._rows = rows
+        if given is not None:
+            # Given support / query rows per user (split == "given"): nothing to draw.
+            self._support, self._query = list(given[0]), list(given[1])
+            return
         # The fixed split: time order, or one seeded draw per set (resample=True redraws).
         rng = np.random.default_rng([seed, SPLITS.index(split), zlib.crc32(name.encode())])
         pairs = [self._split_rows(r, rng) for r in rows]
@@ -151,6 +167,17 @@ class TaskSet:
         """Interactions per user (support + query + unused), int array ``[len]``."""
         return np.asarray([len(r) for r in self._rows], dtype=np.int64)
 
+    @property
+    def support_sizes(self) -> np.ndarray:
+        """Support rows per user (at most ``support_size``; fewer for short users and, with
+        given support sets, whatever each user was given), int array ``[len]``."""
+        return np.asarray([len(r) for r in self._support], dtype=np.int64)
+
+    @property
+    def query_sizes(self) -> np.ndarray:
+        """Query rows per user, int array ``[len]``."""
+        return np.asarray([len(r) for r in self._query], dtype=np.int64)
+
     def support_frame(self, i: int) -> pd.DataFrame:
         """Raw interaction rows of user ``i``'s support set, in support order."""
         return self._frame.iloc[self._support[i]].reset_index(drop=True)
@@ -186,8 +213,8 @@ class TaskSet:
             seed: seeds shuffling, query subsampling and resampling (``None``: fresh entropy).
             max_query: keep at most this many query rows per user (a seeded random subset).
             resample: for ``split="random"``, draw a fresh support / query split per user
-                (training-time augmentation); ignored for ``split="time"``, whose split is
-                fixed by definition.
+                (training-time augmentation); ignored for ``split="time"`` and
+                ``"given"``, whose splits are fixed by definition.
         """
         _check_positive("batch_size", batch_size)
         rng = np.random.default_rng(seed)
@@ -266,57 +293,96 @@ class UserTasks:
     Args:
         data: the interactions.
         support_size: K, interactions per support set (padded when a user has fewer).
-        query_size: cap on query rows per user (``None``: all the rest).
+            Default 10; with given ``support`` sets, the largest given support (the padded
+            length; a smaller value than that is an error).
+        query_size: cap on query rows per user (``None``: all the rest), the first in time
+            order (``split="random"``: a seeded random subset).
         split: support / query split per user: ``"time"`` (the first K by (timestamp,
-            item_id); needs timestamps) or ``"random"`` (a seeded random K).
+            item_id); needs timestamps) or ``"random"`` (a seeded random K). Default
+            ``"time"``; leave it unset when passing ``support`` (the split is then ``"given"``).
         user_split: ``"time"`` (users ordered by first interaction, ties by user id: the
-            earliest are train users, the latest test users - protocol Q1) or ``"random"``
-            (a seeded permutation).
+            earliest are train users, the latest test users - protocol Q1), ``"random"``
+            (a seeded permutation), or a given split: a mapping of set name (``"train"``,
+            ``"val"``, ``"test"``; a missing name is an empty set) to user ids, each set kept
+            in the order given. Users of the data that no set names are left out and
+            reported in ``dropped_users``.
         fractions: (train, validation, test) shares of the users; must sum to 1. Counts are
-            ``round(f * n)`` for train and validation, the rest for test.
+            ``round(f * n)`` for train and validation, the rest for test. Not used with a
+            given ``user_split``.
         min_interactions: users with fewer interactions are left out of every set
-            (default ``support_size + 1``, so every user has a query).
+            (default ``support_size + 1``, so every user has a query; with given ``support``
+            sets, no count floor: users whose query is empty are left out instead).
         max_interactions: users with more interactions are left out of every set (as in
             MeLU's preprocessing); ``None`` keeps all.
         eval_min_interactions: validation / test users need at least this many (Q1: 30).
         encoder: a fitted :class:`FeatureEncoder`; fit on ``data`` when ``None``. Fitting on
             all users is leak-free: it reads ids and features, never ratings.
         seed: seeds the random user split and the random support / query split.
+        support: given support sets: a DataFrame of ``(user_id, item_id)`` rows of ``data``
+            (other columns are ignored), or a boolean mask over ``data.interactions``' rows
+            (by position). Each user's support is those of their interactions, in (timestamp,
+            item_id) order; their query is the rest (capped by ``query_size``). Sizes may
+            differ between users, and a user with no support row has an empty support (the
+            learners then predict with the meta-learned initialisation, unadapted).
+        query: given query sets, as ``(user_id, item_id)`` rows of ``data`` disjoint from
+            ``support`` (only with ``support``); a user's interactions in neither are unused.
 
     Attributes ``train``, ``val`` and ``test`` are :class:`TaskSet` s. The user split comes
     first (over all users), the interaction filters after, so a filter never moves a user
-    from one set to another.
+    from one set to another. ``dropped_users`` is a DataFrame (``user_id``, ``set``,
+    ``reason``) of the users of the data in no task set; when it is not empty, a
+    ``UserWarning`` says how many were dropped and why. :meth:`summary` shows the counts.
+
+    Raises:
+        ValueError: on a bad argument, a given user split naming users not in the data or a
+            user twice, or given support / query rows that are not interactions of ``data``.
     """
 
     def __init__(
         self,
         data: InteractionData,
-        support_size: int = 10,
+        support_size: int | None = None,
         query_size: int | None = None,
-        split: str = "time",
-        user_split: str = "time",
+        split: str | None = None,
+        user_split: str | Mapping[str, Iterable] = "time",
         fractions: Sequence[float] = (0.7, 0.1, 0.2),
         min_interactions: int | None = None,
         max_interactions: int | None = None,
         eval_min_interactions: int | None = None,
         encoder: FeatureEncoder | None = None,
         seed: int = 0,
+        support: SupportSpec | None = None,
+        query: pd.DataFrame | None = None,
     ) -> None:
         if not isinstance(data, InteractionData):
             raise ValueError(f"UserTasks needs an InteractionData, got {type(data).__name__}")
-        _check_positive("support_size", support_size)
+        given = support is not None
+        if query is not None and not given:
+            raise ValueError("query= needs support= (the given support sets); got query alone.")
+        if given and split is not None:
+            raise ValueError(f"split and support= are alternatives: with given support sets the "
+                             f"split is {GIVEN!r}; got split={split!r}.")
+        if support_size is not None:
+            _check_positive("support_size", support_size)
         if query_size is not None:
             _check_positive("query_size", query_size)
-        for name, value in (("split", split), ("user_split", user_split)):
-            if value not in SPLITS:
-                raise ValueError(f"{name} must be one of {SPLITS}, got {value!r}")
-        if "time" in (split, user_split) and not data.has_timestamps:
-            raise ValueError(f"split={split!r}, user_split={user_split!r} need a 'timestamp' column; "
-                             "this data has none (use split='random', user_split='random')")
+        split = GIVEN if given else ("time" if split is None else split)
+        if not given and split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        by_rule = isinstance(user_split, str)
+        if (by_rule and user_split not in SPLITS) or not (by_rule or isinstance(user_split, Mapping)):
+            raise ValueError(f"user_split must be one of {SPLITS} or a mapping of set name to "
+                             f"user ids; got {user_split!r}.")
+        timed = [f"split={split!r}"] if split == "time" else []
+        timed += [f"user_split={user_split!r}"] if by_rule and user_split == "time" else []
+        if timed and not data.has_timestamps:
+            raise ValueError(f"{', '.join(timed)} need a 'timestamp' column; this data has none "
+                             "(use split='random', user_split='random')")
         fractions = tuple(float(f) for f in fractions)
         if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
             raise ValueError(f"fractions must be three non-negative shares summing to 1, got {fractions!r}")
-        min_interactions = support_size + 1 if min_interactions is None else min_interactions
+        if min_interactions is None:
+            min_interactions = 1 if given else (support_size or 10) + 1
         _check_positive("min_interactions", min_interactions)
         if max_interactions is not None:
             _check_positive("max_interactions", max_interactions)
@@ -325,36 +391,93 @@ class UserTasks:
 
         self.data = data
         self.encoder = encoder if encoder is not None else FeatureEncoder.fit(data)
-        self.support_size = support_size
         self.split = split
-        self.user_split = user_split
+        self.user_split = user_split if by_rule else GIVEN
         self.fractions = fractions
         self.seed = seed
 
-        frame, item_idx, ratings, user_ids, starts, counts, first_ts = self._sort(data)
-        order = self._order_users(user_ids, first_ts, user_split, seed)
-        n = len(order)
-        n_train = int(round(fractions[0] * n))
-        n_val = min(int(round(fractions[1] * n)), n - n_train)
-        groups = {"train": order[:n_train], "val": order[n_train:n_train + n_val],
-                  "test": order[n_train + n_val:]}
+        frame, item_idx, ratings, user_ids, starts, counts, first_ts, order = self._sort(data)
+        if by_rule:
+            ranked = self._order_users(user_ids, first_ts, user_split, seed)
+            n = len(ranked)
+            n_train = int(round(fractions[0] * n))
+            n_val = min(int(round(fractions[1] * n)), n - n_train)
+            groups = {"train": ranked[:n_train], "val": ranked[n_train:n_train + n_val],
+                      "test": ranked[n_train + n_val:]}
+        else:
+            groups = _given_groups(user_split, user_ids)
+        is_support = is_query = None
+        if given:
+            is_support = _given_rows("support", support, frame, order, len(data.interactions))
+            if query is not None:
+                if not isinstance(query, pd.DataFrame):
+                    raise ValueError(f"query must be a DataFrame of (user_id, item_id) rows; "
+                                     f"got {type(query).__name__}.")
+                is_query = _given_rows("query", query, frame, order, len(data.interactions))
+                both = is_support & is_query
+                if both.any():
+                    raise ValueError(f"support and query share {int(both.sum())} interactions; got "
+                                     f"{_few(list(zip(frame.user_id[both], frame.item_id[both])))}.")
+            else:
+                is_query = ~is_support
+        self.support_size = support_size if support_size is not None else 10
 
-        def keep(users: np.ndarray, floor: int) -> np.ndarray:
-            ok = counts[users] >= floor
-            if max_interactions is not None:
-                ok &= counts[users] <= max_interactions
-            return users[ok]
+        dropped: list[tuple[object, object, str]] = []
+        placed = np.zeros(len(user_ids), dtype=bool)
+        for users in groups.values():
+            placed[users] = True
+        dropped += [(user_ids[u], None, "in no set of user_split") for u in np.flatnonzero(~placed)]
 
         eval_floor = max(min_interactions, eval_min_interactions or 0)
-        sets = {}
+        kept: dict[str, tuple[np.ndarray, list, list | None]] = {}
         for name, users in groups.items():
-            users = keep(users, min_interactions if name == "train" else eval_floor)
-            rows = [np.arange(starts[u], starts[u] + counts[u]) for u in users]
-            sets[name] = TaskSet(name, self.encoder, frame, item_idx, ratings, user_ids[users], rows,
-                                 support_size, query_size, split, seed, user_frame=data.users)
+            keep = []
+            for u in users:
+                reason = None
+                if counts[u] < min_interactions:
+                    reason = f"with fewer than min_interactions={min_interactions} interactions"
+                elif name != "train" and counts[u] < eval_floor:
+                    reason = f"with fewer than eval_min_interactions={eval_min_interactions} interactions"
+                elif max_interactions is not None and counts[u] > max_interactions:
+                    reason = f"with more than max_interactions={max_interactions} interactions"
+                elif given and not is_query[starts[u]:starts[u] + counts[u]].any():
+                    reason = "with no query interactions"
+                if reason is None:
+                    keep.append(u)
+                else:
+                    dropped.append((user_ids[u], name, reason))
+            keep = np.asarray(keep, dtype=np.int64)
+            rows = [np.arange(starts[u], starts[u] + counts[u]) for u in keep]
+            pairs = None
+            if given:
+                pairs = ([r[is_support[r]] for r in rows],
+                         [r[is_query[r]][:query_size] for r in rows])
+            kept[name] = (keep, rows, pairs)
+
+        if given:
+            longest = max((len(s) for _, _, p in kept.values() for s in p[0]), default=0)
+            if support_size is None:
+                self.support_size = max(longest, 1)
+            elif longest > support_size:
+                user, size = next((user_ids[u], len(s)) for keep, _, p in kept.values()
+                                  for u, s in zip(keep, p[0]) if len(s) > support_size)
+                raise ValueError(f"support_size={support_size} is smaller than the given support "
+                                 f"of user {user!r}; got {size} rows (leave support_size unset to "
+                                 "pad to the largest given support).")
+        sets = {name: TaskSet(name, self.encoder, frame, item_idx, ratings, user_ids[keep], rows,
+                              self.support_size, query_size, split, seed, user_frame=data.users,
+                              given=pairs)
+                for name, (keep, rows, pairs) in kept.items()}
         self.train: TaskSet = sets["train"]
         self.val: TaskSet = sets["val"]
         self.test: TaskSet = sets["test"]
+        self.num_users = len(user_ids)
+        self.dropped_users = pd.DataFrame(dropped, columns=["user_id", "set", "reason"])
+        if len(self.dropped_users):
+            counts = self.dropped_users["reason"].value_counts(sort=False)
+            warnings.warn(f"UserTasks dropped {len(self.dropped_users)} of {self.num_users} users: "
+                          + ", ".join(f"{n} {reason}" for reason, n in counts.items())
+                          + "; UserTasks.dropped_users lists them.", UserWarning, stacklevel=2)
 
     def _sort(self, data: InteractionData):
         """Sort interactions by (user, timestamp, item id) once and encode them."""
@@ -371,7 +494,8 @@ class UserTasks:
         counts = np.bincount(user_codes, minlength=len(user_ids))
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         first_ts = ts[order][starts]
-        return frame, item_idx, ratings, np.asarray(user_ids, dtype=object), starts, counts, first_ts
+        return (frame, item_idx, ratings, np.asarray(user_ids, dtype=object), starts, counts,
+                first_ts, order)
 
     @staticmethod
     def _order_users(user_ids: np.ndarray, first_ts: np.ndarray, user_split: str, seed: int) -> np.ndarray:
@@ -380,6 +504,102 @@ class UserTasks:
         # user_ids come sorted from factorize(sort=True): position is the id tie-breaker.
         return np.lexsort((np.arange(len(user_ids)), first_ts))
 
+    def summary(self) -> str:
+        """A few lines on the sets: users, support / query sizes, and dropped users by reason.
+
+        Returns:
+            The text (also what ``print(tasks.summary())`` shows).
+        """
+        lines = [f"UserTasks over {self.num_users} users: split={self.split!r}, "
+                 f"user_split={self.user_split!r}, support_size={self.support_size}"]
+        for tset in (self.train, self.val, self.test):
+            line = f"  {tset.name:<5} {len(tset):>6} users"
+            if len(tset):
+                s, q = tset.support_sizes, tset.query_sizes
+                line += (f", support {s.min()}-{s.max()} (mean {s.mean():.1f})"
+                         f", query {q.min()}-{q.max()} (mean {q.mean():.1f})")
+                if not s.min():
+                    line += f", {int((s == 0).sum())} with an empty support"
+            lines.append(line)
+        if len(self.dropped_users):
+            lines.append(f"  dropped {len(self.dropped_users)} users:")
+            counts = self.dropped_users["reason"].value_counts(sort=False)
+            lines += [f"    {n:>6} {reason}" for reason, n in counts.items()]
+        else:
+            lines.append("  dropped no users")
+        return "\n".join(lines)
+
     def __repr__(self) -> str:
         return (f"UserTasks(train={len(self.train)}, val={len(self.val)}, test={len(self.test)}, "
-                f"support_size={self.support_size}, split={self.split!r}, user_split={self.user_split!r})")
+                f"dropped={len(self.dropped_users)}, support_size={self.support_size}, "
+                f"split={self.split!r}, user_split={self.user_split!r})")
+
+
+def _few(values: Sequence, n: int = 5) -> str:
+    """The first ``n`` values, and how many there are in all when more."""
+    values = list(values)
+    shown = repr(values[:n])
+    return shown if len(values) <= n else f"{shown[:-1]}, ...] ({len(values)} in all)"
+
+
+def _given_groups(user_split: Mapping[str, Iterable], user_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Positions (into the sorted ``user_ids``) of the users of each set of a given split."""
+    unknown_sets = [name for name in user_split if name not in SET_NAMES]
+    if unknown_sets:
+        raise ValueError(f"user_split's sets must be among {SET_NAMES}; got {unknown_sets!r}.")
+    index = pd.Index(user_ids)
+    groups, owner = {}, {}
+    for name in SET_NAMES:
+        ids = user_split.get(name, ())
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise ValueError(f"user_split[{name!r}] must be a collection of user ids; got {ids!r}.")
+        ids = list(ids)
+        positions = index.get_indexer(pd.Index(ids, dtype=object)) if ids else np.zeros(0, np.int64)
+        missing = [i for i, p in zip(ids, positions) if p < 0]
+        if missing:
+            raise ValueError(f"user_split[{name!r}] names {len(missing)} users that are not in the "
+                             f"data; got {_few(missing)}.")
+        repeated = pd.Index(positions).duplicated()
+        if repeated.any():
+            raise ValueError(f"user_split[{name!r}] names users twice; got "
+                             f"{_few([i for i, r in zip(ids, repeated) if r])}.")
+        both = [(i, owner[p]) for i, p in zip(ids, positions) if p in owner]
+        if both:
+            raise ValueError(f"user_split's sets overlap: users in {both[0][1]!r} and {name!r}; "
+                             f"got {_few([i for i, _ in both])}.")
+        owner.update((p, name) for p in positions)
+        groups[name] = np.asarray(positions, dtype=np.int64)
+    return groups
+
+
+def _given_rows(what: str, given, frame: pd.DataFrame, order: np.ndarray, n_rows: int) -> np.ndarray:
+    """A boolean mask over the sorted ``frame`` of the rows ``given`` names.
+
+    ``given``: a DataFrame of (user_id, item_id) rows, or (support only) a boolean mask over
+    the data's interaction rows by position; ``order`` maps sorted rows to those positions.
+    """
+    if isinstance(given, pd.DataFrame):
+        missing_cols = {"user_id", "item_id"} - set(given.columns)
+        if missing_cols:
+            raise ValueError(f"{what} must have 'user_id' and 'item_id' columns; got columns "
+                             f"{list(given.columns)}.")
+        pairs = pd.MultiIndex.from_arrays([frame["user_id"], frame["item_id"]])
+        wanted = pd.MultiIndex.from_arrays([given["user_id"].to_numpy(dtype=object),
+                                            given["item_id"].to_numpy(dtype=object)])
+        position = pairs.get_indexer(wanted)
+        if (position < 0).any():
+            bad = [(u, i) for (u, i), p in zip(wanted, position) if p < 0]
+            raise ValueError(f"{what} has {len(bad)} (user_id, item_id) rows that are not "
+                             f"interactions of the data; got {_few(bad)}.")
+        mask = np.zeros(len(frame), dtype=bool)
+        mask[position] = True
+        return mask
+    if what != "support":
+        raise ValueError(f"{what} must be a DataFrame of (user_id, item_id) rows; got "
+                         f"{type(given).__name__}.")
+    values = np.asarray(given)
+    if values.dtype != bool or values.shape != (n_rows,):
+        raise ValueError(f"support must be a DataFrame of (user_id, item_id) rows or a boolean "
+                         f"mask of the {n_rows} interaction rows; got {values.dtype} of shape "
+                         f"{values.shape}.")
+    return values[order]

@@ -179,16 +179,21 @@ def test_random_split_seeded_and_resample():
 
 def test_query_size_and_eval_min_interactions():
     data = _small_data()
-    tasks = UserTasks(data, support_size=4, query_size=5, eval_min_interactions=13)
+    with pytest.warns(UserWarning, match="dropped 1 of 10 users: 1 with fewer than eval_min_interactions=13"):
+        tasks = UserTasks(data, support_size=4, query_size=5, eval_min_interactions=13)
     assert [len(tasks.train.query_frame(i)) for i in range(len(tasks.train))] == [5] * 7
     # Test users are 1 (13 interactions) and 0 (12): only user 1 passes the evaluation floor.
     assert tasks.test.user_ids.tolist() == [1]
+    assert tasks.dropped_users.to_dict("records") == [
+        {"user_id": 0, "set": "test", "reason": "with fewer than eval_min_interactions=13 interactions"}]
     assert tasks.train.query_frame(0).item_id.tolist() == \
         tasks.train.frame()[lambda f: f.user_id == 9].item_id.tolist()[4:9]
 
 
 def test_empty_task_set_yields_nothing():
-    tasks = UserTasks(_small_data(), support_size=4, eval_min_interactions=1000)
+    with pytest.warns(UserWarning, match="dropped 3 of 10 users"):
+        tasks = UserTasks(_small_data(), support_size=4, eval_min_interactions=1000)
+    assert tasks.dropped_users.user_id.tolist() == [2, 1, 0]
     assert len(tasks.test) == 0 and tasks.test.num_batches(4) == 0
     assert list(tasks.test.episodes(4)) == [] and len(tasks.test.frame()) == 0
 

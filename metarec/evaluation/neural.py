@@ -357,14 +357,12 @@ class _EarlyStoppedLearnerMethod(LearnerMethod):
 
 
 def item_mean_prior(encoder, train_tasks, val_tasks=None) -> np.ndarray:
-    """Damped item means per item index (damping tuned on ``val_tasks``); index 0 and items
-    without a training rating get the global mean. The prior of :func:`residual_method`."""
-    from metarec.evaluation.methods import ItemMean
+    """``metarec.priors.item_mean_prior(train_tasks, val=val_tasks, encoder=encoder)``: damped
+    item means per item index (damping tuned on ``val_tasks``). The prior of
+    :func:`residual_method`; kept here under its former signature."""
+    from metarec.priors import item_mean_prior as build
 
-    item_mean = ItemMean().fit(train_tasks, val_tasks)
-    ids = encoder.item_ids[1:]
-    prior = item_mean._item_predictions(np.asarray(ids.tolist()), item_mean.params["damping"])
-    return np.concatenate([[item_mean.global_mean_], prior]).astype(np.float32)
+    return build(train_tasks, val=val_tasks, encoder=encoder)
 
 
 class _ResidualLearnerMethod(_EarlyStoppedLearnerMethod):
