@@ -284,7 +284,7 @@ class AdaptationMixin:
         are constants of the compiled program."""
         objective = getattr(self, "objective", None)
         negatives = None
-        if objective is not None:
+        if objective is not None and objective.inner_loss == "softmax":
             negatives = self._negative_inputs(objective.sampler.inference_draw())
 
         def fn(params, non_trainable, inputs, target, mask):

@@ -19,10 +19,12 @@ from keras import ops
 
 from metarec.sampling import NegativeSampler
 
-__all__ = ["POSITIVES", "CatalogueObjective"]
+__all__ = ["INNER_LOSSES", "POSITIVES", "CatalogueObjective"]
 
 #: What counts as a positive item of a user (explicit feedback; implicit uses label 1).
 POSITIVES = ("liked", "all")
+#: The inner loop's ranking loss (see :class:`CatalogueObjective`).
+INNER_LOSSES = ("softmax", "linear")
 
 
 class CatalogueObjective:
@@ -36,6 +38,13 @@ class CatalogueObjective:
 
     A negative that is the positive itself (an "accidental hit") is left out.
 
+    The inner loop may use a simpler ranking loss, ``inner_loss="linear"``: minus the sum of
+    the positives' scores, ``-sum_i w_i s_i``. On ``models.two_tower`` one inner step of rate
+    ``lr`` on the adapted user vector then adds ``lr * sum_i q_i`` to it: every item's score
+    moves by ``lr * sum_i <q_i, q_item>``, an item-item fold-in of the support like EASE^R's
+    or item-kNN's, with item vectors that meta-training learns (start them from
+    ``metarec.priors.cooccurrence_embeddings``). The outer loss is always the softmax.
+
     Args:
         sampler: the :class:`~metarec.sampling.NegativeSampler` (default: the full catalogue).
         rating_weight: weight of the squared error of the rating head (explicit feedback;
@@ -43,10 +52,14 @@ class CatalogueObjective:
         positives: ``"liked"`` (ratings >= ``relevance_threshold``) or ``"all"`` (every
             interaction) on explicit feedback; implicit feedback uses label 1.
         relevance_threshold: the rating that makes an item liked.
+        inner_loss: ``"softmax"`` (the same loss as the outer loop) or ``"linear"`` (above).
+        inner_positives: what counts as a positive in the inner loop; default ``positives``.
+            (``"all"`` folds in every support item, liked or not, as EASE^R's fold-in does.)
     """
 
     def __init__(self, sampler: NegativeSampler | None = None, rating_weight: float = 1.0,
-                 positives: str = "liked", relevance_threshold: float = 4.0) -> None:
+                 positives: str = "liked", relevance_threshold: float = 4.0,
+                 inner_loss: str = "softmax", inner_positives: str | None = None) -> None:
         if sampler is None:
             sampler = NegativeSampler("catalogue")
         if not isinstance(sampler, NegativeSampler):
@@ -66,22 +79,30 @@ class CatalogueObjective:
             raise ValueError(f"relevance_threshold must be a finite number; got {relevance_threshold!r}.") from None
         if relevance_threshold != relevance_threshold or abs(relevance_threshold) == float("inf"):
             raise ValueError(f"relevance_threshold must be a finite number; got {relevance_threshold!r}.")
+        if inner_loss not in INNER_LOSSES:
+            raise ValueError(f"inner_loss must be one of {INNER_LOSSES}; got inner_loss={inner_loss!r}.")
+        if inner_positives is not None and inner_positives not in POSITIVES:
+            raise ValueError(f"inner_positives must be None or one of {POSITIVES}; got "
+                             f"inner_positives={inner_positives!r}.")
+        self.inner_loss = inner_loss
+        self.inner_positives = inner_positives
         self.sampler = sampler
         self.rating_weight = rating_weight
         self.positives = positives
         self.relevance_threshold = relevance_threshold
 
     # ------------------------------------------------------------------ the loss
-    def positive_weights(self, target, mask, feedback: str):
+    def positive_weights(self, target, mask, feedback: str, inner: bool = False):
         """Per-row weight of each interaction as a positive (0 or 1, padding 0)."""
         if feedback != "explicit":
             return mask * ops.cast(target > 0.5, mask.dtype)
-        if self.positives == "all":
+        positives = self.inner_positives if inner and self.inner_positives else self.positives
+        if positives == "all":
             return mask
         return mask * ops.cast(target >= self.relevance_threshold, mask.dtype)
 
     def user_loss(self, forward, weights, fixed, non_trainable, inputs, target, mask, negatives,
-                  feedback: str):
+                  feedback: str, inner: bool = False):
         """The loss of one user's rows ``inputs`` (``[n, ...]``) against ``negatives``.
 
         Args:
@@ -92,10 +113,16 @@ class CatalogueObjective:
             negatives: a dict with ``inputs`` (item inputs of the M negatives, ``[M, ...]``),
                 ``index`` (``[M]`` item indices), ``correction`` and ``mask`` (``[M]``).
             feedback: "explicit" or "implicit".
+            inner: the inner loop's loss (``inner_loss``, ``inner_positives``) rather than the
+                outer loop's.
 
         Returns:
             A scalar.
         """
+        if inner and self.inner_loss == "linear":
+            rating, ranking = forward.heads(weights, fixed, non_trainable, inputs)
+            weight = self.positive_weights(target, mask, feedback, inner=True)
+            return -ops.sum(ranking * weight) + self._rating_term(rating, target, mask, feedback)
         n = ops.shape(target)[0]
         m = ops.shape(negatives["mask"])[0]
         neg_items = negatives["inputs"]
@@ -119,17 +146,22 @@ class CatalogueObjective:
         neg_matrix = ops.where(keep, ops.broadcast_to(neg_scores[None, :], (n, m)), very_negative)
         logits = ops.concatenate([pos_scores[:, None], neg_matrix], axis=1)
         per_row = ops.logsumexp(logits, axis=1) - pos_scores
-        weight = self.positive_weights(target, mask, feedback)
+        weight = self.positive_weights(target, mask, feedback, inner=inner)
         loss = ops.sum(per_row * weight) / ops.maximum(ops.sum(weight), 1.0)
-        if feedback == "explicit" and self.rating_weight:
-            error = ops.square(rating[:n] - target)
-            loss = loss + self.rating_weight * ops.sum(error * mask) / ops.maximum(ops.sum(mask), 1.0)
-        return loss
+        return loss + self._rating_term(rating[:n], target, mask, feedback)
+
+    def _rating_term(self, rating, target, mask, feedback: str):
+        """``rating_weight`` times the rating head's mean squared error (explicit feedback)."""
+        if feedback != "explicit" or not self.rating_weight:
+            return ops.zeros((), dtype=rating.dtype)
+        error = ops.square(rating - target)
+        return self.rating_weight * ops.sum(error * mask) / ops.maximum(ops.sum(mask), 1.0)
 
     # ------------------------------------------------------------------ saving
     def get_config(self) -> dict:
         return {"sampler": self.sampler.get_config(), "rating_weight": self.rating_weight,
-                "positives": self.positives, "relevance_threshold": self.relevance_threshold}
+                "positives": self.positives, "relevance_threshold": self.relevance_threshold,
+                "inner_loss": self.inner_loss, "inner_positives": self.inner_positives}
 
     @classmethod
     def from_config(cls, config: dict) -> CatalogueObjective:
@@ -139,4 +171,5 @@ class CatalogueObjective:
 
     def __repr__(self) -> str:
         return (f"CatalogueObjective(sampler={self.sampler!r}, rating_weight={self.rating_weight}, "
-                f"positives={self.positives!r}, relevance_threshold={self.relevance_threshold})")
+                f"positives={self.positives!r}, relevance_threshold={self.relevance_threshold}, "
+                f"inner_loss={self.inner_loss!r}, inner_positives={self.inner_positives!r})")

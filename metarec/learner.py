@@ -257,14 +257,16 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
         model_params, _ = self._split_meta(params)
         return self.forward.split(model_params)
 
-    def user_loss(self, adapted, fixed, non_trainable, inputs, target, mask, negatives=None):
+    def user_loss(self, adapted, fixed, non_trainable, inputs, target, mask, negatives=None,
+                  inner=False):
         """One user's loss on their rows: the rating loss, or the catalogue objective's (which
-        needs ``negatives``, see ``metarec.catalogue_objective``)."""
+        needs ``negatives``, see ``metarec.catalogue_objective``; ``inner`` selects its inner
+        loop's form)."""
         if self.objective is None:
             return masked_loss(self.forward(adapted, fixed, non_trainable, inputs), target, mask,
                                self.feedback)
         return self.objective.user_loss(self.forward, adapted, fixed, non_trainable, inputs, target,
-                                        mask, negatives, self.feedback)
+                                        mask, negatives, self.feedback, inner=inner)
 
     def adapt_user(self, params, non_trainable, inputs, target, mask, steps=None, context=None,
                    negatives=None):
@@ -274,7 +276,8 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
         user_loss = None
         if self.objective is not None:
             def user_loss(weights):
-                return self.user_loss(weights, fixed, non_trainable, inputs, target, mask, negatives)
+                return self.user_loss(weights, fixed, non_trainable, inputs, target, mask, negatives,
+                                      inner=True)
 
         adapted = inner_loop(
             self.forward,

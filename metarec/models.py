@@ -290,6 +290,8 @@ def two_tower(
     feature_dim=16,
     user_hidden_units=(64,),
     item_prior=None,
+    item_embeddings=None,
+    ranking_bias=None,
     name="two_tower",
 ):
     """A factorization model whose per-user adaptation reorders the whole catalogue.
@@ -317,6 +319,10 @@ def two_tower(
         user_hidden_units: hidden layers of the user tower (may be empty).
         item_prior: optional float array of ``encoder.num_items`` values, one per item index:
             a fixed per-item rating baseline for the rating head.
+        item_embeddings: optional initial item-id embeddings, ``[encoder.num_items,
+            embedding_dim]`` (e.g. ``metarec.priors.cooccurrence_embeddings``); trainable.
+        ranking_bias: optional initial ranking bias per item index, ``[encoder.num_items]``
+            (e.g. ``metarec.priors.log_popularity``); trainable.
 
     Returns:
         A built ``keras.Model`` from the feature dict to ``{"rating", "ranking"}`` (explicit)
@@ -336,16 +342,25 @@ def two_tower(
 
     # Item tower: id embedding + projected item features.
     item_id = inputs["item_id"]
+    init = keras.initializers.RandomNormal(stddev=0.05)
+    if item_embeddings is not None:
+        init = keras.initializers.Constant(
+            _per_item(item_embeddings, encoder, "item_embeddings", (embedding_dim,)))
     item_vector = keras.layers.Embedding(
-        encoder.num_items, embedding_dim, name="item_embedding",
-        embeddings_initializer=keras.initializers.RandomNormal(stddev=0.05))(item_id)
+        encoder.num_items, embedding_dim, name="item_embedding", embeddings_initializer=init)(item_id)
     features = embed_features(encoder, item_inputs, feature_dim)
     if features:
         joined = features[0] if len(features) == 1 else keras.layers.Concatenate(name="item_features")(features)
-        projected = keras.layers.Dense(embedding_dim, use_bias=False, name="item_feature_projection")(joined)
+        # Zero at first: item vectors start as given (e.g. from co-occurrence), and
+        # meta-training adds what the features are worth.
+        projected = keras.layers.Dense(embedding_dim, use_bias=False, name="item_feature_projection",
+                                       kernel_initializer="zeros")(joined)
         item_vector = keras.layers.Add(name="item_vector")([item_vector, projected])
+    bias_init = "zeros"
+    if ranking_bias is not None:
+        bias_init = keras.initializers.Constant(_per_item(ranking_bias, encoder, "ranking_bias", ()).reshape(-1, 1))
     ranking_bias = keras.layers.Embedding(encoder.num_items, 1, name="item_ranking_bias",
-                                          embeddings_initializer="zeros")(item_id)
+                                          embeddings_initializer=bias_init)(item_id)
 
     # User tower: features -> hidden -> the adapted user vector(s).
     features = embed_features(encoder, user_inputs, feature_dim)
@@ -380,3 +395,16 @@ def two_tower(
         heads_inputs += [user_rating, rating_bias]
     outputs = FactorizationHeads(rating_offset=offset, name="heads")(heads_inputs)
     return keras.Model(inputs, outputs, name=name)
+
+
+def _per_item(values, encoder, name, row_shape):
+    """``values`` as a finite float32 array ``[encoder.num_items, *row_shape]``, or a
+    ``ValueError`` naming ``name`` and the shape received."""
+    import numpy as np
+
+    array = np.asarray(values, dtype="float32")
+    expected = (encoder.num_items,) + tuple(row_shape)
+    if array.shape != expected or not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} must be a finite array of shape {expected} (one row per item "
+                         f"index); got shape {array.shape}.")
+    return array

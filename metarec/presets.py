@@ -10,7 +10,7 @@ predicts on top of; :func:`metarec.priors.item_mean_prior` builds it::
 
 from __future__ import annotations
 
-__all__ = ["MELU_EMBEDDING_DIM", "MELU_HIDDEN_UNITS", "melu", "residual_maml", "residual_maml_tuned", "residual_memory"]
+__all__ = ["catalogue_two_tower", "MELU_EMBEDDING_DIM", "MELU_HIDDEN_UNITS", "melu", "residual_maml", "residual_maml_tuned", "residual_memory"]
 
 #: MeLU (Lee et al., KDD 2019): 32-wide embedding per feature, decision layers 64-64-1.
 MELU_EMBEDDING_DIM = 32
@@ -131,5 +131,71 @@ def residual_memory(encoder, item_prior, inner_steps=0, inner_lr=0.01, units=64,
     learner = MemoryLearner(model, inner_steps=inner_steps, inner_lr=inner_lr, units=units,
                             conditioning=conditioning, clipnorm=clipnorm, encoder=encoder,
                             feedback=encoder.schema.feedback)
+    learner.compile(optimizer=keras.optimizers.Adam(outer_lr))
+    return learner
+
+
+def catalogue_two_tower(tasks, embedding_dim=64, inner_steps=1, inner_lr=1.0, outer_lr=1e-4,
+                        sampler=None, rating_weight=1.0, relevance_threshold=4.0,
+                        first_order=False, item_prior=None):
+    """MAML over :func:`metarec.models.two_tower` for catalogue top-k lists.
+
+    The recipe chosen on validation users of protocol Q1 (docs/BENCHMARKS.md):
+
+    * item vectors start from the training users' liked-item co-occurrence
+      (:func:`metarec.priors.cooccurrence_embeddings`), the ranking bias from their log
+      popularity (:func:`metarec.priors.log_popularity`): before adaptation the model ranks
+      as "most popular (liked)";
+    * per user, only the two user vectors' offsets adapt (``decision_user_vector/bias`` and
+      ``decision_user_rating_vector/bias``), with per-layer meta-learned inner rates;
+    * the inner loop takes ``inner_steps`` steps of the *linear* ranking loss over every
+      support item (a learned item-item fold-in, see ``CatalogueObjective``) next to the
+      rating head's squared error; the outer loop, the softmax of each liked query item
+      against the catalogue (``sampler``, default the whole catalogue) plus the rating error.
+
+    Args:
+        tasks: the ``UserTasks`` (its ``train`` users give the statistics) or a training
+            ``TaskSet``.
+        embedding_dim: width of the user and item vectors (at most the number of items).
+        inner_steps, inner_lr: inner steps and the inner rates' initial value.
+        outer_lr: Adam learning rate of the outer loop.
+        sampler: the ``NegativeSampler`` of the outer loss (default: the full catalogue).
+        rating_weight: weight of the rating head's squared error in both loops.
+        relevance_threshold: the rating that makes an item liked.
+        first_order: drop the second-order terms.
+        item_prior: optional per-item rating baseline for the rating head (e.g.
+            ``metarec.priors.item_mean_prior(tasks)``).
+
+    Returns:
+        A compiled ``metarec.MAML``.
+    """
+    import keras
+
+    from metarec.catalogue_objective import CatalogueObjective
+    from metarec.maml import MAML
+    from metarec.models import two_tower
+    from metarec.priors import _train_set, cooccurrence_embeddings, log_popularity
+    from metarec.sampling import NegativeSampler, item_counts_of
+
+    train = _train_set(tasks)
+    encoder = train.encoder
+    feedback = encoder.schema.feedback
+    threshold = relevance_threshold if feedback == "explicit" else None
+    model = two_tower(
+        encoder, embedding_dim=embedding_dim, item_prior=item_prior,
+        item_embeddings=cooccurrence_embeddings(train, embedding_dim, threshold),
+        ranking_bias=log_popularity(train, threshold),
+    )
+    if sampler is None:
+        sampler = NegativeSampler("catalogue")
+    if sampler.item_counts is None:
+        sampler.fit(item_counts_of(train))
+    objective = CatalogueObjective(sampler, rating_weight=rating_weight, positives="liked",
+                                   relevance_threshold=relevance_threshold, inner_loss="linear",
+                                   inner_positives="all")
+    adapt = [r"^decision_user_vector/bias$", r"^decision_user_rating_vector/bias$"]
+    learner = MAML(model, inner_steps=inner_steps, inner_lr=inner_lr, adapt=adapt,
+                   learn_inner_lr="per_layer", first_order=first_order, clipnorm=None,
+                   encoder=encoder, feedback=feedback, objective=objective)
     learner.compile(optimizer=keras.optimizers.Adam(outer_lr))
     return learner

@@ -5,17 +5,22 @@ fixed value per item; :func:`item_mean_prior` builds it from the training users'
 
     prior = metarec.priors.item_mean_prior(tasks)          # tasks: a UserTasks
     learner = metarec.presets.residual_maml(tasks.encoder, prior)
+
+``models.two_tower`` starts from catalogue statistics of the training users:
+:func:`cooccurrence_embeddings` (item vectors whose inner products are the liked-item
+co-occurrence counts, truncated to a rank) and :func:`log_popularity` (the ranking bias).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from metarec.encoding import FeatureEncoder
 from metarec.interactions import InteractionData
 from metarec.tasks import TaskSet, UserTasks
 
-__all__ = ["item_mean_prior"]
+__all__ = ["cooccurrence_embeddings", "item_mean_prior", "log_popularity"]
 
 
 class _Frame:
@@ -93,3 +98,93 @@ def item_mean_prior(
     ids = encoder.item_ids[1:]
     prior = model._item_predictions(np.asarray(ids.tolist()), model.params["damping"])
     return np.concatenate([[model.global_mean_], prior]).astype(np.float32)
+
+
+def _liked_matrix(train: TaskSet, relevance_threshold: float | None):
+    """The training users' binary user x item matrix (scipy CSR, items by index), of liked
+    interactions (rating >= threshold; every interaction for implicit data or no threshold)."""
+    from scipy import sparse
+
+    frame = train.frame()
+    encoder = train.encoder
+    if relevance_threshold is not None and encoder.schema.feedback == "explicit":
+        frame = frame[frame["rating"] >= relevance_threshold]
+    else:
+        frame = frame[frame["rating"] > 0]
+    items = encoder.item_index(frame["item_id"].to_numpy())
+    # Rows by the users' own ids: users the encoder does not know must stay apart.
+    users, uniques = pd.factorize(frame["user_id"])
+    x = sparse.csr_matrix((np.ones(len(items)), (users, items)),
+                          shape=(max(len(uniques), 1), encoder.num_items))
+    x.data[:] = 1.0
+    return x
+
+
+def _train_set(source: UserTasks | TaskSet) -> TaskSet:
+    if isinstance(source, UserTasks):
+        return source.train
+    if isinstance(source, TaskSet):
+        return source
+    raise ValueError(f"expected a UserTasks or TaskSet of training users; got {type(source).__name__}.")
+
+
+def cooccurrence_embeddings(source: UserTasks | TaskSet, dim: int,
+                            relevance_threshold: float | None = 4.0, scale: float = 3.0) -> np.ndarray:
+    """Item vectors whose inner products approximate how often two items are liked together.
+
+    With ``X`` the training users' binary matrix of liked items, ``C = X^T X`` is factorised
+    exactly by its top ``dim`` eigenvectors: ``E = V sqrt(lambda)``, so ``E E^T`` is the best
+    rank-``dim`` approximation of ``C``. Rows are then scaled so that the longest has norm
+    ``scale``. A two-tower model started from them ranks, after one "linear" inner step on a
+    user's support (see ``CatalogueObjective(inner_loss="linear")``), by the co-occurrence of
+    each item with the support items: the fold-in that EASE^R and item-kNN use, at low rank;
+    meta-training then tunes it.
+
+    Args:
+        source: the training users (a ``UserTasks``: its ``train`` set; or a ``TaskSet``).
+        dim: the rank (the model's ``embedding_dim``), at most the number of items.
+        relevance_threshold: ratings at or above it count as liked (explicit data); None or
+            implicit data: every interaction.
+        scale: the norm of the longest row (> 0).
+
+    Returns:
+        float32 ``[encoder.num_items, dim]`` (row 0, the unknown item, is zero).
+    """
+    train = _train_set(source)
+    num_items = train.encoder.num_items
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= num_items:
+        raise ValueError(f"dim must be an integer in [1, {num_items}]; got dim={dim!r}.")
+    if not (isinstance(scale, (int, float, np.floating)) and np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0; got scale={scale!r}.")
+    x = _liked_matrix(train, relevance_threshold)
+    if x.nnz == 0:
+        raise ValueError("the training users have no liked interaction to count; got "
+                         f"relevance_threshold={relevance_threshold!r}.")
+    c = (x.T @ x).toarray()
+    values, vectors = np.linalg.eigh(c)
+    top = np.argsort(-values)[:dim]
+    e = vectors[:, top] * np.sqrt(np.maximum(values[top], 0.0))
+    e[0] = 0.0
+    longest = np.linalg.norm(e, axis=1).max()
+    if longest > 0:
+        e *= scale / longest
+    return e.astype(np.float32)
+
+
+def log_popularity(source: UserTasks | TaskSet, relevance_threshold: float | None = 4.0) -> np.ndarray:
+    """Centred ``log(1 + liked count)`` per item index: a ranking bias that, before any
+    adaptation, ranks the catalogue as "most popular (liked)" does.
+
+    Args:
+        source: the training users (``UserTasks`` or ``TaskSet``).
+        relevance_threshold: as in :func:`cooccurrence_embeddings`.
+
+    Returns:
+        float32 ``[encoder.num_items]``.
+    """
+    x = _liked_matrix(_train_set(source), relevance_threshold)
+    counts = np.asarray(x.sum(axis=0)).ravel()
+    prior = np.log1p(counts)
+    prior[1:] -= prior[1:].mean()
+    prior[0] = prior[1:].min() if len(prior) > 1 else 0.0
+    return prior.astype(np.float32)
