@@ -6,7 +6,7 @@ and with 32 concurrent clients (requests/s, latency, errors), per Keras backend,
 with the same model's plain non-adaptive ``predict_items`` on the same 1,000 items and the
 in-process SDK ``adapt_many`` + ``recommend_many`` for one user (what gRPC adds on top).
 
-The server runs in its own process (``python -m server.main``) so that client and server do
+The server runs in its own process (``python -m metarec_server.main``) so that client and server do
 not share a GIL; the adapted-user cache is disabled so that every call adapts. Usage:
 
     python bench/grpc_bench.py                     # trains a small model, both backends
@@ -105,7 +105,7 @@ def reference(model_path: str, calls: int) -> dict:
 
 # ---------------------------------------------------------------------------- gRPC clients
 def requests_for(users):
-    from server._generated.metarec.v1 import recommender_pb2 as pb
+    from metarec.api.v1 import recommender_pb2 as pb
 
     return [
         pb.RecommendRequest(
@@ -122,7 +122,7 @@ def requests_for(users):
 def one_client(address: str, requests, warmup: int) -> dict:
     import grpc
 
-    from server._generated.metarec.v1 import recommender_pb2_grpc as pb_grpc
+    from metarec.api.v1 import recommender_pb2_grpc as pb_grpc
 
     latencies, errors = [], 0
     with grpc.insecure_channel(address) as channel:
@@ -144,7 +144,7 @@ async def concurrent_clients(address: str, requests, clients: int, warmup: int, 
     a server with several workers spreads connections, not calls, across them)."""
     import grpc
 
-    from server._generated.metarec.v1 import recommender_pb2_grpc as pb_grpc
+    from metarec.api.v1 import recommender_pb2_grpc as pb_grpc
 
     latencies, errors = [], 0
     # A local subchannel pool: otherwise channels to one address share one connection.
@@ -217,7 +217,8 @@ def start_server(model_dir: Path, workdir: Path, backend: str, args) -> tuple[su
     env = dict(os.environ, KERAS_BACKEND=backend)
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "server.main", "--model-dir", str(model_dir), "--port", "0",
+            sys.executable, "-m", "metarec_server.main",
+            "--model-dir", str(model_dir), "--port", "0",
             "--log-db", str(workdir / f"log-{backend}.sqlite"), "--cache-size", "0",
             "--max-batch-size", str(args.max_batch_size), "--max-batch-delay-ms", str(args.max_delay_ms),
             "--log-level", "WARNING", "--workers", str(args.workers),

@@ -5,11 +5,12 @@ protocol S1 "gRPC" (20 interactions, 1,000 candidate ids, a catalogue of 2,000 i
 each request parsed afresh from bytes as the server receives it:
 
 * ``candidates``: 1,000 candidate id strings to item indices, with the unknown-id and
-  duplicate checks (``server.validation.parse_candidates``, on the event loop);
+  duplicate checks (``metarec_server.validation.parse_candidates``, on the event loop);
 * ``interactions``: 20 interactions to indices, ratings and timestamps, all checked;
 * ``cache digest``: the adapted-user cache key of those interactions;
 * ``seen mask``: which of the 1,000 candidates the user's 20 interactions hold, as the batch
-  worker masks them before the top k (``server.inference._is_seen``), and ``np.isin`` beside it;
+  worker masks them before the top k (``metarec_server.inference._is_seen``), and ``np.isin``
+  beside it;
 * ``protobuf parse``: ``RecommendRequest.FromString`` of the serialized request, for scale
   (gRPC does this in C before the handler runs).
 
@@ -32,10 +33,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server._generated.metarec.v1 import recommender_pb2 as pb  # noqa: E402
-from server.cache import interactions_digest  # noqa: E402
-from server.inference import Catalog, ServingModel, _is_seen  # noqa: E402
-from server.validation import Limits, parse_candidates, parse_interactions  # noqa: E402
+from metarec.api.v1 import recommender_pb2 as pb  # noqa: E402
+from metarec_server.cache import interactions_digest  # noqa: E402
+from metarec_server.inference import Catalog, ServingModel, _is_seen  # noqa: E402
+from metarec_server.validation import Limits, parse_candidates, parse_interactions  # noqa: E402
 
 
 def requests(n: int, num_items: int = 2000, seed: int = 0) -> list[bytes]:

@@ -11,8 +11,8 @@ Start a server on a folder of numbered model versions (``DIR/1/model.keras``,
 
     metarec serve --model-dir DIR --port 8500 --log-db interactions.sqlite
 
-(``python -m server.main`` takes the same options and runs the same function,
-``server.main.serve_main``; ``metarec serve --help`` lists them. On a machine with several
+(``python -m metarec_server.main`` takes the same options and runs the same function,
+``metarec_server.main.serve_main``; ``metarec serve --help`` lists them. On a machine with several
 cores, ``--workers N`` runs N server processes on the port; the kernel gives each new
 connection to one of them, so a busy client opens several: ``Client(address, connections=8)``.)
 
@@ -26,7 +26,7 @@ Self-contained (no option): meta-trains a tiny MAML model on synthetic data (sec
 as version 1 in a temporary folder, starts the server on it as a subprocess on a free
 loopback port, runs the tour with one held-out synthetic user and stops the server (SIGTERM:
 it finishes in-flight calls, then exits). ``--in-process`` runs the server on a background
-thread of this process instead (``server.background.BackgroundServer``, handy in notebooks).
+thread of this process instead (``metarec_server.background.BackgroundServer``, handy in notebooks).
 
 The tour:
 
@@ -200,9 +200,9 @@ def _wait_for_address(process, server_log, timeout):
 @contextlib.contextmanager
 def serve_in_process(model_dir, log_db, max_batch_size=DEMO_MAX_BATCH_SIZE):
     """The same server on a background thread of this process; yields its address."""
-    from server.app import ServerConfig
-    from server.background import BackgroundServer
-    from server.batcher import BatcherConfig
+    from metarec_server.app import ServerConfig
+    from metarec_server.background import BackgroundServer
+    from metarec_server.batcher import BatcherConfig
 
     config = ServerConfig(model_dir=model_dir, host="127.0.0.1", port=0, log_path=log_db,
                           poll_interval_s=1.0, batching=BatcherConfig(max_batch_size=max_batch_size))

@@ -57,10 +57,27 @@ def _retrain(args):
     return 0 if result.promoted else 1
 
 
-def _serve(args):
-    from server.main import serve_main
+SERVER_PACKAGE = "metarec_server"
 
-    return serve_main(args.rest)
+
+def _serve(argv):
+    """``metarec serve``: run the gRPC service, which is imported here and nowhere else.
+
+    The SDK never imports the service (``tests/test_import_direction.py``); the service is the
+    package ``metarec_server`` (the repository's ``server/`` folder), installed with metarec.
+    """
+    try:
+        from metarec_server.main import serve_main
+    except ModuleNotFoundError as exc:
+        print(
+            f"metarec: error: `metarec serve` needs the gRPC service, the Python package "
+            f"{SERVER_PACKAGE!r}, which could not be imported ({exc}). It is installed with "
+            f"metarec: reinstall it (`pip install metarec`, or `pip install -e .` in a checkout "
+            f"of the repository, which installs its server/ folder as {SERVER_PACKAGE}).",
+            file=sys.stderr,
+        )
+        return 2
+    return serve_main(argv)
 
 
 def build_parser():
@@ -121,7 +138,7 @@ def build_parser():
     p = sub.add_parser("serve", help="run the gRPC server (see `metarec serve --help`)",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_serve)
+    p.set_defaults(func=lambda args: _serve(args.rest))
     return parser
 
 
@@ -131,9 +148,7 @@ def main(argv=None):
     if argv[:1] == ["serve"]:
         # The server parses its own options (argparse's REMAINDER does not pass on a first
         # argument that starts with "--").
-        from server.main import serve_main
-
-        return serve_main(argv[1:])
+        return _serve(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

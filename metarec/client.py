@@ -30,8 +30,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from server._generated.metarec.v1 import recommender_pb2 as pb
-from server._generated.metarec.v1 import recommender_pb2_grpc as pb_grpc
+from metarec.api.v1 import recommender_pb2 as pb
+from metarec.api.v1 import recommender_pb2_grpc as pb_grpc
 
 __all__ = ["Client", "Recommendation", "Scores"]
 

@@ -26,6 +26,7 @@ import pandas as pd
 
 from metarec.batch_scoring import read_table, resolve_model_path
 from metarec.evaluation.metrics import mae, ndcg_at_k, rmse
+from metarec.interaction_log import InteractionLog
 from metarec.interactions import InteractionData
 from metarec.saving import load
 from metarec.tasks import UserTasks
@@ -62,8 +63,6 @@ def read_logs(source):
     if source.suffix in (".sqlite", ".db", ".sqlite3"):
         if not source.exists():
             raise ValueError(f"No interaction log at {str(source)!r}.")
-        from server.interaction_log import InteractionLog
-
         with InteractionLog(source) as log:
             return log.to_pandas()
     return read_table(source)

@@ -25,15 +25,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from server._generated.metarec.v1 import recommender_pb2_grpc as pb_grpc
-from server.auth import BearerTokenInterceptor
-from server.batcher import BatcherConfig
-from server.cache import AdaptedUserCache
-from server.inference import load_serving_model, make_check
-from server.interaction_log import InteractionLog
-from server.registry import ModelRegistry
-from server.service import SERVICE_NAME, RecommenderService
-from server.validation import Limits
+from metarec.api.v1 import recommender_pb2_grpc as pb_grpc
+from metarec.interaction_log import InteractionLog
+from metarec_server.auth import BearerTokenInterceptor
+from metarec_server.batcher import BatcherConfig
+from metarec_server.cache import AdaptedUserCache
+from metarec_server.inference import load_serving_model, make_check
+from metarec_server.registry import ModelRegistry
+from metarec_server.service import SERVICE_NAME, RecommenderService
+from metarec_server.validation import Limits
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Run a :class:`~server.app.MetarecServer` on a background thread.
+"""Run a :class:`~metarec_server.app.MetarecServer` on a background thread.
 
 For notebooks, benchmarks and tests that drive the server with the blocking client from the
 main thread: the server gets its own event loop on a daemon thread.
@@ -13,7 +13,7 @@ import asyncio
 import threading
 from concurrent.futures import Future
 
-from server.app import MetarecServer, ServerConfig
+from metarec_server.app import MetarecServer, ServerConfig
 
 
 class BackgroundServer:

@@ -1,15 +1,20 @@
 """Generate the committed Python gRPC stubs from ``protos/``.
 
-The stubs under ``server/_generated/`` are committed rather than built at install time:
-installing metarec then needs no protoc, and ``tests/test_server_protos.py`` regenerates them
-into a temporary folder and compares byte for byte, so a stale stub fails the test suite.
+The stubs live in the SDK package, under ``metarec/api/`` (``metarec.api.v1.recommender_pb2``
+and ``recommender_pb2_grpc``): they are the API contract that the client and the service both
+import, so the SDK never imports the service for them. They are committed rather than built at
+install time: installing metarec then needs no protoc, and ``tests/test_server_protos.py``
+regenerates them into a temporary folder and compares byte for byte, so a stale stub fails the
+test suite.
 
-protoc writes imports that follow the proto package (``from metarec.v1 import ...``), which
-would resolve to the real ``metarec`` SDK package. The generated files are therefore rewritten
-to import ``server._generated.metarec.v1`` instead; the rewrite is part of generation, so the
-comparison test applies it too.
+protoc writes the files under the proto package's path (``metarec/v1/``) with imports that
+follow it (``from metarec.v1 import ...``). Generation moves them under ``metarec/api/``
+(``protos/metarec/v1/x.proto`` becomes ``metarec/api/v1/x_pb2.py``) and rewrites those imports
+to ``metarec.api.v1``; the comparison test applies the same steps. The descriptors keep their
+proto file names (``metarec/v1/recommender.proto``), so the wire format and reflection are
+unchanged.
 
-Usage: ``python -m server.codegen`` (needs ``grpcio-tools``).
+Usage: ``python -m metarec_server.codegen`` (needs ``grpcio-tools``).
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO_ROOT / "protos"
-GENERATED_ROOT = Path(__file__).resolve().parent / "_generated"
-PACKAGE_PREFIX = "server._generated"
+GENERATED_ROOT = REPO_ROOT / "metarec" / "api"
+PROTO_PACKAGE = "metarec"  # every .proto file lives under protos/metarec/
+PACKAGE = "metarec.api"  # ... and its Python module under metarec/api/
 
 # Matches the import lines protoc emits for other generated modules of this repository.
-_IMPORT_RE = re.compile(r"^from (metarec\.v\d+) import ", re.MULTILINE)
+_IMPORT_RE = re.compile(r"^from metarec\.(v\d+) import ", re.MULTILINE)
+_MARKER = '"""The gRPC API contract, generated from protos/ by metarec_server.codegen."""\n'
 
 
 def proto_files(proto_root: Path = PROTO_ROOT) -> list[Path]:
@@ -36,40 +43,54 @@ def proto_files(proto_root: Path = PROTO_ROOT) -> list[Path]:
 
 
 def generate(out_dir: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
-    """Run protoc into ``out_dir`` and rewrite imports; return the files written (relative)."""
+    """Run protoc, move the modules into ``out_dir`` and rewrite imports; return the files written.
+
+    ``out_dir`` is the folder of the ``metarec.api`` package; the paths returned are relative
+    to it (``v1/recommender_pb2.py``, ...).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = [str(p) for p in proto_files(proto_root)]
-    if not files:
+    protos = proto_files(proto_root)
+    if not protos:
         raise FileNotFoundError(f"no .proto files under {proto_root}")
-    args = [
-        f"-I{proto_root}",
-        f"--python_out={out_dir}",
-        f"--pyi_out={out_dir}",
-        f"--grpc_python_out={out_dir}",
-        *files,
-    ]
-    # protoc runs in its own process: in-process it shares the protobuf C++ runtime with
-    # whatever else is loaded (TensorFlow bundles one) and can crash the interpreter.
-    done = subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", *args], capture_output=True, text=True, timeout=120
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"protoc failed ({done.returncode}): {done.stderr.strip()}")
+    outside = [str(p) for p in protos if p.parts[0] != PROTO_PACKAGE]
+    if outside:
+        raise ValueError(f"every .proto file must be under {proto_root / PROTO_PACKAGE}: {outside}")
     written = []
-    for path in sorted(out_dir.rglob("*.py*")):
-        if path.suffix not in (".py", ".pyi"):
-            continue
-        text = path.read_text()
-        fixed = _IMPORT_RE.sub(rf"from {PACKAGE_PREFIX}.\1 import ", text)
-        if fixed != text:
-            path.write_text(fixed)
-        written.append(path.relative_to(out_dir))
-    # Package markers so the generated modules import as server._generated.metarec.v1.*
-    for directory in sorted({p.parent for p in out_dir.rglob("*.py")} | {out_dir}):
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp)
+        args = [
+            f"-I{proto_root}",
+            f"--python_out={raw}",
+            f"--pyi_out={raw}",
+            f"--grpc_python_out={raw}",
+            *(str(p) for p in protos),
+        ]
+        # protoc runs in its own process: in-process it shares the protobuf C++ runtime with
+        # whatever else is loaded (TensorFlow bundles one) and can crash the interpreter.
+        done = subprocess.run(
+            [sys.executable, "-m", "grpc_tools.protoc", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"protoc failed ({done.returncode}): {done.stderr.strip()}")
+        raw_package = raw / PROTO_PACKAGE
+        for path in sorted(raw_package.rglob("*.py*")):
+            if path.suffix not in (".py", ".pyi"):
+                continue
+            rel = path.relative_to(raw_package)
+            target = out_dir / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            text = _IMPORT_RE.sub(rf"from {PACKAGE}.\1 import ", path.read_text())
+            target.write_text(text)
+            written.append(rel)
+    # Package markers so the generated modules import as metarec.api.v1.*
+    for directory in sorted({out_dir / p.parent for p in written} | {out_dir}):
         while True:
             init = directory / "__init__.py"
             if not init.exists():
-                init.write_text('"""Generated by server.codegen; do not edit."""\n')
+                init.write_text(_MARKER)
                 written.append(init.relative_to(out_dir))
             if directory == out_dir:
                 break

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from server.cache import AdaptedUserCache, CacheKey
-from server.registry import model_file
+from metarec_server.cache import AdaptedUserCache, CacheKey
+from metarec_server.registry import model_file
 
 RECOMMEND = "recommend"
 SCORE = "score"

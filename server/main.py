@@ -1,10 +1,10 @@
 """``metarec serve``: run the gRPC server from the command line.
 
 Call :func:`serve_main` with the arguments after ``serve`` (``metarec.cli`` does), or run
-``python -m server.main --model-dir DIR --port N``. The server prints one line
+``python -m metarec_server.main --model-dir DIR --port N``. The server prints one line
 ``metarec server listening on HOST:PORT`` on stdout once it accepts connections (scripts and
 tests wait for it), runs until SIGINT / SIGTERM, then drains gracefully. With ``--workers N``
-this process supervises N server processes sharing the port (``server.workers``).
+this process supervises N server processes sharing the port (``metarec_server.workers``).
 
 The auth token is read from ``--token-file`` or the ``METAREC_AUTH_TOKEN`` environment
 variable, never from the command line, where other local users could read it in ``ps``.
@@ -20,11 +20,11 @@ import signal
 import sys
 from pathlib import Path
 
-from server.app import MetarecServer, ServerConfig
-from server.batcher import BatcherConfig
-from server.interaction_log import InteractionLog
-from server.validation import Limits
-from server.workers import WorkerPool, reserve_port, watch_parent
+from metarec.interaction_log import InteractionLog
+from metarec_server.app import MetarecServer, ServerConfig
+from metarec_server.batcher import BatcherConfig
+from metarec_server.validation import Limits
+from metarec_server.workers import WorkerPool, reserve_port, watch_parent
 
 TOKEN_ENV = "METAREC_AUTH_TOKEN"
 
@@ -165,7 +165,7 @@ def serve_main(argv: list[str] | None = None, prog: str = "metarec serve") -> in
 
 
 def serve_workers(argv: list[str], config: ServerConfig, workers: int, ready, prog: str) -> int:
-    """Supervise ``workers`` server processes on one port (see ``server.workers``)."""
+    """Supervise ``workers`` server processes on one port (see ``metarec_server.workers``)."""
     try:
         hold = reserve_port(config.host, config.port)
         # Created here, once: workers starting together would race to switch it to WAL mode.
@@ -175,8 +175,8 @@ def serve_workers(argv: list[str], config: ServerConfig, workers: int, ready, pr
         return 2
     port = hold.getsockname()[1]
     # argparse keeps the last of repeated options: these override the user's own.
-    command = [sys.executable, "-m", "server.main", *argv, "--workers", "1", "--port", str(port),
-               "--reuse-port", "--parent-pid", str(os.getpid())]
+    command = [sys.executable, "-m", "metarec_server.main", *argv, "--workers", "1",
+               "--port", str(port), "--reuse-port", "--parent-pid", str(os.getpid())]
     pool = WorkerPool(command, workers, stop_timeout_s=config.grace_s + 65)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: pool.request_stop())
@@ -195,4 +195,4 @@ def serve_workers(argv: list[str], config: ServerConfig, workers: int, ready, pr
 
 
 if __name__ == "__main__":
-    sys.exit(serve_main(prog="python -m server.main"))
+    sys.exit(serve_main(prog="python -m metarec_server.main"))

@@ -24,20 +24,20 @@ from typing import Any
 
 import grpc
 
-from server._generated.metarec.v1 import recommender_pb2 as pb
-from server._generated.metarec.v1 import recommender_pb2_grpc as pb_grpc
-from server.batcher import (
+from metarec.api.v1 import recommender_pb2 as pb
+from metarec.api.v1 import recommender_pb2_grpc as pb_grpc
+from metarec.interaction_log import InteractionLog
+from metarec_server.batcher import (
     BatcherClosedError,
     BatcherConfig,
     DeadlineExpiredError,
     MicroBatcher,
     QueueFullError,
 )
-from server.cache import AdaptedUserCache, CacheKey, interactions_digest
-from server.inference import RECOMMEND, SCORE, Job, Result, candidate_bucket, run_batch
-from server.interaction_log import InteractionLog
-from server.registry import ModelRegistry, ServedVersion
-from server.validation import (
+from metarec_server.cache import AdaptedUserCache, CacheKey, interactions_digest
+from metarec_server.inference import RECOMMEND, SCORE, Job, Result, candidate_bucket, run_batch
+from metarec_server.registry import ModelRegistry, ServedVersion
+from metarec_server.validation import (
     Limits,
     RequestError,
     check_id,

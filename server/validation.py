@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from server.inference import ServingModel
+from metarec_server.inference import ServingModel
 
 
 class RequestError(Exception):

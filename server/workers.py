@@ -7,7 +7,7 @@ Several processes, one interpreter each, use the cores a single process leaves i
 
 How: the supervisor (:class:`WorkerPool`, no Keras imported) reserves the port, creates the
 interaction log once (so that workers never race to switch it to WAL mode), then starts N
-``python -m server.main`` workers with ``--reuse-port``: each binds the same port with
+``python -m metarec_server.main`` workers with ``--reuse-port``: each binds the same port with
 ``SO_REUSEPORT`` and Linux spreads new *connections* across them (a connection, hence a client
 channel, stays with one worker). It prints ``metarec server listening on HOST:PORT`` once every
 worker listens, restarts a worker that dies, and on SIGINT / SIGTERM stops them all gracefully
@@ -74,8 +74,8 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 class WorkerPool:
-    """Start, watch and stop ``workers`` copies of ``command`` (a ``server.main`` command line
-    that binds a shared port and prints the listening line when it accepts connections).
+    """Start, watch and stop ``workers`` copies of ``command`` (a ``metarec_server.main`` command
+    line that binds a shared port and prints the listening line when it accepts connections).
 
     Args:
         command: the worker command line (the same for every worker).

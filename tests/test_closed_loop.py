@@ -26,10 +26,10 @@ pytest.importorskip("keras")
 pytest.importorskip("metarec")
 
 from metarec.client import Client  # noqa: E402
-from server.app import ServerConfig  # noqa: E402
-from server.background import BackgroundServer  # noqa: E402
-from server.batcher import BatcherConfig  # noqa: E402
-from server.inference import make_check  # noqa: E402
+from metarec_server.app import ServerConfig  # noqa: E402
+from metarec_server.background import BackgroundServer  # noqa: E402
+from metarec_server.batcher import BatcherConfig  # noqa: E402
+from metarec_server.inference import make_check  # noqa: E402
 from tests.test_retrain import setup  # noqa: E402, F401  (fixture: version 1 and the new users' logs)
 
 POLL_S = 0.2  # the server's model-folder poll interval

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from server.app import ServerConfig
-from server.batcher import BatcherConfig
-from server.main import TOKEN_ENV, build_parser, config_from_args, serve_main
-from server.validation import Limits
+from metarec_server.app import ServerConfig
+from metarec_server.batcher import BatcherConfig
+from metarec_server.main import TOKEN_ENV, build_parser, config_from_args, serve_main
+from metarec_server.validation import Limits
 
 
 def config_of(*argv):

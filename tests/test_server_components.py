@@ -9,15 +9,15 @@ import time
 
 import pytest
 
-from server.batcher import (
+from metarec_server.batcher import (
     BatcherClosedError,
     BatcherConfig,
     DeadlineExpiredError,
     MicroBatcher,
     QueueFullError,
 )
-from server.cache import AdaptedUserCache, CacheKey, interactions_digest
-from server.registry import ModelRegistry, scan_versions
+from metarec_server.cache import AdaptedUserCache, CacheKey, interactions_digest
+from metarec_server.registry import ModelRegistry, scan_versions
 
 
 def run(coro):
@@ -325,7 +325,7 @@ def test_corrupt_version_is_refused_and_the_current_one_keeps_serving(tmp_path, 
     registry.poll()
     publish(tmp_path, 2, "{not json")
     publish(tmp_path, 3, json.dumps({"weight": -3}))  # loads but fails the test prediction
-    with caplog.at_level(logging.ERROR, logger="server.registry"):
+    with caplog.at_level(logging.ERROR, logger="metarec_server.registry"):
         assert registry.poll() is False
     assert registry.current.version == 1
     assert [r.version for r in registry.refused] == [2, 3]

@@ -17,14 +17,14 @@ import pytest
 keras = pytest.importorskip("keras")
 metarec = pytest.importorskip("metarec")
 
+from metarec.api.v1 import recommender_pb2 as pb  # noqa: E402
+from metarec.api.v1 import recommender_pb2_grpc as pb_grpc  # noqa: E402
 from metarec.client import Client  # noqa: E402
-from server._generated.metarec.v1 import recommender_pb2 as pb  # noqa: E402
-from server._generated.metarec.v1 import recommender_pb2_grpc as pb_grpc  # noqa: E402
-from server.app import ServerConfig  # noqa: E402
-from server.background import BackgroundServer  # noqa: E402
-from server.batcher import BatcherConfig  # noqa: E402
-from server.inference import make_check  # noqa: E402
-from server.validation import Limits  # noqa: E402
+from metarec_server.app import ServerConfig  # noqa: E402
+from metarec_server.background import BackgroundServer  # noqa: E402
+from metarec_server.batcher import BatcherConfig  # noqa: E402
+from metarec_server.inference import make_check  # noqa: E402
+from metarec_server.validation import Limits  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -635,7 +635,7 @@ def test_memory_based_model_is_served_through_the_same_api(tmp_path):
 def test_the_load_check_compiles_what_concurrent_requests_run(sdk):
     """The version check warms the kernels of batches of different candidate lists (what
     concurrent requests carry): serving such a batch afterwards traces nothing new."""
-    from server.inference import RECOMMEND, Job, ServingModel, run_batch
+    from metarec_server.inference import RECOMMEND, Job, ServingModel, run_batch
 
     model = ServingModel.from_learner(sdk)
     make_check(batch_sizes=(1, 2), support_sizes=(5,), num_candidates=300)(model)

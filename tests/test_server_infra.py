@@ -15,12 +15,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from server._generated.metarec.v1 import recommender_pb2 as pb
-from server._generated.metarec.v1 import recommender_pb2_grpc as pb_grpc
-from server.app import ServerConfig
-from server.background import BackgroundServer
-from server.inference import Catalog, ServingModel
-from server.interaction_log import InteractionLog
+from metarec.api.v1 import recommender_pb2 as pb
+from metarec.api.v1 import recommender_pb2_grpc as pb_grpc
+from metarec.interaction_log import InteractionLog
+from metarec_server.app import ServerConfig
+from metarec_server.background import BackgroundServer
+from metarec_server.inference import Catalog, ServingModel
 
 TOKEN = "s3cret-token"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -294,7 +294,7 @@ def test_logged_ratings_are_checked_against_the_loaded_model(tmp_path, loader, b
 
 
 def test_too_many_log_rows_and_oversize_messages(tmp_path):
-    from server.validation import Limits
+    from metarec_server.validation import Limits
 
     cfg = config(tmp_path, limits=Limits(max_log_rows=10), max_message_bytes=16 * 1024)
     with BackgroundServer(cfg) as running:
@@ -321,7 +321,7 @@ class RefusingLearner:
 def test_a_value_error_from_the_model_is_invalid_argument_and_logged_with_its_traceback(tmp_path, caplog):
     publish_json(tmp_path)
     loader = lambda folder: dataclasses.replace(json_loader(folder), learner=RefusingLearner())  # noqa: E731
-    caplog.set_level(logging.WARNING, logger="server.service")
+    caplog.set_level(logging.WARNING, logger="metarec_server.service")
     with BackgroundServer(config(tmp_path, loader=loader)) as running:
         channel, api = stub(running.address)
         with channel:
@@ -330,7 +330,7 @@ def test_a_value_error_from_the_model_is_invalid_argument_and_logged_with_its_tr
                 api.Recommend(request, timeout=10)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert info.value.details() == "this learner cannot use these interactions"
-    records = [r for r in caplog.records if r.name == "server.service"]
+    records = [r for r in caplog.records if r.name == "metarec_server.service"]
     assert len(records) == 1, records
     assert records[0].levelno == logging.WARNING and "Recommend" in records[0].getMessage()
     assert records[0].exc_info is not None and records[0].exc_info[0] is ValueError

@@ -12,9 +12,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from server._generated.metarec.v1 import recommender_pb2 as pb
-from server._generated.metarec.v1 import recommender_pb2_grpc as pb_grpc
-from server.interaction_log import InteractionLog
+from metarec.api.v1 import recommender_pb2 as pb
+from metarec.api.v1 import recommender_pb2_grpc as pb_grpc
+from metarec.interaction_log import InteractionLog
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,7 +116,7 @@ def start_server(tmp_path):
     """A real server process (no model: logging must not need one) on a free port."""
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "server.main",
+            sys.executable, "-m", "metarec_server.main",
             "--model-dir", str(tmp_path / "models"),
             "--port", "0",
             "--log-db", str(tmp_path / "log.sqlite"),

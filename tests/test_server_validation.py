@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from server._generated.metarec.v1 import recommender_pb2 as pb
-from server.inference import Catalog, ServingModel, _is_seen
-from server.validation import Limits, RequestError, parse_candidates, parse_interactions
+from metarec.api.v1 import recommender_pb2 as pb
+from metarec_server.inference import Catalog, ServingModel, _is_seen
+from metarec_server.validation import Limits, RequestError, parse_candidates, parse_interactions
 
 
 def serving(items=range(1, 51), feedback="explicit", rating_range=(1.0, 5.0)):

@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from server._generated.metarec.v1 import recommender_pb2 as pb
-from server._generated.metarec.v1 import recommender_pb2_grpc as pb_grpc
-from server.interaction_log import InteractionLog
-from server.workers import WorkerPool, reserve_port
+from metarec.api.v1 import recommender_pb2 as pb
+from metarec.api.v1 import recommender_pb2_grpc as pb_grpc
+from metarec.interaction_log import InteractionLog
+from metarec_server.workers import WorkerPool, reserve_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,7 +74,7 @@ def test_cli_refuses_a_busy_port_and_bad_worker_counts(tmp_path):
 
 def run_cli(tmp_path, *args):
     return subprocess.run(
-        [sys.executable, "-m", "server.main", "--model-dir", str(tmp_path / "models"),
+        [sys.executable, "-m", "metarec_server.main", "--model-dir", str(tmp_path / "models"),
          "--log-db", str(tmp_path / "log.sqlite"), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )
@@ -138,7 +138,7 @@ def model_file(tmp_path_factory):
 def start_pool(tmp_path, workers=2):
     (tmp_path / "models").mkdir(exist_ok=True)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.main", "--workers", str(workers), "--port", "0",
+        [sys.executable, "-m", "metarec_server.main", "--workers", str(workers), "--port", "0",
          "--model-dir", str(tmp_path / "models"), "--log-db", str(tmp_path / "log.sqlite"),
          "--max-batch-size", "2", "--poll-interval", "0.2", "--log-level", "WARNING"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -292,8 +292,8 @@ def established_connections(port: int) -> int:
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc/net/tcp (Linux)")
 def test_client_spreads_calls_over_its_connections(tmp_path):
     from metarec.client import Client
-    from server.app import ServerConfig
-    from server.background import BackgroundServer
+    from metarec_server.app import ServerConfig
+    from metarec_server.background import BackgroundServer
 
     config = ServerConfig(model_dir=tmp_path / "models", port=0, log_path=tmp_path / "log.sqlite",
                           check=lambda model: None)

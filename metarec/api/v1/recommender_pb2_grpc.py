@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from server._generated.metarec.v1 import recommender_pb2 as metarec_dot_v1_dot_recommender__pb2
+from metarec.api.v1 import recommender_pb2 as metarec_dot_v1_dot_recommender__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -1,5 +1,11 @@
 """Durable interaction log: an embedded SQLite database in WAL mode.
 
+This module is the one definition of the log's format (the ``interactions`` table below) and
+of how it is written and read: the gRPC service appends to it (``LogInteractions``), and
+``metarec retrain`` (:func:`metarec.retrain.read_logs`) reads it back. It needs only the
+standard library (pandas for :meth:`InteractionLog.to_pandas`), so the service's supervisor
+process opens it without importing Keras.
+
 ``LogInteractions`` is acknowledged only after :meth:`InteractionLog.append` returns, and
 ``append`` returns only after its transaction has committed with ``synchronous=FULL``: in WAL
 mode that fsyncs the write-ahead log on every commit, so an acknowledged row survives a killed

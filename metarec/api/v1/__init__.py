@@ -1,0 +1,1 @@
+"""The gRPC API contract, generated from protos/ by metarec_server.codegen."""
