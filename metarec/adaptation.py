@@ -28,9 +28,9 @@ def check_item_index(index, num_items):
     ``[0, num_items)`` (0 is the unknown item); returns it as int32."""
     index = np.asarray(index)
     if index.ndim != 1 or (index.size and index.dtype.kind not in "iu"):
-        raise ValueError(f"item_index must be a flat integer array; received {index.dtype} {index.shape}.")
+        raise ValueError(f"item_index must be a flat integer array; got {index.dtype} {index.shape}.")
     if index.size and (index.min() < 0 or index.max() >= num_items):
-        raise ValueError(f"item_index values must lie in [0, {num_items}); received "
+        raise ValueError(f"item_index values must lie in [0, {num_items}); got "
                          f"{index.min()}..{index.max()}.")
     return index.astype(np.int32, copy=False)
 
@@ -177,7 +177,7 @@ class AdaptationMixin:
         list, receives each frame's raw item ids."""
         encoder = self._require_encoder()
         if isinstance(supports, pd.DataFrame):
-            raise ValueError("supports must be a list of DataFrames, one per user; received one DataFrame.")
+            raise ValueError("supports must be a list of DataFrames, one per user; got one DataFrame.")
         supports = list(supports)
         if not supports:
             raise ValueError("supports is empty: pass at least one user's interactions.")
@@ -320,11 +320,11 @@ class AdaptationMixin:
         item_ids, ratings = np.asarray(item_ids), np.asarray(ratings)
         lengths = np.asarray(lengths)
         if lengths.ndim != 1 or len(lengths) == 0 or lengths.dtype.kind not in "iu" or lengths.min() < 1:
-            raise ValueError(f"lengths must be one positive integer per user; received {lengths!r}.")
+            raise ValueError(f"lengths must be one positive integer per user; got {lengths!r}.")
         if item_ids.shape != ratings.shape or item_ids.ndim != 1 or len(item_ids) != lengths.sum():
             raise ValueError(
                 f"item_ids and ratings must be flat arrays of sum(lengths) = {int(lengths.sum())} "
-                f"entries; received shapes {item_ids.shape} and {ratings.shape}."
+                f"entries; got shapes {item_ids.shape} and {ratings.shape}."
             )
         idx = self._require_encoder().item_index(item_ids)
         return self.adapt_indices(idx, ratings, lengths, user_features,
@@ -345,14 +345,14 @@ class AdaptationMixin:
         item_index = np.asarray(item_index)
         lengths = np.asarray(lengths)
         if lengths.ndim != 1 or len(lengths) == 0 or lengths.dtype.kind not in "iu" or lengths.min() < 1:
-            raise ValueError(f"lengths must be one positive integer per user; received {lengths!r}.")
+            raise ValueError(f"lengths must be one positive integer per user; got {lengths!r}.")
         check_item_index(item_index, encoder.num_items)
         if len(item_index) != lengths.sum():
             raise ValueError(f"item_index must hold sum(lengths) = {int(lengths.sum())} entries; "
-                             f"received {len(item_index)}.")
+                             f"got {len(item_index)}.")
         y = encoder.check_ratings(ratings)
         if y.shape != item_index.shape:
-            raise ValueError(f"ratings must match item_index; received shapes {y.shape} and {item_index.shape}.")
+            raise ValueError(f"ratings must match item_index; got shapes {y.shape} and {item_index.shape}.")
         if user_features is None:
             user_features = [{}] * len(lengths)
         if len(user_features) != len(lengths):

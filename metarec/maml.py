@@ -40,7 +40,7 @@ class MAML(MetaLearner):
                  first_order=False, ranking_weight=0.0, relevance_threshold=4.0, **kwargs):
         super().__init__(model, inner_steps=inner_steps, inner_lr=inner_lr, adapt=adapt, **kwargs)
         if not np.isfinite(ranking_weight) or ranking_weight < 0:
-            raise ValueError(f"ranking_weight must be a finite number >= 0; received {ranking_weight!r}.")
+            raise ValueError(f"ranking_weight must be a finite number >= 0; got {ranking_weight!r}.")
         self.first_order = bool(first_order)
         self.ranking_weight = float(ranking_weight)
         self.relevance_threshold = float(relevance_threshold)

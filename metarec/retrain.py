@@ -142,7 +142,7 @@ def retrain(
     encoder = current.encoder
     missing = {"user_id", "item_id", "rating", "timestamp"} - set(logs.columns)
     if missing:
-        raise ValueError(f"logs lack columns {sorted(missing)}; received {list(logs.columns)}.")
+        raise ValueError(f"logs lack columns {sorted(missing)}; got {list(logs.columns)}.")
     frame = pd.DataFrame({
         "user_id": np.asarray(logs["user_id"], dtype=object),
         "item_id": _as_id_type(logs["item_id"], encoder.item_ids),
@@ -164,7 +164,7 @@ def retrain(
     gate_metric = gate_metric or ("mae" if current.feedback == "explicit" else "loss")
     old_metrics = holdout_metrics(current, tasks.test)
     if gate_metric not in old_metrics:
-        raise ValueError(f"gate_metric must be one of {sorted(old_metrics)}; received {gate_metric!r}.")
+        raise ValueError(f"gate_metric must be one of {sorted(old_metrics)}; got {gate_metric!r}.")
 
     keras.utils.set_random_seed(seed)
     candidate = load(old_path)  # warm start: the current weights, settings and encoder
@@ -201,7 +201,7 @@ def _user_feature_frame(user_features, encoder, logged_users):
     missing = [n for n in names if n not in frame.columns]
     if missing:
         raise ValueError(f"user_features lacks the model's user feature columns {missing}; "
-                         f"received columns {list(frame.columns)}.")
+                         f"got columns {list(frame.columns)}.")
     frame = frame[names].copy()
     frame.index = pd.Index([str(i) for i in frame.index], dtype=object)
     frame = frame[~frame.index.duplicated(keep="last")]

@@ -87,7 +87,7 @@ def _mask_seen_lists(scores, ids, index, seen, encoder):
 
 def _check_k(k):
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer; received k={k!r}.")
+        raise ValueError(f"k must be a positive integer; got k={k!r}.")
 
 
 class ScoringMixin:
