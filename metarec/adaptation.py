@@ -13,14 +13,7 @@ import pandas as pd
 from keras import ops
 
 from metarec import backend
-
-
-def bucket(n, minimum=1):
-    """Smallest power of two >= max(n, minimum) up to 1024, then the next multiple of 1024."""
-    n = max(int(n), minimum, 1)
-    if n <= 1024:
-        return 1 << (n - 1).bit_length()
-    return -(-n // 1024) * 1024
+from metarec.ranking import bucket, support_bucket
 
 
 def check_item_index(index, num_items):
@@ -33,19 +26,6 @@ def check_item_index(index, num_items):
         raise ValueError(f"item_index values must lie in [0, {num_items}); got "
                          f"{index.min()}..{index.max()}.")
     return index.astype(np.int32, copy=False)
-
-
-def support_bucket(n):
-    """Padded support length: a multiple of 8 up to 64, then ``bucket``.
-
-    Every padded row costs a full forward and backward pass at each inner step, so supports
-    pad more tightly than candidates (K = 20 pads to 24, not 32: a quarter less adaptation
-    work) at the price of at most eight compiled shapes up to 64.
-    """
-    n = max(int(n), 1)
-    if n <= 64:
-        return -(-n // 8) * 8
-    return bucket(n)
 
 
 def _encode_interactions(encoder, supports, raw_items=None):

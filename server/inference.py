@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from metarec.ranking import bucket, is_seen, top_k
 from server.cache import AdaptedUserCache, CacheKey
 from server.registry import model_file
 
@@ -183,8 +183,7 @@ def candidate_bucket(job: Job) -> int:
     """
     if job.candidates is None:
         return 0
-    n = max(len(job.candidates), 8)
-    return 1 << (n - 1).bit_length() if n <= 1024 else -(-n // 1024) * 1024
+    return bucket(len(job.candidates), minimum=8)
 
 
 def run_batch(model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache | None) -> list[Result]:
@@ -236,23 +235,10 @@ def run_batch(model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache 
 
 
 def _top_k(idx: np.ndarray, scores: np.ndarray, job: Job) -> Result:
-    """Best ``k`` candidates, ties broken by candidate order, as ``recommend_many`` does."""
-    ranked = scores.astype(np.float64)
+    """Best ``k`` candidates, ranked as ``recommend_many`` ranks (``metarec.ranking.top_k``:
+    ties broken by candidate order)."""
+    ranked = scores.astype(np.float64)[None]
     if job.exclude_seen and len(job.support_idx):
-        ranked[_is_seen(idx, job.support_idx)] = -math.inf
-    k = min(job.k, int(np.isfinite(ranked).sum()))
-    if k == 0:
-        return Result(np.zeros(0, np.int32), np.zeros(0, np.float32))
-    top = np.argpartition(-ranked, k - 1)[:k]
-    top = top[np.argsort(-ranked[top], kind="stable")]
+        ranked[0, is_seen(idx, job.support_idx)] = -np.inf
+    (top,), _ = top_k(ranked, job.k)
     return Result(idx[top], scores[top])
-
-
-def _is_seen(idx: np.ndarray, seen: np.ndarray) -> np.ndarray:
-    """``np.isin(idx, seen)`` for item indices (small non-negative ints), through a lookup
-    table as long as the largest seen index: for 1,000 candidates, a third to a half of
-    ``np.isin``'s time (``bench/request_path.py``, "seen mask")."""
-    top = int(seen.max()) + 1
-    table = np.zeros(top + 1, dtype=bool)  # the last entry stands for every index above
-    table[seen] = True
-    return table[np.minimum(idx, top)]
