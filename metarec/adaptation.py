@@ -310,17 +310,21 @@ class AdaptationMixin:
         return self.adapt_indices(idx, ratings, lengths, user_features,
                                   seen_items=np.split(item_ids, np.cumsum(lengths)[:-1]))
 
-    def adapt_indices(self, item_index, ratings, lengths, user_features=None, seen_items=None):
+    def adapt_indices(self, item_index, ratings, lengths, user_features=None, seen_items=None,
+                      ratings_checked=False):
         """``adapt_flat`` for items already encoded (``encoder.item_index``), as a server that
         validated them holds them. ``seen_items``: each user's raw ids (what ``recommend``
-        excludes); by default the raw ids of ``item_index``."""
+        excludes); by default the raw ids of ``item_index``. ``ratings_checked=True``: the
+        caller has already checked the ratings by ``metarec.ratings`` (as the server's request
+        validation does), and they are not checked again."""
         padded, _, per_user, seen_items = self._padded_indices(
-            item_index, ratings, lengths, user_features, seen_items)
+            item_index, ratings, lengths, user_features, seen_items, ratings_checked)
         return self._adapt_padded(padded, per_user, seen_items)
 
-    def _padded_indices(self, item_index, ratings, lengths, user_features, seen_items):
+    def _padded_indices(self, item_index, ratings, lengths, user_features, seen_items,
+                        ratings_checked=False):
         """``adapt_indices``'s checks and padding: (padded support, stacked user inputs,
-        per-user inputs, seen items)."""
+        per-user inputs, seen items); the ratings are checked unless ``ratings_checked``."""
         encoder = self._require_encoder()
         item_index = np.asarray(item_index)
         lengths = np.asarray(lengths)
@@ -330,7 +334,7 @@ class AdaptationMixin:
         if len(item_index) != lengths.sum():
             raise ValueError(f"item_index must hold sum(lengths) = {int(lengths.sum())} entries; "
                              f"got {len(item_index)}.")
-        y = encoder.check_ratings(ratings)
+        y = np.asarray(ratings, np.float32) if ratings_checked else encoder.check_ratings(ratings)
         if y.shape != item_index.shape:
             raise ValueError(f"ratings must match item_index; got shapes {y.shape} and {item_index.shape}.")
         if user_features is None:

@@ -225,15 +225,16 @@ class ScoringMixin:
         return scores, sizes, shared, index
 
     def adapt_score_indices(self, item_index, ratings, lengths, candidate_index,
-                            user_features=None, seen_items=None):
+                            user_features=None, seen_items=None, ratings_checked=False):
         """``adapt_indices`` and then ``score_indices`` in one compiled call: one dispatch,
         and the adapted weights stay on the device between the two (the server's path).
 
         ``candidate_index``: one encoded array shared by every user, one per user, or None
-        (the whole catalogue). Returns (adapted users, one score array per user).
+        (the whole catalogue). ``ratings_checked``: as in ``adapt_indices``. Returns (adapted
+        users, one score array per user).
         """
         padded, users, per_user, seen = self._padded_indices(
-            item_index, ratings, lengths, user_features, seen_items)
+            item_index, ratings, lengths, user_features, seen_items, ratings_checked)
         n = len(per_user)
         catalogue = candidate_index is None
         index, shared = (self._candidate_index(None, n) if catalogue

@@ -207,8 +207,9 @@ def run_batch(model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache 
             np.concatenate([job.ratings for job in todo]),
             [len(job.support_idx) for job in todo],
         )
+        # Their ratings were checked by request validation (metarec.ratings): not again here.
         extra = dict(user_features=[job.user_features or None for job in todo],
-                     seen_items=[catalog.raw(job.support_idx) for job in todo])
+                     seen_items=[catalog.raw(job.support_idx) for job in todo], ratings_checked=True)
         if len(missing) == len(jobs):
             # Nothing cached: adapt and score in one compiled call.
             new, scores = learner.adapt_score_indices(
