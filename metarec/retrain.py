@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from metarec.batch_scoring import read_table, resolve_model_path
-from metarec.evaluation.metrics import mae, ndcg_at_k, rmse
+from metarec.metrics import mae, ndcg_at_k, rmse
 from metarec.interactions import InteractionData
 from metarec.saving import load
 from metarec.tasks import UserTasks

@@ -1,12 +1,15 @@
 """Per-user metrics and statistics against hand-computed values."""
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from metarec.evaluation.metrics import (
+from metarec.evaluation.stats import format_mean_std, mean_std, wilcoxon_paired
+from metarec.metrics import (
     catalogue_ndcg_at_k,
     catalogue_recall_at_k,
     clip_to_range,
@@ -16,9 +19,14 @@ from metarec.evaluation.metrics import (
     rank_order,
     rmse,
 )
-from metarec.evaluation.stats import format_mean_std, mean_std, wilcoxon_paired
 
 LOG3 = math.log2(3)  # discount of rank 2
+
+
+def test_retraining_and_the_quickstart_import_the_metrics_without_the_evaluation_harness():
+    code = ("import sys, metarec.metrics, metarec.retrain, metarec.quickstart; "
+            "assert not [m for m in sys.modules if m.startswith('metarec.evaluation')]")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
 # ----------------------------------------------------------------------------- MAE / RMSE
