@@ -36,7 +36,7 @@ def test_check_ratings_names_the_first_bad_value():
         check_ratings([3.0, 7.0, 9.0], "explicit", (1.0, 5.0))
     with pytest.raises(ValueError, match="implicit feedback needs 0/1 labels, got 0.5"):
         check_ratings([1.0, 0.5], "implicit", None)
-    with pytest.raises(ValueError, match="ratings must be numbers, got x"):
+    with pytest.raises(ValueError, match="ratings must be numbers, got 'x'"):
         check_ratings(["x"], "explicit", None)
 
 
