@@ -9,8 +9,7 @@ each request parsed afresh from bytes as the server receives it:
 * ``interactions``: 20 interactions to indices, ratings and timestamps, all checked;
 * ``cache digest``: the adapted-user cache key of those interactions;
 * ``seen mask``: which of the 1,000 candidates the user's 20 interactions hold, as the batch
-  worker masks them before the top k (``metarec_server.inference._is_seen``), and ``np.isin``
-  beside it;
+  worker masks them before the top k (``metarec.ranking.is_seen``), and ``np.isin`` beside it;
 * ``protobuf parse``: ``RecommendRequest.FromString`` of the serialized request, for scale
   (gRPC does this in C before the handler runs).
 
@@ -34,8 +33,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from metarec.api.v1 import recommender_pb2 as pb  # noqa: E402
+from metarec.ranking import is_seen  # noqa: E402
 from metarec_server.cache import interactions_digest  # noqa: E402
-from metarec_server.inference import Catalog, ServingModel, _is_seen  # noqa: E402
+from metarec_server.inference import Catalog, ServingModel  # noqa: E402
 from metarec_server.validation import Limits, parse_candidates, parse_interactions  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         "candidates": lambda r, _: partial(parse_candidates, r.candidate_item_ids, model, limits),
         "interactions": lambda r, _: partial(parsed, r),
         "cache digest": lambda r, _: partial(interactions_digest, parsed(r).rows),
-        "seen mask": lambda r, _: partial(_is_seen, *seen(r)),
+        "seen mask": lambda r, _: partial(is_seen, *seen(r)),
         "seen mask, np.isin": lambda r, _: partial(np.isin, *seen(r)),
         "protobuf parse": lambda _, data: partial(pb.RecommendRequest.FromString, data),
     }

@@ -46,8 +46,9 @@ import numpy as np
 import pandas as pd
 
 import metarec
-from metarec.evaluation import ItemMeanUserOffset, mae, ndcg_at_k, queries_from_tasks
+from metarec.evaluation import ItemMeanUserOffset, queries_from_tasks
 from metarec.evaluation.methods import user_features_of
+from metarec.metrics import mae, ndcg_at_k
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "ml-100k"

@@ -4,7 +4,7 @@ Users are meta-learning tasks; MAML (second and first order), Meta-SGD and Repti
 any Keras 3 model so that a few gradient steps on a new user's first interactions give a good
 personal model.
 
-Names are imported lazily: ``import metarec.client`` or ``metarec.evaluation.metrics`` does not
+Names are imported lazily: ``import metarec.client`` or ``metarec.metrics`` does not
 pay for importing Keras and TensorFlow; ``metarec.MAML`` and friends load them on first use.
 """
 

@@ -13,14 +13,7 @@ import pandas as pd
 from keras import ops
 
 from metarec import backend
-
-
-def bucket(n, minimum=1):
-    """Smallest power of two >= max(n, minimum) up to 1024, then the next multiple of 1024."""
-    n = max(int(n), minimum, 1)
-    if n <= 1024:
-        return 1 << (n - 1).bit_length()
-    return -(-n // 1024) * 1024
+from metarec.ranking import bucket, support_bucket
 
 
 def check_item_index(index, num_items):
@@ -28,24 +21,11 @@ def check_item_index(index, num_items):
     ``[0, num_items)`` (0 is the unknown item); returns it as int32."""
     index = np.asarray(index)
     if index.ndim != 1 or (index.size and index.dtype.kind not in "iu"):
-        raise ValueError(f"item_index must be a flat integer array; received {index.dtype} {index.shape}.")
+        raise ValueError(f"item_index must be a flat integer array; got {index.dtype} {index.shape}.")
     if index.size and (index.min() < 0 or index.max() >= num_items):
-        raise ValueError(f"item_index values must lie in [0, {num_items}); received "
+        raise ValueError(f"item_index values must lie in [0, {num_items}); got "
                          f"{index.min()}..{index.max()}.")
     return index.astype(np.int32, copy=False)
-
-
-def support_bucket(n):
-    """Padded support length: a multiple of 8 up to 64, then ``bucket``.
-
-    Every padded row costs a full forward and backward pass at each inner step, so supports
-    pad more tightly than candidates (K = 20 pads to 24, not 32: a quarter less adaptation
-    work) at the price of at most eight compiled shapes up to 64.
-    """
-    n = max(int(n), 1)
-    if n <= 64:
-        return -(-n // 8) * 8
-    return bucket(n)
 
 
 def _encode_interactions(encoder, supports, raw_items=None):
@@ -177,7 +157,7 @@ class AdaptationMixin:
         list, receives each frame's raw item ids."""
         encoder = self._require_encoder()
         if isinstance(supports, pd.DataFrame):
-            raise ValueError("supports must be a list of DataFrames, one per user; received one DataFrame.")
+            raise ValueError("supports must be a list of DataFrames, one per user; got one DataFrame.")
         supports = list(supports)
         if not supports:
             raise ValueError("supports is empty: pass at least one user's interactions.")
@@ -329,39 +309,43 @@ class AdaptationMixin:
         item_ids, ratings = np.asarray(item_ids), np.asarray(ratings)
         lengths = np.asarray(lengths)
         if lengths.ndim != 1 or len(lengths) == 0 or lengths.dtype.kind not in "iu" or lengths.min() < 1:
-            raise ValueError(f"lengths must be one positive integer per user; received {lengths!r}.")
+            raise ValueError(f"lengths must be one positive integer per user; got {lengths!r}.")
         if item_ids.shape != ratings.shape or item_ids.ndim != 1 or len(item_ids) != lengths.sum():
             raise ValueError(
                 f"item_ids and ratings must be flat arrays of sum(lengths) = {int(lengths.sum())} "
-                f"entries; received shapes {item_ids.shape} and {ratings.shape}."
+                f"entries; got shapes {item_ids.shape} and {ratings.shape}."
             )
         idx = self._require_encoder().item_index(item_ids)
         return self.adapt_indices(idx, ratings, lengths, user_features,
                                   seen_items=np.split(item_ids, np.cumsum(lengths)[:-1]))
 
-    def adapt_indices(self, item_index, ratings, lengths, user_features=None, seen_items=None):
+    def adapt_indices(self, item_index, ratings, lengths, user_features=None, seen_items=None,
+                      ratings_checked=False):
         """``adapt_flat`` for items already encoded (``encoder.item_index``), as a server that
         validated them holds them. ``seen_items``: each user's raw ids (what ``recommend``
-        excludes); by default the raw ids of ``item_index``."""
+        excludes); by default the raw ids of ``item_index``. ``ratings_checked=True``: the
+        caller has already checked the ratings by ``metarec.ratings`` (as the server's request
+        validation does), and they are not checked again."""
         padded, _, per_user, seen_items = self._padded_indices(
-            item_index, ratings, lengths, user_features, seen_items)
+            item_index, ratings, lengths, user_features, seen_items, ratings_checked)
         return self._adapt_padded(padded, per_user, seen_items)
 
-    def _padded_indices(self, item_index, ratings, lengths, user_features, seen_items):
+    def _padded_indices(self, item_index, ratings, lengths, user_features, seen_items,
+                        ratings_checked=False):
         """``adapt_indices``'s checks and padding: (padded support, stacked user inputs,
-        per-user inputs, seen items)."""
+        per-user inputs, seen items); the ratings are checked unless ``ratings_checked``."""
         encoder = self._require_encoder()
         item_index = np.asarray(item_index)
         lengths = np.asarray(lengths)
         if lengths.ndim != 1 or len(lengths) == 0 or lengths.dtype.kind not in "iu" or lengths.min() < 1:
-            raise ValueError(f"lengths must be one positive integer per user; received {lengths!r}.")
+            raise ValueError(f"lengths must be one positive integer per user; got {lengths!r}.")
         check_item_index(item_index, encoder.num_items)
         if len(item_index) != lengths.sum():
             raise ValueError(f"item_index must hold sum(lengths) = {int(lengths.sum())} entries; "
-                             f"received {len(item_index)}.")
-        y = encoder.check_ratings(ratings)
+                             f"got {len(item_index)}.")
+        y = np.asarray(ratings, np.float32) if ratings_checked else encoder.check_ratings(ratings)
         if y.shape != item_index.shape:
-            raise ValueError(f"ratings must match item_index; received shapes {y.shape} and {item_index.shape}.")
+            raise ValueError(f"ratings must match item_index; got shapes {y.shape} and {item_index.shape}.")
         if user_features is None:
             user_features = [{}] * len(lengths)
         if len(user_features) != len(lengths):

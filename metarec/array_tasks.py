@@ -37,11 +37,11 @@ class ArrayTasks:
                 raise ValueError(f"{name} has {len(arr)} tasks; support_y has {n}.")
         if self.support_y.ndim != 2 or self.query_y.ndim != 2:
             raise ValueError(
-                f"targets must be [tasks, examples]; received shapes {self.support_y.shape} and "
+                f"targets must be [tasks, examples]; got shapes {self.support_y.shape} and "
                 f"{self.query_y.shape}."
             )
         if not (np.all(np.isfinite(self.support_y)) and np.all(np.isfinite(self.query_y))):
-            raise ValueError("targets must be finite; received NaN or infinite values.")
+            raise ValueError("targets must be finite; got NaN or infinite values.")
 
     def __len__(self):
         return len(self.support_y)

@@ -73,10 +73,10 @@ def score_batch(
     if not isinstance(learner, keras.Model):
         learner = load(resolve_model_path(learner))
     if not isinstance(chunk_users, int) or chunk_users < 1:
-        raise ValueError(f"chunk_users must be a positive integer; received {chunk_users!r}.")
+        raise ValueError(f"chunk_users must be a positive integer; got {chunk_users!r}.")
     missing = {"user_id", "item_id", "rating"} - set(interactions.columns)
     if missing:
-        raise ValueError(f"interactions lack columns {sorted(missing)}; received {list(interactions.columns)}.")
+        raise ValueError(f"interactions lack columns {sorted(missing)}; got {list(interactions.columns)}.")
     if interactions.empty:
         raise ValueError("interactions is empty: there is no user to score.")
     out_dir = Path(out_dir)

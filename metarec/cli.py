@@ -12,7 +12,7 @@ def _positive_int(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1; received {value}")
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
     return value
 
 

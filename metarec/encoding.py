@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from metarec.interactions import InteractionData
+from metarec.ratings import check_ratings
 from metarec.schema import FeatureSpec, Schema, is_multi_value
 
 _CONFIG_VERSION = 1
@@ -394,26 +395,9 @@ class FeatureEncoder:
 
     def check_ratings(self, ratings: Any) -> np.ndarray:
         """Ratings as float32, checked: finite, within the schema's rating range (explicit) or
-        0/1 (implicit); ``ValueError`` naming the first bad value otherwise."""
-        try:
-            ratings = np.asarray(ratings, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            first = np.ravel(np.asarray(ratings, dtype=object))[:1]
-            raise ValueError(f"ratings must be numbers, got {first[0] if len(first) else ratings!r}") from exc
-        bad = ~np.isfinite(ratings)
-        if bad.any():
-            raise ValueError(f"ratings must be finite, got {ratings[bad][0].item()!r}")
-        if self._schema.feedback == "implicit":
-            bad = ~np.isin(ratings, (0.0, 1.0))
-            if bad.any():
-                raise ValueError(f"implicit feedback needs 0/1 labels, got {ratings[bad][0].item()!r}")
-        elif self._schema.rating_range is not None:
-            low, high = self._schema.rating_range
-            bad = (ratings < low) | (ratings > high)
-            if bad.any():
-                raise ValueError(f"rating {ratings[bad][0].item()!r} is outside the rating range "
-                                 f"{self._schema.rating_range}")
-        return ratings.astype(np.float32)
+        0/1 (implicit); ``ValueError`` naming the first bad value otherwise
+        (``metarec.ratings.check_ratings``)."""
+        return check_ratings(ratings, self._schema.feedback, self._schema.rating_range)
 
     # ------------------------------------------------------------------ serialisation
     def get_config(self) -> dict[str, Any]:

@@ -46,7 +46,7 @@ def resolve_adapt(model, adapt):
         else:
             raise ValueError(
                 f"adapt must be one of {ADAPT_CHOICES}, a callable or a list of variable-path "
-                f"patterns; received adapt={adapt!r}."
+                f"patterns; got adapt={adapt!r}."
             )
     elif callable(adapt):
         index = [i for i, p in enumerate(paths) if adapt(p)]
@@ -56,16 +56,16 @@ def resolve_adapt(model, adapt):
             # Strings only: they are what the .keras file stores.
             if not isinstance(pat, str):
                 raise ValueError(
-                    f"adapt as a list holds variable-path regexes (strings); received {pat!r} "
+                    f"adapt as a list holds variable-path regexes (strings); got {pat!r} "
                     f"in adapt={adapt!r}."
                 )
             try:
                 patterns.append(re.compile(pat))
             except re.error as exc:
-                raise ValueError(f"adapt holds an invalid regex {pat!r} ({exc}); received adapt={adapt!r}.") from exc
+                raise ValueError(f"adapt holds an invalid regex {pat!r} ({exc}); got adapt={adapt!r}.") from exc
         index = [i for i, p in enumerate(paths) if any(pat.search(p) for pat in patterns)]
     else:
-        raise ValueError(f"adapt must be a string, a callable or a list; received adapt={adapt!r}.")
+        raise ValueError(f"adapt must be a string, a callable or a list; got adapt={adapt!r}.")
     if not index:
         raise ValueError(
             f"adapt={adapt!r} selects no trainable weight of the model; its weights are {paths}."
@@ -79,7 +79,7 @@ def _check_not_empty(tasks, what):
     size = len(tasks)
     if size == 0:
         raise ValueError(
-            f"{what} is empty: it must hold at least one user; received {tasks!r} of size {size}."
+            f"{what} is empty: it must hold at least one user; got {tasks!r} of size {size}."
         )
 
 
@@ -156,19 +156,19 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
     ):
         super().__init__(**kwargs)
         if not isinstance(model, keras.Model) or not model.built:
-            raise ValueError(f"model must be a built keras.Model; received model={model!r}.")
+            raise ValueError(f"model must be a built keras.Model; got model={model!r}.")
         if not isinstance(inner_steps, (int, np.integer)) or inner_steps < 0:
-            raise ValueError(f"inner_steps must be an integer >= 0; received {inner_steps!r}.")
+            raise ValueError(f"inner_steps must be an integer >= 0; got {inner_steps!r}.")
         if not np.isfinite(inner_lr) or inner_lr < 0:
-            raise ValueError(f"inner_lr must be a finite number >= 0; received {inner_lr!r}.")
+            raise ValueError(f"inner_lr must be a finite number >= 0; got {inner_lr!r}.")
         if clipnorm is not None and not clipnorm > 0:
-            raise ValueError(f"clipnorm must be > 0 or None; received {clipnorm!r}.")
+            raise ValueError(f"clipnorm must be > 0 or None; got {clipnorm!r}.")
         if not np.isfinite(proximal) or proximal < 0:
-            raise ValueError(f"proximal must be a finite number >= 0; received {proximal!r}.")
+            raise ValueError(f"proximal must be a finite number >= 0; got {proximal!r}.")
         if learn_inner_lr not in LEARN_LR_CHOICES:
-            raise ValueError(f"learn_inner_lr must be one of {LEARN_LR_CHOICES}; received {learn_inner_lr!r}.")
+            raise ValueError(f"learn_inner_lr must be one of {LEARN_LR_CHOICES}; got {learn_inner_lr!r}.")
         if feedback not in (None, "explicit", "implicit"):
-            raise ValueError(f"feedback must be 'explicit' or 'implicit'; received {feedback!r}.")
+            raise ValueError(f"feedback must be 'explicit' or 'implicit'; got {feedback!r}.")
         self.model = model
         self.inner_steps = int(inner_steps)
         self.inner_lr = float(inner_lr)

@@ -40,7 +40,7 @@ class MAML(MetaLearner):
                  first_order=False, ranking_weight=0.0, relevance_threshold=4.0, **kwargs):
         super().__init__(model, inner_steps=inner_steps, inner_lr=inner_lr, adapt=adapt, **kwargs)
         if not np.isfinite(ranking_weight) or ranking_weight < 0:
-            raise ValueError(f"ranking_weight must be a finite number >= 0; received {ranking_weight!r}.")
+            raise ValueError(f"ranking_weight must be a finite number >= 0; got {ranking_weight!r}.")
         if ranking_weight and self.objective is not None:
             raise ValueError("ranking_weight is the sampled pairwise term of the rating loss; a "
                              "catalogue objective already ranks: pass one or the other, got "

@@ -98,15 +98,15 @@ class MemoryLearner(MAML):
     def __init__(self, model, inner_steps=0, inner_lr=0.01, adapt="decision_layers", units=64,
                  conditioning="film", reader=None, **kwargs):
         if conditioning not in CONDITIONING:
-            raise ValueError(f"conditioning must be one of {CONDITIONING}; received {conditioning!r}.")
+            raise ValueError(f"conditioning must be one of {CONDITIONING}; got {conditioning!r}.")
         if not isinstance(units, int) or units < 1:
-            raise ValueError(f"units must be a positive integer; received units={units!r}.")
+            raise ValueError(f"units must be a positive integer; got units={units!r}.")
         super().__init__(model, inner_steps=inner_steps, inner_lr=inner_lr, adapt=adapt, **kwargs)
         self.units = units
         self.conditioning = conditioning
         if reader is not None:
             if not isinstance(reader, keras.Model) or not reader.built:
-                raise ValueError(f"reader must be a built keras.Model; received reader={reader!r}.")
+                raise ValueError(f"reader must be a built keras.Model; got reader={reader!r}.")
             self.reader = reader  # tracked: its weights are meta-trained with the rest
             representation = reader
         else:

@@ -34,7 +34,7 @@ class ConcatDense(keras.layers.Layer):
                  bias_initializer="zeros", **kwargs):
         super().__init__(**kwargs)
         if not isinstance(units, int) or units < 1:
-            raise ValueError(f"units must be a positive integer; received units={units!r}.")
+            raise ValueError(f"units must be a positive integer; got units={units!r}.")
         self.units = units
         self.activation = keras.activations.get(activation)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -146,15 +146,15 @@ def _check_encoder(encoder):
     if not (hasattr(encoder, "input_spec") and hasattr(encoder, "feature_specs")):
         raise ValueError(
             "The first argument must be the data's fitted FeatureEncoder (tasks.encoder, or "
-            f"FeatureEncoder(data)); received {type(encoder).__name__} {encoder!r:.200}."
+            f"FeatureEncoder(data)); got {type(encoder).__name__} {encoder!r:.200}."
         )
 
 
 def _check_sizes(embedding_dim, hidden_units):
     if not hidden_units or any(not isinstance(u, int) or u < 1 for u in hidden_units):
-        raise ValueError(f"hidden_units must be one or more positive integers; received {hidden_units!r}.")
+        raise ValueError(f"hidden_units must be one or more positive integers; got {hidden_units!r}.")
     if not isinstance(embedding_dim, int) or embedding_dim < 1:
-        raise ValueError(f"embedding_dim must be a positive integer; received {embedding_dim!r}.")
+        raise ValueError(f"embedding_dim must be a positive integer; got {embedding_dim!r}.")
 
 
 def rating_mlp(
@@ -222,7 +222,7 @@ def residual_mlp(
     prior = np.asarray(item_prior, dtype="float32").reshape(-1)
     if prior.shape != (encoder.num_items,) or not np.all(np.isfinite(prior)):
         raise ValueError(f"item_prior must hold {encoder.num_items} finite values (one per item "
-                         f"index); received shape {prior.shape}.")
+                         f"index); got shape {prior.shape}.")
     _check_sizes(embedding_dim, hidden_units)
     inputs = feature_inputs(encoder)
     x = decision_layers(item_and_user_parts(encoder, inputs, embedding_dim, use_item_id), hidden_units)

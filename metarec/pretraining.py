@@ -30,7 +30,7 @@ def loss_for(feedback):
         return keras.losses.MeanSquaredError()
     if feedback == "implicit":
         return keras.losses.BinaryCrossentropy(from_logits=True)
-    raise ValueError(f"feedback must be 'explicit' or 'implicit'; received {feedback!r}.")
+    raise ValueError(f"feedback must be 'explicit' or 'implicit'; got {feedback!r}.")
 
 
 def fit_global_model(

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 
 from metarec import datasets, models
-from metarec.evaluation.metrics import mae, ndcg_at_k
+from metarec.metrics import mae, ndcg_at_k
 from metarec.maml import MAML
 from metarec.pretraining import fit_global_model
 from metarec.tasks import UserTasks

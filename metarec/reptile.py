@@ -22,7 +22,7 @@ class Reptile(MetaLearner):
     def __init__(self, model, inner_steps=5, inner_lr=0.01, adapt="decision_layers", **kwargs):
         if kwargs.get("learn_inner_lr") is not None:
             raise ValueError(
-                "Reptile has no gradient through the inner learning rates; received "
+                "Reptile has no gradient through the inner learning rates; got "
                 f"learn_inner_lr={kwargs['learn_inner_lr']!r}. Use MAML or MetaSGD to learn them."
             )
         super().__init__(model, inner_steps=inner_steps, inner_lr=inner_lr, adapt=adapt, **kwargs)

@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from metarec.batch_scoring import read_table, resolve_model_path
-from metarec.evaluation.metrics import mae, ndcg_at_k, rmse
 from metarec.interaction_log import InteractionLog
+from metarec.metrics import mae, ndcg_at_k, rmse
 from metarec.interactions import InteractionData
 from metarec.saving import load
 from metarec.tasks import UserTasks
@@ -141,7 +141,7 @@ def retrain(
     encoder = current.encoder
     missing = {"user_id", "item_id", "rating", "timestamp"} - set(logs.columns)
     if missing:
-        raise ValueError(f"logs lack columns {sorted(missing)}; received {list(logs.columns)}.")
+        raise ValueError(f"logs lack columns {sorted(missing)}; got {list(logs.columns)}.")
     frame = pd.DataFrame({
         "user_id": np.asarray(logs["user_id"], dtype=object),
         "item_id": _as_id_type(logs["item_id"], encoder.item_ids),
@@ -163,7 +163,7 @@ def retrain(
     gate_metric = gate_metric or ("mae" if current.feedback == "explicit" else "loss")
     old_metrics = holdout_metrics(current, tasks.test)
     if gate_metric not in old_metrics:
-        raise ValueError(f"gate_metric must be one of {sorted(old_metrics)}; received {gate_metric!r}.")
+        raise ValueError(f"gate_metric must be one of {sorted(old_metrics)}; got {gate_metric!r}.")
 
     keras.utils.set_random_seed(seed)
     candidate = load(old_path)  # warm start: the current weights, settings and encoder
@@ -200,7 +200,7 @@ def _user_feature_frame(user_features, encoder, logged_users):
     missing = [n for n in names if n not in frame.columns]
     if missing:
         raise ValueError(f"user_features lacks the model's user feature columns {missing}; "
-                         f"received columns {list(frame.columns)}.")
+                         f"got columns {list(frame.columns)}.")
     frame = frame[names].copy()
     frame.index = pd.Index([str(i) for i in frame.index], dtype=object)
     frame = frame[~frame.index.duplicated(keep="last")]

@@ -11,7 +11,8 @@ import pandas as pd
 from keras import ops
 
 from metarec import backend
-from metarec.adaptation import bucket, check_item_index
+from metarec.adaptation import check_item_index
+from metarec.ranking import bucket, mask_padding, mask_seen, mask_seen_lists, top_k
 
 
 def _broadcast_user(user_inputs, n):
@@ -34,60 +35,9 @@ def _all_equal(candidates):
     return True
 
 
-def _mask_seen(scores, ids, seen):
-    """Set ``scores[u, j] = -inf`` where candidate ``ids[u][j]`` is among ``seen[u]``.
-
-    Many users sharing one candidate array (a catalogue, a candidate file) are looked up in
-    one hash index of it; anything else (a few users, duplicate candidates, lists that differ)
-    goes user by user.
-    """
-    if len(ids) >= 16 and all(c is ids[0] for c in ids):
-        try:
-            index = pd.Index(ids[0])
-            if index.is_unique:
-                flat = np.concatenate([np.asarray(s, dtype=object) for s in seen]) if seen else []
-                owner = np.repeat(np.arange(len(seen)), [len(s) for s in seen])
-                pos = index.get_indexer(pd.Index(flat, dtype=object))
-                hit = pos >= 0
-                scores[owner[hit], pos[hit]] = -np.inf
-                return
-        except (TypeError, ValueError):
-            pass
-    for u, (cands, s) in enumerate(zip(ids, seen)):
-        scores[u, : len(cands)][np.isin(cands, s)] = -np.inf
-
-
-def _mask_seen_lists(scores, ids, index, seen, encoder):
-    """``_mask_seen`` for one candidate list per user (``index``: their encoded ids), with
-    integer ids: one ``isin`` over every user's (user, item index) pairs instead of one call
-    per user (1,024 users per batch). Anything else, and users with ids unknown to the
-    catalogue (index 0, which raw ids tell apart and indices do not), compare raw ids."""
-    seen = [np.asarray(s) for s in seen]
-    if len(ids) < 16 or not all(a.ndim == 1 and a.dtype.kind in "iu" for a in list(ids) + seen):
-        return _mask_seen(scores, ids, seen)  # a few users: one isin each is quicker
-    n, num_items = len(ids), encoder.num_items
-    seen_lengths = [len(s) for s in seen]
-    if not sum(seen_lengths):
-        return
-    seen_index = encoder.item_index(np.concatenate(seen))
-    cand = np.concatenate(index)
-    lengths = np.array([len(i) for i in index])
-    owner = np.repeat(np.arange(n), lengths)
-    seen_owner = np.repeat(np.arange(n), seen_lengths)
-    unknown = np.zeros(n, bool)
-    unknown[owner[cand == 0]] = True
-    unknown[seen_owner[seen_index == 0]] = True
-    hit = np.isin(owner.astype(np.int64) * num_items + cand,
-                  seen_owner.astype(np.int64) * num_items + seen_index) & ~unknown[owner]
-    column = np.arange(len(cand)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    scores[owner[hit], column[hit]] = -np.inf
-    for u in np.flatnonzero(unknown):
-        scores[u, : len(ids[u])][np.isin(ids[u], seen[u])] = -np.inf
-
-
 def _check_k(k):
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer; received k={k!r}.")
+        raise ValueError(f"k must be a positive integer; got k={k!r}.")
 
 
 class ScoringMixin:
@@ -305,15 +255,17 @@ class ScoringMixin:
         return scores, sizes, shared, index
 
     def adapt_score_indices(self, item_index, ratings, lengths, candidate_index,
-                            user_features=None, seen_items=None, head="rating"):
+                            user_features=None, seen_items=None, head="rating",
+                            ratings_checked=False):
         """``adapt_indices`` and then ``score_indices`` in one compiled call: one dispatch,
         and the adapted weights stay on the device between the two (the server's path).
 
         ``candidate_index``: one encoded array shared by every user, one per user, or None
-        (the whole catalogue). Returns (adapted users, one score array per user).
+        (the whole catalogue). ``ratings_checked``: as in ``adapt_indices``. Returns (adapted
+        users, one score array per user).
         """
         padded, users, per_user, seen = self._padded_indices(
-            item_index, ratings, lengths, user_features, seen_items)
+            item_index, ratings, lengths, user_features, seen_items, ratings_checked)
         n = len(per_user)
         catalogue = candidate_index is None
         index, shared = (self._candidate_index(None, n) if catalogue
@@ -358,7 +310,8 @@ class ScoringMixin:
         return self._top_k(scores, sizes, shared, index, candidates, seen, k, exclude_seen)
 
     def _top_k(self, scores, sizes, shared, index, candidates, seen, k, exclude_seen):
-        """Each user's top ``k`` of a padded score matrix as (raw item ids, scores)."""
+        """Each user's top ``k`` of a padded score matrix as (raw item ids, scores); ties:
+        the candidate first in its list first (``metarec.ranking.top_k``)."""
         n = len(seen)
         scores = scores[:n].astype(np.float64)
         if candidates is None:
@@ -368,23 +321,13 @@ class ScoringMixin:
         else:
             ids = [np.asarray(c) for c in candidates]
         # Padding columns and seen items can never be chosen.
-        scores[np.arange(scores.shape[1])[None, :] >= np.asarray(sizes)[:, None]] = -np.inf
+        mask_padding(scores, sizes)
         if exclude_seen and not shared:
-            _mask_seen_lists(scores, ids, index, seen, self.encoder)
+            mask_seen_lists(scores, ids, index, seen, self.encoder.item_index, self.encoder.num_items)
         elif exclude_seen:
-            _mask_seen(scores, ids, seen)
-        # One top-k over the whole matrix: partition, then sort the k kept per row.
-        kk = min(int(k), scores.shape[1])
-        top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-        top_scores = np.take_along_axis(scores, top, axis=1)
-        order = np.argsort(-top_scores, axis=1, kind="stable")
-        top = np.take_along_axis(top, order, axis=1)
-        top_scores = np.take_along_axis(top_scores, order, axis=1)
-        results = []
-        for u in range(n):
-            keep = np.isfinite(top_scores[u])
-            results.append((ids[u][top[u][keep]], top_scores[u][keep].astype(np.float32)))
-        return results
+            mask_seen(scores, ids, seen)
+        columns, values = top_k(scores, k)
+        return [(ids[u][columns[u]], values[u].astype(np.float32)) for u in range(n)]
 
     def predict_items(self, item_ids, user_features=None):
         """Plain, non-adaptive scores of raw item ids for one user (the reference point)."""

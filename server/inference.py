@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from metarec.ranking import bucket, is_seen, top_k
 from metarec_server.cache import AdaptedUserCache, CacheKey
 from metarec_server.registry import model_file
 
 RECOMMEND = "recommend"
 SCORE = "score"
+RATING_HEAD = "rating"
+RANKING_HEAD = "ranking"
 
 
 class Catalog:
@@ -183,8 +185,7 @@ def candidate_bucket(job: Job) -> int:
     """
     if job.candidates is None:
         return 0
-    n = max(len(job.candidates), 8)
-    return 1 << (n - 1).bit_length() if n <= 1024 else -(-n // 1024) * 1024
+    return bucket(len(job.candidates), minimum=8)
 
 
 def run_batch(model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache | None) -> list[Result]:
@@ -198,6 +199,11 @@ def run_batch(model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache 
     missing = [i for i, a in enumerate(adapted) if a is None]
     cand_idx = [catalog.all_indices if j.candidates is None else j.candidates for j in jobs]
     all_catalogue = all(job.candidates is None for job in jobs)
+    # Recommend ranks by the ranking head, Score returns the rating head: the same scores
+    # except for a model with a separate ranking head (metarec.models.two_tower).
+    two_heads = learner.has_ranking_head()
+    heads = [RANKING_HEAD if job.mode == RECOMMEND and two_heads else RATING_HEAD for job in jobs]
+    head = heads[0] if len(set(heads)) == 1 else RANKING_HEAD
     scores = None
     if missing:
         # The jobs hold validated item indices: adapt on them directly (no DataFrames, no
@@ -208,12 +214,13 @@ def run_batch(model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache 
             np.concatenate([job.ratings for job in todo]),
             [len(job.support_idx) for job in todo],
         )
+        # Their ratings were checked by request validation (metarec.ratings): not again here.
         extra = dict(user_features=[job.user_features or None for job in todo],
-                     seen_items=[catalog.raw(job.support_idx) for job in todo])
+                     seen_items=[catalog.raw(job.support_idx) for job in todo], ratings_checked=True)
         if len(missing) == len(jobs):
             # Nothing cached: adapt and score in one compiled call.
             new, scores = learner.adapt_score_indices(
-                *support, None if all_catalogue else cand_idx, **extra)
+                *support, None if all_catalogue else cand_idx, head=head, **extra)
         else:
             new = learner.adapt_indices(*support, **extra)
         for i, user in zip(missing, new):
@@ -222,8 +229,16 @@ def run_batch(model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache 
                 cache.put(jobs[i].cache_key, user)
 
     if scores is None:
-        scores = (learner.score_many(adapted, None) if all_catalogue  # one shared catalogue array
-                  else learner.score_indices(adapted, cand_idx))
+        scores = (learner.score_many(adapted, None, head=head) if all_catalogue  # one shared array
+                  else learner.score_indices(adapted, cand_idx, head=head))
+    if any(h != head for h in heads):
+        # A batch mixing Score and Recommend on a two-headed model: Score's jobs get ratings.
+        rated = [i for i, h in enumerate(heads) if h != head]
+        again = learner.score_indices([adapted[i] for i in rated], [cand_idx[i] for i in rated],
+                                      head=RATING_HEAD)
+        scores = list(scores)
+        for i, s in zip(rated, again):
+            scores[i] = s
 
     results = []
     for job, idx, s in zip(jobs, cand_idx, scores):
@@ -236,23 +251,10 @@ def run_batch(model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache 
 
 
 def _top_k(idx: np.ndarray, scores: np.ndarray, job: Job) -> Result:
-    """Best ``k`` candidates, ties broken by candidate order, as ``recommend_many`` does."""
-    ranked = scores.astype(np.float64)
+    """Best ``k`` candidates, ranked as ``recommend_many`` ranks (``metarec.ranking.top_k``:
+    ties broken by candidate order)."""
+    ranked = scores.astype(np.float64)[None]
     if job.exclude_seen and len(job.support_idx):
-        ranked[_is_seen(idx, job.support_idx)] = -math.inf
-    k = min(job.k, int(np.isfinite(ranked).sum()))
-    if k == 0:
-        return Result(np.zeros(0, np.int32), np.zeros(0, np.float32))
-    top = np.argpartition(-ranked, k - 1)[:k]
-    top = top[np.argsort(-ranked[top], kind="stable")]
+        ranked[0, is_seen(idx, job.support_idx)] = -np.inf
+    (top,), _ = top_k(ranked, job.k)
     return Result(idx[top], scores[top])
-
-
-def _is_seen(idx: np.ndarray, seen: np.ndarray) -> np.ndarray:
-    """``np.isin(idx, seen)`` for item indices (small non-negative ints), through a lookup
-    table as long as the largest seen index: for 1,000 candidates, a third to a half of
-    ``np.isin``'s time (``bench/request_path.py``, "seen mask")."""
-    top = int(seen.max()) + 1
-    table = np.zeros(top + 1, dtype=bool)  # the last entry stands for every index above
-    table[seen] = True
-    return table[np.minimum(idx, top)]

@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from metarec.ratings import NOT_BINARY, NOT_FINITE, first_bad_rating, ratings_valid
 from metarec_server.inference import ServingModel
 
 
@@ -79,30 +80,25 @@ def check_id(value: str, what: str, limits: Limits) -> str:
 
 
 def check_rating(rating: float, model: ServingModel | None, where: str) -> None:
-    """Finite, and valid for the model's feedback kind when a model is given."""
-    if not math.isfinite(rating):
-        raise invalid(f"{where}: rating must be finite, got {rating!r}")
+    """Finite, and valid for the model's feedback kind when a model is given
+    (``metarec.ratings``, the SDK's rule)."""
     if model is None:
+        bad = first_bad_rating(np.array([rating], np.float64), "explicit", None)
+    else:
+        bad = first_bad_rating(np.array([rating], np.float64), model.feedback, model.rating_range)
+    if bad is None:
         return
-    if model.feedback == "implicit":
-        if rating not in (0.0, 1.0):
-            raise invalid(f"{where}: implicit feedback needs a 0 or 1 label, got {rating!r}")
-    elif model.rating_range is not None:
-        low, high = model.rating_range
-        if not low <= rating <= high:
-            raise invalid(f"{where}: rating {rating!r} is outside the model's range [{low}, {high}]")
+    if bad.reason == NOT_FINITE:
+        raise invalid(f"{where}: rating must be finite, got {rating!r}")
+    if bad.reason == NOT_BINARY:
+        raise invalid(f"{where}: implicit feedback needs a 0 or 1 label, got {rating!r}")
+    low, high = model.rating_range
+    raise invalid(f"{where}: rating {rating!r} is outside the model's range [{low}, {high}]")
 
 
 def _ratings_valid(ratings: np.ndarray, model: ServingModel) -> bool:
     """``check_rating`` of every rating at once: True when none would be refused."""
-    if not np.isfinite(ratings).all():
-        return False
-    if model.feedback == "implicit":
-        return bool(((ratings == 0.0) | (ratings == 1.0)).all())
-    if model.rating_range is not None and len(ratings):
-        low, high = model.rating_range
-        return bool(low <= ratings.min() and ratings.max() <= high)
-    return True
+    return ratings_valid(ratings, model.feedback, model.rating_range)
 
 
 def check_timestamp(message: Any, where: str) -> int | None:

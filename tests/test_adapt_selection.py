@@ -91,7 +91,7 @@ def test_a_selection_of_nothing_is_refused(setup, adapt):
 
 @pytest.mark.parametrize("adapt,message", [
     ([r"decision_(2"], "invalid regex 'decision_\\(2'"),
-    ([3], "received 3"),
+    ([3], "got 3"),
 ])
 def test_bad_regex_lists_are_refused(setup, adapt, message):
     _, tasks, model, _, _ = setup

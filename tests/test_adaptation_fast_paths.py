@@ -384,7 +384,7 @@ def test_adapt_recommend_many_is_adapt_then_recommend(setup, layout):
 @pytest.mark.parametrize("k", [0, -1, 2.5, True, "3"])
 def test_adapt_recommend_many_rejects_bad_k(setup, k):
     _, _, learner, users = setup
-    with pytest.raises(ValueError, match=r"k must be a positive integer; received k="):
+    with pytest.raises(ValueError, match=r"k must be a positive integer; got k="):
         learner.adapt_recommend_many([users[0][0]], k=k)
     with pytest.raises(ValueError, match="supports is empty"):
         learner.adapt_recommend_many([], k=3)

@@ -8,7 +8,7 @@ import pytest
 
 from metarec.datasets import synthetic
 from metarec.evaluation import Q1Protocol
-from metarec.evaluation.metrics import mae
+from metarec.metrics import mae
 from metarec.evaluation.neural import FineTune, GlobalModel, inner_step_curve, meta_learner_method
 
 

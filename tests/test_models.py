@@ -33,7 +33,7 @@ def test_concat_dense_config_round_trip_and_errors():
     layer = ConcatDense(6, activation="tanh", name="decision_1")
     again = ConcatDense.from_config(layer.get_config())
     assert again.units == 6 and again.activation is keras.activations.tanh and again.name == "decision_1"
-    with pytest.raises(ValueError, match="received units=0"):
+    with pytest.raises(ValueError, match="got units=0"):
         ConcatDense(0)
 
 
@@ -94,6 +94,6 @@ def test_models_want_the_fitted_encoder_not_the_schema(tasks, build):
     fn = getattr(metarec.models, build)
     args = (np.zeros(tasks.encoder.num_items),) if build == "residual_mlp" else ()
     for wrong in (tasks.encoder.schema, tasks.train):
-        with pytest.raises(ValueError, match="fitted FeatureEncoder .*received " + type(wrong).__name__):
+        with pytest.raises(ValueError, match="fitted FeatureEncoder .*got " + type(wrong).__name__):
             fn(wrong, *args)
     assert fn(tasks.encoder, *args, embedding_dim=4, hidden_units=(4,)).built

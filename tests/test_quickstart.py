@@ -43,7 +43,7 @@ def test_quickstart_prints_its_table_and_adaptation_helps():
 
 
 @pytest.mark.parametrize("value, message", [("zero", "invalid int value: 'zero'"),
-                                            ("0", "must be at least 1; received 0")])
+                                            ("0", "must be at least 1; got 0")])
 def test_quickstart_rejects_a_bad_epoch_count(value, message):
     script = _console_script()
     proc = subprocess.run([str(script), "quickstart", "--epochs", value], capture_output=True,

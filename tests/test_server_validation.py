@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from metarec.api.v1 import recommender_pb2 as pb
-from metarec_server.inference import Catalog, ServingModel, _is_seen
+from metarec_server.inference import Catalog, ServingModel
 from metarec_server.validation import Limits, RequestError, parse_candidates, parse_interactions
 
 
@@ -33,15 +33,6 @@ def test_catalog_index_matches_a_dictionary(ids):
     # The same from a protobuf repeated field.
     request = pb.RecommendRequest.FromString(pb.RecommendRequest(candidate_item_ids=ids).SerializeToString())
     assert catalog.index(request.candidate_item_ids).tolist() == expected
-
-
-def test_is_seen_matches_isin():
-    rng = np.random.default_rng(0)
-    for _ in range(500):
-        top = int(rng.integers(1, 500))
-        idx = rng.integers(0, top + 10, int(rng.integers(1, 60))).astype(np.int32)
-        seen = rng.integers(0, top + 10, int(rng.integers(1, 30))).astype(np.int32)
-        np.testing.assert_array_equal(_is_seen(idx, seen), np.isin(idx, seen))
 
 
 def test_good_interactions_become_indices_ratings_and_timestamps():

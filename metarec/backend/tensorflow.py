@@ -47,7 +47,7 @@ def vmap(fn, in_axes):
 
     def wrapped(*args):
         if len(args) != len(in_axes):
-            raise ValueError(f"vmap expected {len(in_axes)} arguments, received {len(args)}.")
+            raise ValueError(f"vmap expected {len(in_axes)} arguments, got {len(args)}.")
         mapped = tuple(a for a, ax in zip(args, in_axes) if ax == 0)
 
         def per_element(elems):

@@ -21,7 +21,7 @@ from metarec.evaluation.methods import (
     UserQuery,
     queries_from_tasks,
 )
-from metarec.evaluation.metrics import (
+from metarec.metrics import (
     catalogue_ndcg_at_k,
     catalogue_recall_at_k,
     clip_to_range,

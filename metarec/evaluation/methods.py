@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from metarec.evaluation.metrics import mae
+from metarec.metrics import mae
 
 __all__ = [
     "GlobalMean",

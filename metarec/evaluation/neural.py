@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from metarec.evaluation.methods import LearnerMethod, Method, UserQuery, queries_from_tasks
-from metarec.evaluation.metrics import mae
+from metarec.metrics import mae
 
 __all__ = [
     "FineTune",

@@ -22,7 +22,7 @@ import pandas as pd
 
 from metarec.encoding import FeatureEncoder
 from metarec.evaluation.methods import Method, UserQuery, user_features_of
-from metarec.evaluation.metrics import (
+from metarec.metrics import (
     catalogue_ndcg_at_k,
     catalogue_recall_at_k,
     mae,

@@ -268,6 +268,9 @@ class Report:
             "nDCG@3 / nDCG@10 rank each user's query items; Recall@20 / nDCG@20 rank the "
             "catalogue minus the support (relevant = query items rated ≥ "
             f"{info.get('relevance_threshold', 4)}).",
+            "Ties: nDCG@3 / nDCG@10 average the gain over items of equal predicted score "
+            "(as scikit-learn's ndcg_score); the catalogue ranking puts equal scores in "
+            "catalogue order.",
         ]
         excluded = {k: n for k, n in self.excluded_catalogue_users().items() if n}
         if excluded:

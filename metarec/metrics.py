@@ -4,10 +4,14 @@ Every function scores *one* user; the protocol averages over users. Conventions 
 all ranking metrics:
 
 * **Ranks** are 1-based; the discount of rank ``r`` is ``1 / log2(1 + r)``.
-* **Ties** in the scores are broken deterministically by :func:`rank_order`: a *stable*
-  sort by score descending, so among equal scores the item that comes first in the input
-  keeps the better rank. A method that scores everything alike therefore gets the ranking
-  of the input order, never a random one, and figures are reproducible.
+* **Ties** in the scores: :func:`ndcg_at_k` averages the gain over each group of equal
+  scores (as ``sklearn.metrics.ndcg_score`` does by default), so its value does not depend
+  on the order of a user's items; ``ties="input_order"`` ranks them instead by
+  :func:`rank_order`, a *stable* sort by score descending (among equal scores the item that
+  comes first in the input keeps the better rank). :func:`rank_items` and the catalogue
+  metrics, which score a ranked list, use that stable order: a method that scores
+  everything alike gets the ranking of the input order, never a random one, and figures
+  are reproducible.
 * **K larger than the list** simply uses the whole list (the ideal DCG is truncated the
   same way, so a perfect ranking still scores 1).
 * **Undefined values are NaN**: a user with nothing to rank, or with no relevant item,
@@ -124,23 +128,56 @@ def rank_items(item_ids, scores, k: int | None = None) -> np.ndarray:
     return item_ids[order]
 
 
-def ndcg_at_k(true_ratings, scores, k: int) -> float:
+def ndcg_at_k(true_ratings, scores, k: int, ties: str = "average") -> float:
     """nDCG@k of a user's items ranked by ``scores``, graded by their true ratings.
 
     Gain ``2**rating - 1``, discount ``log2(1 + rank)``; the ideal DCG ranks the same items
     by their true ratings. Returns NaN when the list is empty or every gain is zero (no
     ranking can be better than another, so the user carries no information).
+
+    ``ties`` says how items of equal score are ranked:
+
+    * ``"average"`` (the default): every item of a group of equal scores gets the group's
+      mean gain at each of the group's ranks, as ``sklearn.metrics.ndcg_score`` does with
+      ``ignore_ties=False``. The value does not depend on the order of the items: a scorer
+      that gives everything the same score gets the nDCG of the average ranking, not that
+      of the input order.
+    * ``"input_order"``: :func:`rank_order`'s stable sort (among equal scores the item that
+      comes first in the input ranks first).
     """
     k = _check_k(k)
     truth = _as_1d_float(true_ratings, "true_ratings")
     scores = _as_1d_float(scores, "scores")
     _check_same_length(truth, scores, "true_ratings", "scores")
     gains = np.power(2.0, truth) - 1.0
-    top = rank_order(scores)[:k]
-    dcg = float(np.sum(gains[top] * _discounts(top.size)))
+    if ties == "average":
+        dcg = _tie_averaged_dcg(gains, scores, k)
+    elif ties == "input_order":
+        top = rank_order(scores)[:k]
+        dcg = float(np.sum(gains[top] * _discounts(top.size)))
+    else:
+        raise ValueError(f"ties must be 'average' or 'input_order', got {ties!r}")
     ideal = np.sort(gains)[::-1][:k]
     idcg = float(np.sum(ideal * _discounts(ideal.size)))
     return dcg / idcg if idcg > 0 else float("nan")
+
+
+def _tie_averaged_dcg(gains: np.ndarray, scores: np.ndarray, k: int) -> float:
+    """DCG@k where each group of equal scores shares its mean gain over its ranks (the
+    discounts of the group's ranks within the top ``k``, summed)."""
+    if np.isnan(scores).any():
+        raise ValueError(f"scores must not be NaN; got {int(np.isnan(scores).sum())} NaN "
+                         f"of {scores.size}")
+    if not scores.size:
+        return 0.0
+    _, group, counts = np.unique(-scores, return_inverse=True, return_counts=True)
+    mean_gain = np.bincount(group.ravel(), weights=gains, minlength=len(counts)) / counts
+    discounts = np.zeros(scores.size)
+    top = min(k, scores.size)
+    discounts[:top] = _discounts(top)
+    cumulative = np.concatenate([[0.0], np.cumsum(discounts)])
+    ends = np.cumsum(counts)
+    return float(np.sum(mean_gain * (cumulative[ends] - cumulative[ends - counts])))
 
 
 def _top_k_hits(ranked_item_ids, relevant: Collection, k: int) -> tuple[np.ndarray, int]:
@@ -165,6 +202,9 @@ def catalogue_recall_at_k(ranked_item_ids, relevant: Collection, k: int) -> floa
     2018), so a perfect ranking scores 1 even when a user has more than ``k`` relevant
     items. A relevant item missing from the catalogue still counts in the denominator: it
     is one the recommender could not find. NaN when ``relevant`` is empty.
+
+    Ties: the list is scored in the order given. Ranked by :func:`rank_items`, items of
+    equal score keep their input (catalogue) order, the first ranking higher.
     """
     hits, n_relevant = _top_k_hits(ranked_item_ids, relevant, k)
     if n_relevant == 0:
@@ -177,6 +217,9 @@ def catalogue_ndcg_at_k(ranked_item_ids, relevant: Collection, k: int) -> float:
 
     The ideal DCG places ``min(k, len(relevant))`` relevant items at the top. NaN when
     ``relevant`` is empty.
+
+    Ties: as :func:`catalogue_recall_at_k`, the list is scored in the order given (by
+    :func:`rank_items`: equal scores in input order, the first ranking higher).
     """
     hits, n_relevant = _top_k_hits(ranked_item_ids, relevant, k)
     if n_relevant == 0:
