@@ -231,7 +231,9 @@ def test_report_end_to_end_on_synthetic_data(protocol, tmp_path):
     assert "| global mean |" in markdown
     stored = json.loads(paths["json"].read_text())
     assert len(stored["per_user"]) == len(report.per_user)
-    assert stored["paired_tests"]["10"]["global mean"]["p_value"] < 0.05  # far worse than item mean
+    assert stored["paired_tests"]["10"]["mae"]["global mean"]["p_value"] < 0.05  # far worse than item mean
+    assert stored["strongest_baselines_chosen_on"] == "val"
+    assert "chosen on validation users" in markdown
     assert stored["inner_step_curves"] == {"recording": {"0": 0.95, "1": 0.9, "5": 0.85}}
     for name in ("mae_vs_k", "headline_bars", "mae_vs_inner_steps"):
         assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

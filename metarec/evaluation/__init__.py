@@ -33,20 +33,26 @@ from metarec.metrics import (
 )
 from metarec.evaluation.neural import FineTune, GlobalModel, inner_step_curve, meta_learner_method
 from metarec.evaluation.protocol import METRIC_COLUMNS, Q1Protocol
+from metarec.evaluation.ranking_baselines import EASE, ImplicitALS, ItemKNN, MostPopular, RankingBaseline
 from metarec.evaluation.report import ProgressBar, Report, plot_mae_vs_inner_steps, run_evaluation
 from metarec.evaluation.stats import WilcoxonResult, format_mean_std, mean_std, wilcoxon_paired
 
 __all__ = [
+    "EASE",
     "METRIC_COLUMNS",
     "FineTune",
     "GlobalMean",
     "GlobalModel",
+    "ImplicitALS",
+    "ItemKNN",
     "ItemMean",
     "ItemMeanUserOffset",
     "LearnerMethod",
     "Method",
+    "MostPopular",
     "ProgressBar",
     "Q1Protocol",
+    "RankingBaseline",
     "Report",
     "TunableMethod",
     "UserQuery",

@@ -93,12 +93,15 @@ class Method(abc.ABC):
         deterministic: ``True`` when ``fit`` ignores the seed, so the evaluation runs it
             with one seed only instead of wasting time on identical reruns.
         is_baseline: ``True`` for the reference methods; the report tests every method
-            against the strongest of them.
+            against the strongest of them (per metric).
+        predicts_ratings: ``False`` for methods whose outputs are ranking scores, not
+            ratings (the catalogue-ranking baselines): no MAE / RMSE is reported for them.
     """
 
     name: str = "method"
     deterministic: bool = False
     is_baseline: bool = False
+    predicts_ratings: bool = True
 
     @abc.abstractmethod
     def fit(self, train_tasks, val_tasks=None, seed: int = 0) -> Method:

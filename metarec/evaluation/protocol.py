@@ -250,7 +250,8 @@ class Q1Protocol:
         not rated in the support (plus any query item outside the catalogue). From that:
 
         * ``mae`` / ``rmse`` over the query items, predictions clipped to the rating range
-          (NaN on implicit data, where outputs are scores, not ratings);
+          (NaN on implicit data, where outputs are scores, not ratings, and for a method
+          with ``predicts_ratings = False``);
         * ``ndcg@3`` / ``ndcg@10`` of the query items ranked by prediction, gain
           ``2**rating - 1``;
         * ``recall@20`` / ``ndcg@20`` of the catalogue ranking against the relevant query
@@ -274,14 +275,15 @@ class Q1Protocol:
             if predicted.shape != (len(user.query.item_ids),):
                 raise ValueError(f"{method.name}: user {user.user_id!r} needs "
                                  f"{len(user.query.item_ids)} predictions, got shape {predicted.shape}")
-            rows.append(self._score_user(user, predicted, rating_range))
+            rows.append(self._score_user(user, predicted, rating_range, method.predicts_ratings))
         return pd.DataFrame(rows, columns=["user_id", "n_support", "n_query", "n_relevant",
                                            "n_candidates", *METRIC_COLUMNS])
 
-    def _score_user(self, user: _EvalUser, predicted: np.ndarray, rating_range) -> dict:
+    def _score_user(self, user: _EvalUser, predicted: np.ndarray, rating_range,
+                    predicts_ratings: bool = True) -> dict:
         on_query = predicted[user.query_positions]
         truth = user.query_ratings
-        if self.data.feedback == "explicit":
+        if self.data.feedback == "explicit" and predicts_ratings:
             error = {"mae": mae(truth, on_query, rating_range), "rmse": rmse(truth, on_query, rating_range)}
         else:
             error = {"mae": float("nan"), "rmse": float("nan")}

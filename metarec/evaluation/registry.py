@@ -1,7 +1,8 @@
 """Method names of ``metarec evaluate``: each name builds a fresh, untrained method.
 
 ``build_methods("baselines,melu-1", data, epochs=...)`` returns the methods in order, with
-the groups ``baselines`` (the five of BENCHMARK.md) and ``learners`` expanded.
+the groups ``baselines`` (the nine of BENCHMARK.md: rating baselines 1-5 and catalogue-ranking
+baselines 6-9), ``ranking-baselines`` (6-9 only) and ``learners`` expanded.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from metarec.evaluation.neural import (
     meta_learner_method,
     residual_method,
 )
+from metarec.evaluation.ranking_baselines import EASE, ImplicitALS, ItemKNN, MostPopular
 
 __all__ = ["GROUPS", "METHOD_HELP", "build_methods", "method_names"]
 
@@ -25,6 +27,10 @@ METHOD_HELP = {
     "item-mean-offset": "baseline 3: damped item mean + damped support offset (tuned)",
     "global-model": "baseline 4: rating_mlp trained the ordinary way, early stopping on validation",
     "fine-tune": "baseline 5: global model + per-user SGD (steps, lr, adapted subset tuned on validation)",
+    "most-popular": "baseline 6: most popular items of the meta-train users (matrix all-rated / liked tuned)",
+    "ease": "baseline 7: EASE^R fold-in (lambda, matrix, fallback tuned on validation Recall@20)",
+    "item-knn": "baseline 8: cosine item-kNN fold-in (neighbourhood size, matrix, fallback tuned)",
+    "implicit-als": "baseline 9: implicit ALS fold-in (factors, regularisation, alpha, matrix, fallback tuned)",
     "melu-1": "MeLU-style second-order MAML, 1 local step (presets.melu)",
     "melu-5": "MeLU-style second-order MAML, 5 local steps (presets.melu)",
     "fomaml": "first-order MAML, 1 inner step, decision layers adapted",
@@ -39,7 +45,9 @@ METHOD_HELP = {
     "residual-memory": "memory-based learner (GRU, FiLM, no steps) over the damped item mean",
 }
 GROUPS = {
-    "baselines": ("global-mean", "item-mean", "item-mean-offset", "global-model", "fine-tune"),
+    "baselines": ("global-mean", "item-mean", "item-mean-offset", "global-model", "fine-tune",
+                  "most-popular", "ease", "item-knn", "implicit-als"),
+    "ranking-baselines": ("most-popular", "ease", "item-knn", "implicit-als"),
     "learners": ("melu-1", "melu-5", "fomaml", "reptile", "meta-sgd", "residual-maml", "memory", "memory-maml"),
     "ideas": ("residual-maml-proximal", "residual-maml-ranking", "residual-memory"),
 }
@@ -88,6 +96,10 @@ def build_methods(spec: str, data, epochs: int | None = None) -> list[Method]:
         "item-mean-offset": ItemMeanUserOffset,
         "global-model": lambda: global_model,
         "fine-tune": lambda: FineTune(global_model, users=data.users),
+        "most-popular": MostPopular,
+        "ease": EASE,
+        "item-knn": ItemKNN,
+        "implicit-als": ImplicitALS,
         "melu-1": lambda: _melu("melu-1", 1, epochs),
         "melu-5": lambda: _melu("melu-5", 5, epochs),
         "fomaml": lambda: meta_learner_method("fomaml", "fomaml", inner_steps=1, epochs=epochs),

@@ -6,7 +6,8 @@ deterministic ones once) and collects the per-user figures of
 
 How figures are aggregated: per (method, K, seed), the mean over users (NaN users, e.g.
 without a relevant item, excluded); then mean ± sample std over seeds. Paired tests use
-per-user figures averaged over seeds, compared user by user with the strongest baseline.
+per-user figures averaged over seeds, compared user by user with the strongest baseline of
+that metric, which is chosen on the validation users' figures when the report has them.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ METRIC_LABELS = {
 #: Metrics where lower is better (the rest are higher-is-better).
 LOWER_IS_BETTER = frozenset({"mae", "rmse"})
 BAR_METRICS = ("mae", "ndcg@3", "recall@20")
+#: Metrics with a paired test against their own strongest baseline (JSON: all of them;
+#: markdown: MAE and catalogue Recall@20 at the headline K).
+TESTED_METRICS = ("mae", "ndcg@3", "recall@20", "ndcg@20")
+MARKDOWN_TESTED_METRICS = ("mae", "recall@20")
 
 
 # --------------------------------------------------------------------------- progress
@@ -84,13 +89,16 @@ def run_evaluation(
     k_values: Sequence[int] | None = None,
     split: str = "test",
     progress: bool = True,
+    score_validation: bool = True,
 ) -> Report:
     """Fit and score every method at every K; returns a :class:`Report`.
 
     Each method is fitted on the meta-train users of that K with the validation users for
     hyper-parameter choices (``method.fit(tasks.train, tasks.val, seed)``), then scored on
     ``split`` (``"test"`` by default; ``"val"`` while developing). Methods are fitted
-    afresh for every (K, seed), so a method object may be reused across calls.
+    afresh for every (K, seed), so a method object may be reused across calls. With
+    ``score_validation`` (and ``split="test"``) each fit is also scored on the validation
+    users, so that the strongest baseline of each metric is chosen on them, not on test.
     """
     methods = list(methods)
     if not methods:
@@ -110,7 +118,8 @@ def run_evaluation(
 
     total = sum(len(_seeds_for(m, seeds)) for m in methods) * len(k_values)
     bar = ProgressBar(total) if progress else None
-    frames, fitted = [], []
+    frames, val_frames, fitted = [], [], []
+    score_validation = score_validation and split != "val"
     for k in k_values:
         tasks = protocol.tasks(k)
         for method in methods:
@@ -122,6 +131,12 @@ def run_evaluation(
                 frame.insert(1, "k", k)
                 frame.insert(2, "seed", seed)
                 frames.append(frame)
+                if score_validation:
+                    val_frame = protocol.evaluate_method(method, split="val", k=k)
+                    val_frame.insert(0, "method", method.name)
+                    val_frame.insert(1, "k", k)
+                    val_frame.insert(2, "seed", seed)
+                    val_frames.append(val_frame)
                 fitted.append({"method": method.name, "k": k, "seed": seed,
                                "params": _jsonable(method.get_params()),
                                "seconds": round(time.perf_counter() - started, 3)})
@@ -133,6 +148,7 @@ def run_evaluation(
         baselines=[m.name for m in methods if m.is_baseline],
         protocol_info={**protocol.describe(), "split": split},
         runs=fitted,
+        val_per_user=pd.concat(val_frames, ignore_index=True) if val_frames else None,
     )
 
 
@@ -147,6 +163,8 @@ class Report:
         protocol_info: JSON-able description of the split.
         runs: one record per fit (method, k, seed, chosen hyper-parameters, seconds).
         headline_k: the K of the headline table and of the paired tests.
+        val_per_user: the same figures on the validation users (optional); when present,
+            the strongest baseline of each metric is chosen on them.
     """
 
     def __init__(
@@ -157,6 +175,7 @@ class Report:
         protocol_info: Mapping[str, Any] | None = None,
         runs: Sequence[Mapping[str, Any]] = (),
         headline_k: int = HEADLINE_K,
+        val_per_user: pd.DataFrame | None = None,
     ) -> None:
         missing = [c for c in ("method", "k", "seed", "user_id", *METRIC_COLUMNS) if c not in per_user]
         if missing:
@@ -169,15 +188,18 @@ class Report:
         self.k_values = sorted(int(k) for k in per_user["k"].unique())
         self.headline_k = headline_k if headline_k in self.k_values else self.k_values[len(self.k_values) // 2]
         self.inner_step_curves: dict[str, dict[int, float]] = {}
+        self.val_per_user = val_per_user if val_per_user is not None and len(val_per_user) else None
 
     # ------------------------------------------------------------------ aggregation
-    def seed_means(self) -> pd.DataFrame:
-        """Mean over users per (method, k, seed); NaN users are excluded."""
-        return self.per_user.groupby(["method", "k", "seed"], sort=False)[list(METRIC_COLUMNS)].mean()
+    def seed_means(self, split: str = "test") -> pd.DataFrame:
+        """Mean over users per (method, k, seed); NaN users are excluded. ``split="val"``
+        uses the validation users' figures (``val_per_user``)."""
+        frame = self.val_per_user if split == "val" else self.per_user
+        return frame.groupby(["method", "k", "seed"], sort=False)[list(METRIC_COLUMNS)].mean()
 
-    def summary(self) -> pd.DataFrame:
+    def summary(self, split: str = "test") -> pd.DataFrame:
         """One row per (method, k): ``<metric>_mean``, ``<metric>_std`` over seeds, ``seeds``."""
-        per_seed = self.seed_means().reset_index()
+        per_seed = self.seed_means(split).reset_index()
         rows = []
         for (method, k), group in per_seed.groupby(["method", "k"], sort=False):
             row = {"method": method, "k": int(k), "seeds": len(group)}
@@ -196,24 +218,45 @@ class Report:
             raise ValueError(f"no results for method {method!r} at K={k}")
         return rows.groupby("user_id", sort=True)[metric].mean()
 
-    def strongest_baseline(self, k: int | None = None) -> str | None:
-        """The baseline with the lowest mean MAE at ``k`` (default: the headline K)."""
+    @property
+    def baseline_choice_split(self) -> str:
+        """``"val"`` when the strongest baselines are chosen on validation users' figures,
+        ``"test"`` when the report has none (then the choice is made on test users)."""
+        if self.val_per_user is not None and self.val_per_user["method"].isin(self.baselines).any():
+            return "val"
+        return "test"
+
+    def strongest_baseline(self, k: int | None = None, metric: str = "mae") -> str | None:
+        """The best baseline on ``metric`` at ``k`` (default: the headline K), per metric:
+        lowest mean for MAE / RMSE, highest otherwise, among the baselines that report the
+        metric (ranking baselines have no MAE). Chosen on the validation users' figures
+        when the report has them (:attr:`baseline_choice_split`), otherwise on test."""
+        if metric not in METRIC_COLUMNS:
+            raise ValueError(f"metric must be one of {METRIC_COLUMNS}, got {metric!r}")
         if not self.baselines:
             return None
         k = self.headline_k if k is None else k
-        summary = self.summary()
+        summary = self.summary(self.baseline_choice_split)
         at_k = summary[(summary["k"] == k) & summary["method"].isin(self.baselines)]
+        at_k = at_k[np.isfinite(at_k[f"{metric}_mean"].to_numpy(dtype=np.float64))]
         if at_k.empty:
             return None
-        return str(at_k.sort_values("mae_mean", kind="stable").iloc[0]["method"])
+        ordered = at_k.sort_values(f"{metric}_mean", ascending=metric in LOWER_IS_BETTER, kind="stable")
+        return str(ordered.iloc[0]["method"])
+
+    def strongest_baselines(self, k: int | None = None) -> dict[str, str | None]:
+        """:meth:`strongest_baseline` of every tested metric at ``k``."""
+        return {metric: self.strongest_baseline(k, metric) for metric in TESTED_METRICS}
 
     def paired_tests(self, k: int | None = None, metric: str = "mae") -> dict[str, dict[str, float]]:
-        """Wilcoxon signed-rank test of every method vs the strongest baseline at ``k``.
+        """Wilcoxon signed-rank test of every method vs the strongest baseline of ``metric``
+        at ``k`` (test users).
 
-        Users are matched by id; ``median_difference`` is method minus baseline.
+        Users are matched by id; ``median_difference`` is method minus baseline. Methods
+        without the metric (MAE of a ranking baseline) are left out.
         """
         k = self.headline_k if k is None else k
-        reference = self.strongest_baseline(k)
+        reference = self.strongest_baseline(k, metric)
         if reference is None:
             return {}
         base = self.user_means(reference, k, metric)
@@ -222,6 +265,8 @@ class Report:
             if method == reference or not ((self.per_user["method"] == method) & (self.per_user["k"] == k)).any():
                 continue
             mine = self.user_means(method, k, metric).reindex(base.index)
+            if not np.isfinite(mine.to_numpy(dtype=np.float64)).any():
+                continue
             result = wilcoxon_paired(mine.to_numpy(), base.to_numpy())
             tests[method] = {"reference": reference, **result._asdict()}
         return tests
@@ -251,8 +296,9 @@ class Report:
     def to_markdown(self, digits: int = 3) -> str:
         """Tables of mean ± std over seeds: one per K, the headline K first.
 
-        The headline table adds the Wilcoxon p-value of per-user MAE against the strongest
-        baseline; a last table shows MAE against K.
+        The headline table adds the Wilcoxon p-values of per-user MAE and catalogue
+        Recall@20, each against the strongest baseline of that metric; a last table shows
+        MAE against K.
         """
         info = self.protocol_info
         summary = self.summary()
@@ -276,22 +322,31 @@ class Report:
         if excluded:
             lines.append("Users without a relevant query item, excluded from catalogue metrics: "
                          + ", ".join(f"K={k}: {n}" for k, n in excluded.items()) + ".")
-        reference = self.strongest_baseline()
-        tests = self.paired_tests()
+        references = {m: self.strongest_baseline(metric=m) for m in MARKDOWN_TESTED_METRICS}
+        tests = {m: self.paired_tests(metric=m) for m in MARKDOWN_TESTED_METRICS}
+        strongest = self.strongest_baselines()
+        if any(strongest.values()):
+            where = ("validation" if self.baseline_choice_split == "val"
+                     else "test (the report has no validation figures)")
+            lines.append(f"Strongest baseline per metric at K = {self.headline_k}, chosen on {where} users: "
+                         + "; ".join(f"{METRIC_LABELS[m]}: {b}" for m, b in strongest.items() if b) + ".")
         for k in [self.headline_k] + [k for k in self.k_values if k != self.headline_k]:
             headline = k == self.headline_k
             title = f"## K = {k}" + (" (headline)" if headline else "")
             header = ["Method"] + [METRIC_LABELS[m] for m in METRIC_COLUMNS]
-            if headline and reference:
-                header.append(f"p (MAE vs {reference})")
+            if headline:
+                header += [f"p ({METRIC_LABELS[m]} vs {references[m]})"
+                           for m in MARKDOWN_TESTED_METRICS if references[m]]
             lines += ["", title, "", "| " + " | ".join(header) + " |",
                       "|" + "|".join("---" for _ in header) + "|"]
             for _, row in summary[summary["k"] == k].iterrows():
                 cells = [str(row["method"])] + [
                     format_mean_std(row[f"{m}_mean"], row[f"{m}_std"], digits) for m in METRIC_COLUMNS]
-                if headline and reference:
-                    p = tests.get(row["method"], {}).get("p_value")
-                    cells.append("reference" if row["method"] == reference else _format_p(p))
+                if headline:
+                    for m in MARKDOWN_TESTED_METRICS:
+                        if references[m]:
+                            p = tests[m].get(row["method"], {}).get("p_value")
+                            cells.append("reference" if row["method"] == references[m] else _format_p(p))
                 lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "## MAE against K", "", "| Method | " + " | ".join(f"K={k}" for k in self.k_values) + " |",
                   "|---|" + "|".join("---" for _ in self.k_values) + "|"]
@@ -323,9 +378,14 @@ class Report:
             "methods": self.methods,
             "baselines": self.baselines,
             "headline_k": self.headline_k,
-            "strongest_baseline": self.strongest_baseline(),
+            "strongest_baseline": self.strongest_baseline(),  # on MAE
+            "strongest_baselines": {str(k): self.strongest_baselines(k) for k in self.k_values},
+            "strongest_baselines_chosen_on": self.baseline_choice_split,
             "summary": self.summary().to_dict(orient="records"),
-            "paired_tests": {str(k): self.paired_tests(k) for k in self.k_values},
+            "val_summary": (self.summary("val").to_dict(orient="records")
+                            if self.val_per_user is not None else None),
+            "paired_tests": {str(k): {m: self.paired_tests(k, m) for m in TESTED_METRICS}
+                             for k in self.k_values},
             "excluded_catalogue_users": self.excluded_catalogue_users(),
             "runs": self.runs,
             "inner_step_curves": self.inner_step_curves,
