@@ -43,7 +43,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from metarec.evaluation.methods import Method, UserQuery
-from metarec.evaluation.metrics import catalogue_recall_at_k, rank_items
+from metarec.metrics import catalogue_recall_at_k, rank_items
 
 __all__ = [
     "DEFAULT_ALS_GRID",
