@@ -95,8 +95,10 @@ def build_parser():
     p = sub.add_parser("evaluate", help="run protocol Q1 and write a report")
     p.add_argument("--data", default="synthetic",
                    help="'synthetic' or a MovieLens directory (e.g. ../shared/data/ml-100k)")
-    p.add_argument("--methods", default="baselines,maml",
+    p.add_argument("--methods", default="baselines,catalogue-two-tower",
                    help="comma-separated method names (see --list-methods)")
+    p.add_argument("--feedback", choices=["explicit", "implicit"], default="explicit",
+                   help="implicit: every rating becomes an interaction labelled 1 (protocol Q2-implicit)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--k", default="5,10,20", help="support sizes")
     p.add_argument("--out", default="runs/evaluate")

@@ -135,19 +135,22 @@ def residual_memory(encoder, item_prior, inner_steps=0, inner_lr=0.01, units=64,
     return learner
 
 
-def catalogue_two_tower(tasks, embedding_dim=64, inner_steps=1, inner_lr=1.0, outer_lr=1e-4,
-                        sampler=None, rating_weight=1.0, relevance_threshold=4.0,
-                        first_order=False, item_prior=None):
+def catalogue_two_tower(tasks, embedding_dim=80, cosine_dim=16, inner_steps=1, inner_lr=1.0,
+                        outer_lr=1e-4, sampler=None, rating_weight=1.0, relevance_threshold=4.0,
+                        first_order=False, item_prior=None, rating_inner_lr=0.01):
     """MAML over :func:`metarec.models.two_tower` for catalogue top-k lists.
 
     The recipe chosen on validation users of protocol Q1 (docs/BENCHMARKS.md):
 
-    * item vectors start from the training users' liked-item co-occurrence
+    * item vectors start from the training users' liked-item co-occurrence and, in
+      ``cosine_dim`` of the columns, its cosine similarity
       (:func:`metarec.priors.cooccurrence_embeddings`), the ranking bias from their log
       popularity (:func:`metarec.priors.log_popularity`): before adaptation the model ranks
       as "most popular (liked)";
     * per user, only the two user vectors' offsets adapt (``decision_user_vector/bias`` and
-      ``decision_user_rating_vector/bias``), with per-layer meta-learned inner rates;
+      ``decision_user_rating_vector/bias``), with per-layer meta-learned inner rates
+      (starting at ``inner_lr`` for the ranking vector, ``rating_inner_lr`` for the rating one:
+      a squared error's gradient is far larger than the linear ranking loss's wants);
     * the inner loop takes ``inner_steps`` steps of the *linear* ranking loss over every
       support item (a learned item-item fold-in, see ``CatalogueObjective``) next to the
       rating head's squared error; the outer loop, the softmax of each liked query item
@@ -157,7 +160,9 @@ def catalogue_two_tower(tasks, embedding_dim=64, inner_steps=1, inner_lr=1.0, ou
         tasks: the ``UserTasks`` (its ``train`` users give the statistics) or a training
             ``TaskSet``.
         embedding_dim: width of the user and item vectors (at most the number of items).
-        inner_steps, inner_lr: inner steps and the inner rates' initial value.
+        cosine_dim: how many of those columns start from the cosine similarity.
+        inner_steps, inner_lr: inner steps and the ranking vector's initial inner rate.
+        rating_inner_lr: the rating vector's initial inner rate.
         outer_lr: Adam learning rate of the outer loop.
         sampler: the ``NegativeSampler`` of the outer loss (default: the full catalogue).
         rating_weight: weight of the rating head's squared error in both loops.
@@ -183,7 +188,8 @@ def catalogue_two_tower(tasks, embedding_dim=64, inner_steps=1, inner_lr=1.0, ou
     threshold = relevance_threshold if feedback == "explicit" else None
     model = two_tower(
         encoder, embedding_dim=embedding_dim, item_prior=item_prior,
-        item_embeddings=cooccurrence_embeddings(train, embedding_dim, threshold),
+        item_embeddings=cooccurrence_embeddings(train, embedding_dim, threshold,
+                                                cosine_dim=cosine_dim),
         ranking_bias=log_popularity(train, threshold),
     )
     if sampler is None:
@@ -197,5 +203,9 @@ def catalogue_two_tower(tasks, embedding_dim=64, inner_steps=1, inner_lr=1.0, ou
     learner = MAML(model, inner_steps=inner_steps, inner_lr=inner_lr, adapt=adapt,
                    learn_inner_lr="per_layer", first_order=first_order, clipnorm=None,
                    encoder=encoder, feedback=feedback, objective=objective)
+    paths = [learner.model.trainable_variables[i].path for i in learner.forward.adapt_index]
+    for path, rate in zip(paths, learner.inner_lr_weights):
+        if path == "decision_user_rating_vector/bias":
+            rate.assign(float(rating_inner_lr))
     learner.compile(optimizer=keras.optimizers.Adam(outer_lr))
     return learner

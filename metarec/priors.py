@@ -129,7 +129,8 @@ def _train_set(source: UserTasks | TaskSet) -> TaskSet:
 
 
 def cooccurrence_embeddings(source: UserTasks | TaskSet, dim: int,
-                            relevance_threshold: float | None = 4.0, scale: float = 3.0) -> np.ndarray:
+                            relevance_threshold: float | None = 4.0, scale: float = 3.0,
+                            cosine_dim: int = 0, cosine_scale: float = 5.0) -> np.ndarray:
     """Item vectors whose inner products approximate how often two items are liked together.
 
     With ``X`` the training users' binary matrix of liked items, ``C = X^T X`` is factorised
@@ -140,12 +141,19 @@ def cooccurrence_embeddings(source: UserTasks | TaskSet, dim: int,
     each item with the support items: the fold-in that EASE^R and item-kNN use, at low rank;
     meta-training then tunes it.
 
+    With ``cosine_dim > 0`` the last ``cosine_dim`` of the ``dim`` columns factorise the cosine
+    item-item similarity of the same matrix instead (zero diagonal, top eigenvectors, longest
+    row scaled to ``cosine_scale``): the two parts' inner products add up, co-occurrence
+    counts (which favour popular items) plus item-kNN's normalised similarity.
+
     Args:
         source: the training users (a ``UserTasks``: its ``train`` set; or a ``TaskSet``).
         dim: the rank (the model's ``embedding_dim``), at most the number of items.
         relevance_threshold: ratings at or above it count as liked (explicit data); None or
             implicit data: every interaction.
         scale: the norm of the longest row (> 0).
+        cosine_dim: columns given to the cosine similarity (0 <= cosine_dim < dim).
+        cosine_scale: the norm of the longest row of the cosine part (> 0).
 
     Returns:
         float32 ``[encoder.num_items, dim]`` (row 0, the unknown item, is zero).
@@ -156,19 +164,37 @@ def cooccurrence_embeddings(source: UserTasks | TaskSet, dim: int,
         raise ValueError(f"dim must be an integer in [1, {num_items}]; got dim={dim!r}.")
     if not (isinstance(scale, (int, float, np.floating)) and np.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0; got scale={scale!r}.")
+    if isinstance(cosine_dim, bool) or not isinstance(cosine_dim, (int, np.integer)) or not 0 <= cosine_dim < dim:
+        raise ValueError(f"cosine_dim must be an integer in [0, dim={dim}); got cosine_dim={cosine_dim!r}.")
+    if not (isinstance(cosine_scale, (int, float, np.floating)) and np.isfinite(cosine_scale) and cosine_scale > 0):
+        raise ValueError(f"cosine_scale must be a finite number > 0; got cosine_scale={cosine_scale!r}.")
     x = _liked_matrix(train, relevance_threshold)
     if x.nnz == 0:
         raise ValueError("the training users have no liked interaction to count; got "
                          f"relevance_threshold={relevance_threshold!r}.")
-    c = (x.T @ x).toarray()
-    values, vectors = np.linalg.eigh(c)
+    c = (x.T @ x).toarray().astype(np.float64)
+    parts = [_top_factors(c, dim - cosine_dim, scale)]
+    if cosine_dim:
+        norms = np.sqrt(np.diag(c))
+        norms[norms == 0] = 1.0
+        cosine = c / norms[:, None] / norms[None, :]
+        np.fill_diagonal(cosine, 0.0)
+        parts.append(_top_factors(cosine, cosine_dim, cosine_scale))
+    e = np.concatenate(parts, axis=1)
+    e[0] = 0.0
+    return e.astype(np.float32)
+
+
+def _top_factors(matrix: np.ndarray, dim: int, scale: float) -> np.ndarray:
+    """``V sqrt(max(lambda, 0))`` of the ``dim`` largest eigenvalues of a symmetric matrix,
+    rows scaled so that the longest has norm ``scale``."""
+    values, vectors = np.linalg.eigh(matrix)
     top = np.argsort(-values)[:dim]
     e = vectors[:, top] * np.sqrt(np.maximum(values[top], 0.0))
-    e[0] = 0.0
     longest = np.linalg.norm(e, axis=1).max()
     if longest > 0:
         e *= scale / longest
-    return e.astype(np.float32)
+    return e
 
 
 def log_popularity(source: UserTasks | TaskSet, relevance_threshold: float | None = 4.0) -> np.ndarray:

@@ -81,7 +81,8 @@ def detect_variant(path: str | os.PathLike) -> str:
     )
 
 
-def load_movielens(path: str | os.PathLike, variant: str | None = None) -> InteractionData:
+def load_movielens(path: str | os.PathLike, variant: str | None = None,
+                   feedback: str = "explicit") -> InteractionData:
     """Load a MovieLens folder as :class:`InteractionData`.
 
     Args:
@@ -89,6 +90,9 @@ def load_movielens(path: str | os.PathLike, variant: str | None = None) -> Inter
             parent holding exactly one ``ml-*`` folder of the requested variant also works.
         variant: ``"100k"``, ``"1m"`` or ``"latest-small"``; detected from the files when
             ``None``.
+        feedback: ``"explicit"`` (the ratings) or ``"implicit"``: every rating becomes an
+            interaction with label 1 and the rating values are dropped (protocol Q2-implicit);
+            train such data with a catalogue objective (``metarec.catalogue_objective``).
 
     ML-1M without ``ratings.dat`` (only ``ratings_notime.dat``) has no ``timestamp``
     column: use random splits on it.
@@ -104,12 +108,17 @@ def load_movielens(path: str | os.PathLike, variant: str | None = None) -> Inter
             raise ValueError(f"{str(folder)!r} holds MovieLens {found}, not the requested {variant}")
     else:
         variant = detect_variant(folder)
+    if feedback not in ("explicit", "implicit"):
+        raise ValueError(f"feedback must be 'explicit' or 'implicit'; got feedback={feedback!r}.")
     missing = [f for f in REQUIRED_FILES[variant] if not (folder / f).is_file()]
     if missing:
         raise FileNotFoundError(f"MovieLens {variant} folder {str(folder)!r} lacks {missing}")
     loader = {"100k": _load_100k, "1m": _load_1m, "latest-small": _load_latest_small}[variant]
     interactions, users, items, rating_range = loader(folder)
-    schema = infer_schema(interactions, users, items, feedback="explicit", rating_range=rating_range)
+    if feedback == "implicit":
+        interactions = interactions.assign(rating=1.0)
+        rating_range = None
+    schema = infer_schema(interactions, users, items, feedback=feedback, rating_range=rating_range)
     return InteractionData(interactions, users, items, schema=schema)
 
 

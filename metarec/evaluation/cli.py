@@ -24,13 +24,14 @@ def parse_int_list(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
-def load_data(spec: str):
-    """``"synthetic"`` (the default generator, seed 0) or a MovieLens folder."""
+def load_data(spec: str, feedback: str = "explicit"):
+    """``"synthetic"`` (the default generator, seed 0) or a MovieLens folder; ``feedback=
+    "implicit"`` turns every rating into an interaction labelled 1 (protocol Q2-implicit)."""
     from metarec.datasets import load_movielens, synthetic
 
     if spec == "synthetic":
-        return synthetic(seed=0)
-    return load_movielens(spec)
+        return synthetic(seed=0, feedback=feedback)
+    return load_movielens(spec, feedback=feedback)
 
 
 def run_evaluate_cli(args) -> int:
@@ -52,7 +53,7 @@ def run_evaluate_cli(args) -> int:
     from metarec.evaluation.report import HEADLINE_K, run_evaluation
 
     started = time.perf_counter()
-    data = load_data(args.data)
+    data = load_data(args.data, getattr(args, "feedback", "explicit"))
     methods = build_methods(args.methods, data, epochs=args.epochs)
     protocol = Q1Protocol(data, k_values=k_values)
     headline = HEADLINE_K if HEADLINE_K in k_values else k_values[len(k_values) // 2]
@@ -63,18 +64,23 @@ def run_evaluate_cli(args) -> int:
     # Saved now and again below: the curves re-adapt every learner many times, and the
     # figures above must not be lost if that is interrupted.
     report.save(args.out)
-    curves = {}
+    curves, recall_curves = {}, {}
     for m in methods:
         if adaptive_learner(m) is not None:
-            curves[m.name] = inner_step_curve(m, protocol, headline, INNER_STEPS)
+            if m.predicts_ratings and data.feedback == "explicit":
+                curves[m.name] = inner_step_curve(m, protocol, headline, INNER_STEPS)
+            recall_curves[m.name] = inner_step_curve(m, protocol, headline, INNER_STEPS, metric="recall@20")
             m.learner = None  # done with this fit: let its weights and programs go
     if curves:
         report.set_inner_step_curves(curves)
+    if recall_curves:
+        report.set_recall_step_curves(recall_curves)
     print(report.to_markdown())
-    if curves:
-        print(f"MAE against inner steps (K={headline}, test users, seed {seeds[-1]}):")
-        for name, curve in curves.items():
-            print(f"- {name}: " + ", ".join(f"{s}: {v:.3f}" for s, v in curve.items()))
+    for label, found in (("MAE", curves), ("Recall@20", recall_curves)):
+        if found:
+            print(f"{label} against inner steps (K={headline}, test users, seed {seeds[-1]}):")
+            for name, curve in found.items():
+                print(f"- {name}: " + ", ".join(f"{s}: {v:.3f}" for s, v in curve.items()))
     argv = " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("metarec") else ""
     print(f"machine: {platform.node()} ({platform.machine()}), {time.perf_counter() - started:.0f} s"
           + (f"; command: metarec {argv}" if argv else ""))

@@ -113,6 +113,16 @@ class Method(abc.ABC):
         """For each user, the predicted rating (explicit) or score (implicit) of every id in
         ``user.item_ids``, as a float array of the same length and order."""
 
+    def rank_many(self, users: Sequence[UserQuery]) -> list[np.ndarray] | None:
+        """Ranking scores of ``user.item_ids`` when they differ from ``predict_many``'s (a
+        model with a separate ranking head); None: the catalogue is ranked by the predictions."""
+        return None
+
+    def unadapted_rank_many(self, users: Sequence[UserQuery]) -> list[np.ndarray] | None:
+        """For an adaptive method, the ranking scores of its model *before* adapting to each
+        user (the personalization diagnostic); None for a method that does not adapt."""
+        return None
+
     def get_params(self) -> dict[str, Any]:
         """Hyper-parameters in use (recorded in reports); none by default."""
         return {}
@@ -379,11 +389,42 @@ class LearnerMethod(Method):
     def predict_many(self, users: Sequence[UserQuery]) -> list[np.ndarray]:
         if self.learner is None:
             raise ValueError(f"{self.name}: call fit before predict_many")
-        out: list[np.ndarray] = []
-        for start in range(0, len(users), self.batch_users):
-            chunk = users[start:start + self.batch_users]
-            adapted = self.learner.adapt_many([u.support for u in chunk],
-                                              [u.user_features for u in chunk])
-            scores = self.learner.score_many(adapted, candidates=[u.item_ids for u in chunk])
-            out.extend(np.asarray(s, dtype=np.float64) for s in scores)
-        return out
+        return learner_scores(self.learner, users, self.batch_users)
+
+    def rank_many(self, users: Sequence[UserQuery]) -> list[np.ndarray] | None:
+        if self.learner is None:
+            raise ValueError(f"{self.name}: call fit before rank_many")
+        if not self.learner.has_ranking_head():
+            return None
+        return learner_scores(self.learner, users, self.batch_users, head="ranking")
+
+    def unadapted_rank_many(self, users: Sequence[UserQuery]) -> list[np.ndarray] | None:
+        if self.learner is None:
+            raise ValueError(f"{self.name}: call fit before unadapted_rank_many")
+        return unadapted_scores(self.learner, users, self.batch_users)
+
+
+def learner_scores(learner, users: Sequence[UserQuery], batch_users: int = 256,
+                   head: str = "rating") -> list[np.ndarray]:
+    """Adapt ``learner`` to each user's support and score ``user.item_ids`` with ``head``
+    ("rating", or "ranking": the scores ``recommend`` ranks by), in chunks of users."""
+    out: list[np.ndarray] = []
+    for start in range(0, len(users), batch_users):
+        chunk = users[start:start + batch_users]
+        adapted = learner.adapt_many([u.support for u in chunk], [u.user_features for u in chunk])
+        scores = learner.score_many(adapted, candidates=[u.item_ids for u in chunk], head=head)
+        out.extend(np.asarray(s, dtype=np.float64) for s in scores)
+    return out
+
+
+def unadapted_scores(learner, users: Sequence[UserQuery], batch_users: int = 256) -> list[np.ndarray]:
+    """The ranking scores of ``learner`` with zero inner steps: the meta-learned start, before
+    any gradient step on the user's support (a memory-based learner still reads the support).
+    The learner's own setting is restored afterwards."""
+    steps = learner.inner_steps
+    try:
+        learner.inner_steps = 0
+        return learner_scores(learner, users, batch_users, head="ranking")
+    finally:
+        learner.inner_steps = steps
+        learner.release_kernels()

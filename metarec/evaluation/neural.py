@@ -86,7 +86,10 @@ def predict_without_adaptation(learner, users: Sequence[UserQuery]) -> list[np.n
     if not parts:
         return []
     batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    scores = np.asarray(learner.model.predict(batch, batch_size=8192, verbose=0), np.float64).reshape(-1)
+    out = learner.model.predict(batch, batch_size=8192, verbose=0)
+    if isinstance(out, dict):  # a two-headed model: the rating head
+        out = out.get("rating", next(iter(out.values())))
+    scores = np.asarray(out, np.float64).reshape(-1)
     if learner.feedback == "implicit":
         scores = 1.0 / (1.0 + np.exp(-scores))
     return list(np.split(scores, np.cumsum(sizes)[:-1]))
@@ -100,9 +103,10 @@ def adaptive_learner(method: Method):
 
 
 def inner_step_curve(method: Method, protocol, k: int = 10, steps: Sequence[int] = range(11),
-                     split: str = "test") -> dict[int, float]:
-    """Mean per-user MAE of a fitted adaptive ``method`` on ``split`` at ``k`` for each number
-    of inner steps (the learner's own setting is restored afterwards).
+                     split: str = "test", metric: str = "mae") -> dict[int, float]:
+    """Mean per-user ``metric`` (default MAE; e.g. "recall@20") of a fitted adaptive
+    ``method`` on ``split`` at ``k`` for each number of inner steps (the learner's own
+    setting is restored afterwards).
 
     This is a diagnostic of a method already fitted and tuned on validation users; it
     chooses nothing.
@@ -118,7 +122,7 @@ def inner_step_curve(method: Method, protocol, k: int = 10, steps: Sequence[int]
     try:
         for s in steps:
             learner.inner_steps = s
-            curve[s] = float(np.nanmean(protocol.evaluate_method(method, split=split, k=k)["mae"]))
+            curve[s] = float(np.nanmean(protocol.evaluate_method(method, split=split, k=k)[metric]))
             # One compiled program per step count would otherwise stay in memory: over a
             # dozen methods and 11 step counts that exhausted a 24 GB machine.
             learner.release_kernels()
@@ -355,6 +359,13 @@ class _EarlyStoppedLearnerMethod(LearnerMethod):
             raise ValueError(f"{self.name}: call fit before predict_many")
         return predict_with_learner(self.learner, users, self.batch_users)
 
+    def unadapted_rank_many(self, users: Sequence[UserQuery]) -> list[np.ndarray] | None:
+        if self.learner is None:
+            raise ValueError(f"{self.name}: call fit before unadapted_rank_many")
+        if self.learner.inner_steps == 0 and not self.learner.reads_support:
+            return None  # nothing adapts: there is no "before"
+        return super().unadapted_rank_many(users)
+
 
 def item_mean_prior(encoder, train_tasks, val_tasks=None) -> np.ndarray:
     """``metarec.priors.item_mean_prior(train_tasks, val=val_tasks, encoder=encoder)``: damped
@@ -402,4 +413,32 @@ def residual_method(name: str = "residual-maml", inner_steps: int = 1, inner_lr:
     extra = "".join(f", {k}={v!r}" for k, v in learner_kwargs.items())
     preset = "residual_memory" if memory else "residual_maml"
     method.settings = {"preset": f"{preset}(inner_steps={inner_steps}, inner_lr={inner_lr}{extra})"}
+    return method
+
+
+def catalogue_method(name: str = "catalogue-two-tower", epochs: int = 10, patience: int = 2,
+                     batch_size: int = 32, max_query: int = 256, **preset_kwargs) -> LearnerMethod:
+    """``presets.catalogue_two_tower`` as a method: the two-tower model whose ranking head
+    ranks the catalogue (``rank_many``) and whose rating head gives the MAE, over the damped
+    item mean of the training users (``item_prior``, damping tuned on validation users).
+
+    Meta-training stops when the validation users' post-adaptation loss has not improved for
+    ``patience`` epochs, keeping the best weights.
+    """
+    epochs = _positive_int("epochs", epochs)
+    patience = _positive_int("patience", patience)
+
+    def build(train_tasks, seed, prior):
+        import keras
+
+        from metarec.presets import catalogue_two_tower
+
+        keras.utils.set_random_seed(int(seed))
+        return catalogue_two_tower(train_tasks, item_prior=prior, **preset_kwargs)
+
+    method = _ResidualLearnerMethod(name, build, {"epochs": epochs, "batch_size": batch_size,
+                                                  "max_query": max_query})
+    method.patience = patience
+    extra = ", ".join(f"{k}={v!r}" for k, v in preset_kwargs.items())
+    method.settings = {"preset": f"catalogue_two_tower(tasks, item_prior=item_mean_prior{', ' + extra if extra else ''})"}
     return method

@@ -33,12 +33,16 @@ from metarec.metrics import (
 from metarec.interactions import InteractionData
 from metarec.tasks import UserTasks
 
-__all__ = ["METRIC_COLUMNS", "Q1Protocol"]
+__all__ = ["DIAGNOSTIC_COLUMNS", "METRIC_COLUMNS", "Q1Protocol"]
 
 #: Per-user figures of :meth:`Q1Protocol.evaluate_method`. ``ndcg@3`` / ``ndcg@10`` rank the
 #: user's own query items (graded gain); ``recall@20`` / ``ndcg@20`` rank the catalogue
 #: (binary gain).
 METRIC_COLUMNS = ("mae", "rmse", "ndcg@3", "ndcg@10", "recall@20", "ndcg@20")
+#: The personalization diagnostic of adaptive methods (NaN for the others): catalogue
+#: Recall@20 of the model before adapting to the user, and the share of the top 20 that
+#: adaptation leaves in place.
+DIAGNOSTIC_COLUMNS = ("recall@20_unadapted", "overlap@20")
 SPLITS = ("val", "test")
 
 
@@ -258,36 +262,68 @@ class Q1Protocol:
           items (binary gain); NaN for a user with no relevant item, which the averages
           exclude (count them with ``n_relevant == 0``).
 
+        A method with a separate ranking head (``rank_many``) ranks the catalogue by it; MAE
+        and the nDCG of the query items (graded by rating) stay on its predicted ratings. For an adaptive
+        method (``unadapted_rank_many``), :data:`DIAGNOSTIC_COLUMNS` compare its catalogue
+        top 20 with that of its model before adaptation.
+
         Returns one row per user: ``user_id``, ``n_support``, ``n_query``, ``n_relevant``,
-        ``n_candidates`` and :data:`METRIC_COLUMNS`.
+        ``n_candidates``, :data:`METRIC_COLUMNS` and :data:`DIAGNOSTIC_COLUMNS`.
         """
         if not isinstance(method, Method):
             raise ValueError(f"method must be a metarec.evaluation.Method, got {type(method).__name__}")
         users = self.eval_users(split, k)
-        predictions = method.predict_many([u.query for u in users])
-        if len(predictions) != len(users):
-            raise ValueError(f"{method.name}: predict_many returned {len(predictions)} arrays "
-                             f"for {len(users)} users")
+        queries = [u.query for u in users]
+        predictions = self._checked(method, "predict_many", method.predict_many(queries), users)
+        ranking = method.rank_many(queries)
+        ranking = predictions if ranking is None else self._checked(method, "rank_many", ranking, users)
+        before = method.unadapted_rank_many(queries)
+        if before is not None:
+            before = self._checked(method, "unadapted_rank_many", before, users)
         rating_range = self.data.schema.rating_range if self.data.feedback == "explicit" else None
         rows = []
-        for user, predicted in zip(users, predictions):
-            predicted = np.asarray(predicted, dtype=np.float64).reshape(-1)
-            if predicted.shape != (len(user.query.item_ids),):
-                raise ValueError(f"{method.name}: user {user.user_id!r} needs "
-                                 f"{len(user.query.item_ids)} predictions, got shape {predicted.shape}")
-            rows.append(self._score_user(user, predicted, rating_range, method.predicts_ratings))
+        for i, (user, predicted, ranked) in enumerate(zip(users, predictions, ranking)):
+            row = self._score_user(user, predicted, rating_range, method.predicts_ratings, ranked)
+            row.update(self._diagnostic(user, ranked, None if before is None else before[i]))
+            rows.append(row)
         return pd.DataFrame(rows, columns=["user_id", "n_support", "n_query", "n_relevant",
-                                           "n_candidates", *METRIC_COLUMNS])
+                                           "n_candidates", *METRIC_COLUMNS, *DIAGNOSTIC_COLUMNS])
+
+    @staticmethod
+    def _checked(method: Method, what: str, arrays, users) -> list[np.ndarray]:
+        """Each user's scores as a float64 vector of the right length, or a ValueError."""
+        if len(arrays) != len(users):
+            raise ValueError(f"{method.name}: {what} returned {len(arrays)} arrays for {len(users)} users")
+        out = []
+        for user, scores in zip(users, arrays):
+            scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+            if scores.shape != (len(user.query.item_ids),):
+                raise ValueError(f"{method.name}: user {user.user_id!r} needs "
+                                 f"{len(user.query.item_ids)} scores from {what}, got shape {scores.shape}")
+            out.append(scores)
+        return out
+
+    @staticmethod
+    def _diagnostic(user: _EvalUser, ranked: np.ndarray, before: np.ndarray | None) -> dict:
+        if before is None:
+            return {name: float("nan") for name in DIAGNOSTIC_COLUMNS}
+        catalogue = user.query.item_ids[:user.n_catalogue]
+        after_top = rank_items(catalogue, ranked[:user.n_catalogue], k=20)
+        before_top = rank_items(catalogue, before[:user.n_catalogue], k=20)
+        overlap = len(set(after_top.tolist()) & set(before_top.tolist())) / max(len(after_top), 1)
+        return {"recall@20_unadapted": catalogue_recall_at_k(before_top, user.relevant, 20),
+                "overlap@20": overlap}
 
     def _score_user(self, user: _EvalUser, predicted: np.ndarray, rating_range,
-                    predicts_ratings: bool = True) -> dict:
+                    predicts_ratings: bool = True, ranking: np.ndarray | None = None) -> dict:
+        ranking = predicted if ranking is None else ranking
         on_query = predicted[user.query_positions]
         truth = user.query_ratings
         if self.data.feedback == "explicit" and predicts_ratings:
             error = {"mae": mae(truth, on_query, rating_range), "rmse": rmse(truth, on_query, rating_range)}
         else:
             error = {"mae": float("nan"), "rmse": float("nan")}
-        ranked = rank_items(user.query.item_ids[:user.n_catalogue], predicted[:user.n_catalogue], k=20)
+        ranked = rank_items(user.query.item_ids[:user.n_catalogue], ranking[:user.n_catalogue], k=20)
         return {
             "user_id": user.user_id,
             "n_support": len(user.query.support),

@@ -14,6 +14,7 @@ from metarec.evaluation.neural import (
     FineTune,
     GlobalModel,
     _EarlyStoppedLearnerMethod,
+    catalogue_method,
     meta_learner_method,
     residual_method,
 )
@@ -43,6 +44,9 @@ METHOD_HELP = {
                               "(= presets.residual_maml_tuned, the winner of --search residual-maml)",
     "residual-maml-ranking": "residual-maml with a sampled pairwise ranking term (weight 0.5) in the meta-loss",
     "residual-memory": "memory-based learner (GRU, FiLM, no steps) over the damped item mean",
+    "catalogue-two-tower": "two-tower MAML for top-k lists (presets.catalogue_two_tower): co-occurrence item "
+                           "vectors, a linear inner step on the user vector, catalogue softmax outer loss; "
+                           "rating head over the damped item mean",
 }
 GROUPS = {
     "baselines": ("global-mean", "item-mean", "item-mean-offset", "global-model", "fine-tune",
@@ -50,6 +54,7 @@ GROUPS = {
     "ranking-baselines": ("most-popular", "ease", "item-knn", "implicit-als"),
     "learners": ("melu-1", "melu-5", "fomaml", "reptile", "meta-sgd", "residual-maml", "memory", "memory-maml"),
     "ideas": ("residual-maml-proximal", "residual-maml-ranking", "residual-memory"),
+    "catalogue": ("catalogue-two-tower",),
 }
 
 
@@ -114,5 +119,6 @@ def build_methods(spec: str, data, epochs: int | None = None) -> list[Method]:
         "residual-memory": lambda: residual_method("residual-memory", inner_steps=0, epochs=epochs,
                                                    memory=True),
         "residual-maml": lambda: residual_method("residual-maml", inner_steps=1, epochs=epochs),
+        "catalogue-two-tower": lambda: catalogue_method("catalogue-two-tower", epochs=min(epochs, 10)),
     }
     return [factories[n]() for n in names]

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from metarec.evaluation.methods import Method
-from metarec.evaluation.protocol import METRIC_COLUMNS, Q1Protocol
+from metarec.evaluation.protocol import DIAGNOSTIC_COLUMNS, METRIC_COLUMNS, Q1Protocol
 from metarec.evaluation.stats import format_mean_std, mean_std, wilcoxon_paired
 
 __all__ = ["ProgressBar", "Report", "plot_mae_vs_inner_steps", "run_evaluation"]
@@ -188,6 +188,7 @@ class Report:
         self.k_values = sorted(int(k) for k in per_user["k"].unique())
         self.headline_k = headline_k if headline_k in self.k_values else self.k_values[len(self.k_values) // 2]
         self.inner_step_curves: dict[str, dict[int, float]] = {}
+        self.recall_step_curves: dict[str, dict[int, float]] = {}
         self.val_per_user = val_per_user if val_per_user is not None and len(val_per_user) else None
 
     # ------------------------------------------------------------------ aggregation
@@ -271,12 +272,41 @@ class Report:
             tests[method] = {"reference": reference, **result._asdict()}
         return tests
 
+    def personalization(self, k: int | None = None) -> pd.DataFrame:
+        """The personalization diagnostic of every adaptive method at ``k`` (test users):
+        mean catalogue Recall@20 after and before adaptation, the gain with its paired
+        Wilcoxon test over users (per-user figures averaged over seeds), and the mean share
+        of the top 20 left in place by adaptation (1 = adaptation changes nothing)."""
+        k = self.headline_k if k is None else k
+        rows = []
+        frame = self.per_user[self.per_user["k"] == k]
+        if "overlap@20" not in frame:
+            return pd.DataFrame(columns=["method", "recall@20", "recall@20_unadapted", "gain",
+                                         "p_value", "overlap@20"])
+        for method in self.methods:
+            mine = frame[frame["method"] == method]
+            if mine.empty or not np.isfinite(mine["overlap@20"].to_numpy(dtype=np.float64)).any():
+                continue
+            per_user = mine.groupby("user_id", sort=True)[["recall@20", *DIAGNOSTIC_COLUMNS]].mean()
+            test = wilcoxon_paired(per_user["recall@20"].to_numpy(), per_user["recall@20_unadapted"].to_numpy())
+            after, before = float(per_user["recall@20"].mean()), float(per_user["recall@20_unadapted"].mean())
+            rows.append({"method": method, "recall@20": after, "recall@20_unadapted": before,
+                         "gain": after - before, "p_value": test.p_value,
+                         "overlap@20": float(per_user["overlap@20"].mean())})
+        return pd.DataFrame(rows, columns=["method", "recall@20", "recall@20_unadapted", "gain",
+                                           "p_value", "overlap@20"])
+
     def excluded_catalogue_users(self) -> dict[int, int]:
         """Per K, users with no relevant query item (NaN catalogue metrics, excluded)."""
         first = self.per_user.drop_duplicates(["k", "user_id"])
         return {int(k): int(g["recall@20"].isna().sum()) for k, g in first.groupby("k")}
 
     # ------------------------------------------------------------------ inner steps hook
+    def set_recall_step_curves(self, curves: Mapping[str, Mapping[int, float]]) -> None:
+        """Attach "catalogue Recall@20 against inner steps" curves: ``{method: {steps: recall}}``
+        (the JSON and ``recall_vs_inner_steps.png``)."""
+        self.recall_step_curves = {str(m): {int(s): float(v) for s, v in c.items()} for m, c in curves.items()}
+
     def set_inner_step_curves(self, curves: Mapping[str, Mapping[int, float]]) -> None:
         """Attach "MAE against inner steps" curves: ``{method: {steps: mae}}``.
 
@@ -348,6 +378,18 @@ class Report:
                             p = tests[m].get(row["method"], {}).get("p_value")
                             cells.append("reference" if row["method"] == references[m] else _format_p(p))
                 lines.append("| " + " | ".join(cells) + " |")
+        diagnostic = self.personalization()
+        if not diagnostic.empty:
+            lines += ["", f"## Personalization at K = {self.headline_k}", "",
+                      "Catalogue Recall@20 after and before adaptation to each user's support (the "
+                      "meta-learned start, zero inner steps), the paired Wilcoxon test of the gain, "
+                      "and the mean share of the top 20 that adaptation leaves in place.", "",
+                      "| Method | Recall@20 adapted | unadapted | gain | p (gain) | top-20 overlap |",
+                      "|---|---|---|---|---|---|"]
+            for _, row in diagnostic.iterrows():
+                lines.append(f"| {row['method']} | {row['recall@20']:.{digits}f} | "
+                             f"{row['recall@20_unadapted']:.{digits}f} | {row['gain']:+.{digits}f} | "
+                             f"{_format_p(row['p_value'])} | {row['overlap@20']:.2f} |")
         lines += ["", "## MAE against K", "", "| Method | " + " | ".join(f"K={k}" for k in self.k_values) + " |",
                   "|---|" + "|".join("---" for _ in self.k_values) + "|"]
         for method in self.methods:
@@ -387,8 +429,11 @@ class Report:
             "paired_tests": {str(k): {m: self.paired_tests(k, m) for m in TESTED_METRICS}
                              for k in self.k_values},
             "excluded_catalogue_users": self.excluded_catalogue_users(),
+            "personalization": {str(k): self.personalization(k).to_dict(orient="records")
+                                for k in self.k_values},
             "runs": self.runs,
             "inner_step_curves": self.inner_step_curves,
+            "recall_step_curves": self.recall_step_curves,
             "per_user": self.per_user.to_dict(orient="records"),
         })
 
@@ -407,25 +452,34 @@ class Report:
         paths["markdown"].write_text(self.to_markdown())
         paths["json"] = self.to_json(directory / "report.json")
         paths["mae_vs_k"] = self.plot_mae_vs_k(directory / "mae_vs_k.png")
+        paths["recall_vs_k"] = self.plot_mae_vs_k(directory / "recall_vs_k.png", metric="recall@20")
         paths["headline_bars"] = self.plot_headline_bars(directory / "headline_metrics.png")
         if self.inner_step_curves:
             paths["mae_vs_inner_steps"] = plot_mae_vs_inner_steps(
                 self.inner_step_curves, directory / "mae_vs_inner_steps.png")
+        if self.recall_step_curves:
+            paths["recall_vs_inner_steps"] = plot_mae_vs_inner_steps(
+                self.recall_step_curves, directory / "recall_vs_inner_steps.png", metric="recall@20")
         return paths
 
     # ------------------------------------------------------------------ plots
-    def plot_mae_vs_k(self, path: str | Path) -> Path:
-        """MAE (mean ± std over seeds) against K, one line per method."""
+    def plot_mae_vs_k(self, path: str | Path, metric: str = "mae") -> Path:
+        """``metric`` (default MAE; mean ± std over seeds) against K, one line per method that
+        reports it."""
         summary = self.summary()
         figure, axes = _figure(1, (6.0, 4.0))
         ax = axes[0]
         for method in self.methods:
             rows = summary[summary["method"] == method].sort_values("k")
-            ax.errorbar(rows["k"], rows["mae_mean"], yerr=rows["mae_std"], marker="o", capsize=3, label=method)
+            if not np.isfinite(rows[f"{metric}_mean"].to_numpy(dtype=np.float64)).any():
+                continue
+            ax.errorbar(rows["k"], rows[f"{metric}_mean"], yerr=rows[f"{metric}_std"], marker="o",
+                        capsize=3, label=method)
         ax.set_xticks(self.k_values)
         ax.set_xlabel("support size K")
-        ax.set_ylabel("MAE (lower is better)")
-        ax.set_title("MAE against K")
+        better = "lower" if metric in LOWER_IS_BETTER else "higher"
+        ax.set_ylabel(f"{METRIC_LABELS[metric]} ({better} is better)")
+        ax.set_title(f"{METRIC_LABELS[metric]} against K")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         return _save(figure, path)
@@ -447,8 +501,10 @@ class Report:
         return _save(figure, path)
 
 
-def plot_mae_vs_inner_steps(curves: Mapping[str, Mapping[int, float]], path: str | Path) -> Path:
-    """Plot ``{method: {inner steps: MAE}}`` as one line per method; returns the path."""
+def plot_mae_vs_inner_steps(curves: Mapping[str, Mapping[int, float]], path: str | Path,
+                            metric: str = "mae") -> Path:
+    """Plot ``{method: {inner steps: figure}}`` (MAE, or another ``metric``) as one line per
+    method; returns the path."""
     if not curves:
         raise ValueError("curves is empty: pass {method: {steps: mae}}")
     figure, axes = _figure(1, (6.0, 4.0))
@@ -457,8 +513,9 @@ def plot_mae_vs_inner_steps(curves: Mapping[str, Mapping[int, float]], path: str
         steps = sorted(int(s) for s in curve)
         ax.plot(steps, [float(curve[s]) for s in steps], marker="o", label=str(method))
     ax.set_xlabel("inner steps at adaptation")
-    ax.set_ylabel("MAE (lower is better)")
-    ax.set_title("MAE against inner steps")
+    better = "lower" if metric in LOWER_IS_BETTER else "higher"
+    ax.set_ylabel(f"{METRIC_LABELS[metric]} ({better} is better)")
+    ax.set_title(f"{METRIC_LABELS[metric]} against inner steps")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(figure, path)
