@@ -308,8 +308,9 @@ class AdaptationMixin:
         one DataFrame per user."""
         item_ids, ratings = np.asarray(item_ids), np.asarray(ratings)
         lengths = np.asarray(lengths)
-        if lengths.ndim != 1 or len(lengths) == 0 or lengths.dtype.kind not in "iu" or lengths.min() < 1:
-            raise ValueError(f"lengths must be one positive integer per user; got {lengths!r}.")
+        if lengths.ndim != 1 or len(lengths) == 0 or lengths.dtype.kind not in "iu" or lengths.min() < 0:
+            raise ValueError(f"lengths must be one integer >= 0 per user (0: a user with no "
+                             f"interactions yet, served by the meta-learned start); got {lengths!r}.")
         if item_ids.shape != ratings.shape or item_ids.ndim != 1 or len(item_ids) != lengths.sum():
             raise ValueError(
                 f"item_ids and ratings must be flat arrays of sum(lengths) = {int(lengths.sum())} "
@@ -337,8 +338,9 @@ class AdaptationMixin:
         encoder = self._require_encoder()
         item_index = np.asarray(item_index)
         lengths = np.asarray(lengths)
-        if lengths.ndim != 1 or len(lengths) == 0 or lengths.dtype.kind not in "iu" or lengths.min() < 1:
-            raise ValueError(f"lengths must be one positive integer per user; got {lengths!r}.")
+        if lengths.ndim != 1 or len(lengths) == 0 or lengths.dtype.kind not in "iu" or lengths.min() < 0:
+            raise ValueError(f"lengths must be one integer >= 0 per user (0: a user with no "
+                             f"interactions yet, served by the meta-learned start); got {lengths!r}.")
         check_item_index(item_index, encoder.num_items)
         if len(item_index) != lengths.sum():
             raise ValueError(f"item_index must hold sum(lengths) = {int(lengths.sum())} entries; "

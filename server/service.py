@@ -44,6 +44,7 @@ from metarec_server.validation import (
     check_rating,
     check_timestamp,
     invalid,
+    no_interactions,
     parse_candidates,
     parse_interactions,
     parse_k,
@@ -186,11 +187,11 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):
             )
             interactions = usable_logged([(r.item_id, r.rating, r.timestamp) for r in rows], model)
             if interactions is None:
-                raise invalid(
-                    f"no interactions in the request and none usable logged for user {user.user_id!r}"
-                )
+                # Nothing usable logged yet: the meta-learned start answers, as for a
+                # request with neither interactions nor a user id.
+                interactions = no_interactions()
         else:
-            raise invalid("the request needs interactions, or a user_id with logged interactions")
+            interactions = no_interactions()
         key = CacheKey(user.user_id, interactions_digest(interactions.rows, features), served.name, served.version)
         return Job(
             mode=mode,

@@ -157,6 +157,11 @@ def usable_logged(rows: Sequence[tuple[str, float, int]], model: ServingModel) -
     return _to_interactions(item_idx[keep], [rows[i] for i in keep])
 
 
+def no_interactions() -> Interactions:
+    """A user about whom nothing is known yet: served by the model's meta-learned start."""
+    return _to_interactions(np.zeros(0, np.int32), [])
+
+
 def _to_interactions(item_idx: np.ndarray, rows: list[tuple[str, float, int | None]]) -> Interactions:
     has_time = [r[2] is not None for r in rows]
     # The SDK orders nothing by time itself; a timestamp column is only passed when every row

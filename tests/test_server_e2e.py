@@ -174,6 +174,19 @@ def test_logged_interactions_stand_in_for_missing_ones(client, sdk):
     assert not {7, 9, 21} & set(recs.item_ids)
 
 
+def test_a_user_nothing_is_known_about_gets_the_meta_learned_start(client, sdk):
+    # No interactions and no user id, or a user id with nothing logged: the unadapted
+    # meta-model answers, exactly as the SDK's adapt() of an empty support does.
+    empty = pd.DataFrame({"item_id": np.array([], np.int64), "rating": np.array([], np.float64)})
+    expected = sdk.adapt(empty).score(CANDIDATES)
+    for kwargs in ({}, {"user_id": "never-logged"}):
+        got = client.score(None, CANDIDATES, **kwargs)
+        np.testing.assert_allclose(got.scores, expected, rtol=1e-5, atol=1e-5)
+        recs = client.recommend(None, k=5, **kwargs)
+        want = sdk.adapt(empty).recommend(k=5)
+        assert [int(i) for i in recs.item_ids] == want["item_id"].tolist()
+
+
 def test_client_accepts_every_interaction_shape(client):
     frame = client.score(SUPPORT, CANDIDATES).scores
     as_dict = client.score(dict(zip(SUPPORT.item_id, SUPPORT.rating)), CANDIDATES).scores
@@ -202,16 +215,6 @@ def user(*interactions, **features):
 GOOD_USER = user((5, 5.0), (17, 2.0))
 # name: (request, status code, a part of the message that names the mistake)
 BAD_REQUESTS = {
-    "no-interactions-no-user": (
-        pb.RecommendRequest(user=pb.UserContext(), k=5),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "needs interactions, or a user_id",
-    ),
-    "user-without-log": (
-        pb.RecommendRequest(user=pb.UserContext(user_id="never-logged"), k=5),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "none usable logged for user 'never-logged'",
-    ),
     "unknown-item": (
         pb.RecommendRequest(user=user(("999999", 4.0)), k=5),
         grpc.StatusCode.INVALID_ARGUMENT,
