@@ -282,3 +282,55 @@ def test_learner_method_plugs_a_meta_learner_into_the_evaluation(data):
     frame = protocol.evaluate_method(method, "test", 10)
     assert frame["mae"].between(0, 4).all()
     assert np.std(predictions[0]) > 0  # item-dependent, not a constant
+
+
+# ----------------------------------------------------------------------------- two heads
+class _TwoHeads(Method):
+    """Ratings from the item mean; ranking scores and an "unadapted" ranking given by hand:
+    the catalogue is ranked by ``rank_many``, the diagnostic compares it with the unadapted
+    ranking."""
+
+    name = "two heads"
+
+    def __init__(self, favourite):
+        self.favourite = favourite  # item ranked first after "adaptation"
+        self.means = ItemMean(damping_grid=None)
+
+    def fit(self, train_tasks, val_tasks=None, seed=0):
+        self.means.fit(train_tasks, None, seed)
+        return self
+
+    def predict_many(self, users):
+        return self.means.predict_many(users)
+
+    def rank_many(self, users):
+        return [np.where(u.item_ids == self.favourite, 10.0, -np.arange(len(u.item_ids), dtype=float))
+                for u in users]
+
+    def unadapted_rank_many(self, users):
+        return [-np.arange(len(u.item_ids), dtype=float) for u in users]
+
+
+def test_a_ranking_head_ranks_the_catalogue_and_the_diagnostic_compares_it(protocol, tmp_path):
+    users = protocol.eval_users("test", 10)
+    liked = users[0].relevant[0]
+    method = _TwoHeads(liked).fit(protocol.tasks(10).train)
+    frame = protocol.evaluate_method(method, "test", 10)
+    plain = protocol.evaluate_method(method.means, "test", 10)
+    # MAE and the graded nDCG come from the ratings, the catalogue metrics from rank_many.
+    np.testing.assert_allclose(frame["mae"], plain["mae"])
+    np.testing.assert_allclose(frame["ndcg@3"], plain["ndcg@3"])
+    # Ranked in catalogue order, with the favourite first: the top 20 keeps 19 of the 20.
+    first = frame.iloc[0]
+    assert first["overlap@20"] == pytest.approx(19 / 20 if liked not in users[0].query.item_ids[:20] else 1.0)
+    assert first["recall@20"] >= first["recall@20_unadapted"]
+    assert plain["overlap@20"].isna().all()  # a method that does not adapt has no diagnostic
+    report = run_evaluation(protocol, [method.means, method], seeds=(0,), k_values=(10,), progress=False)
+    diagnostic = report.personalization()
+    assert diagnostic["method"].tolist() == ["two heads"]
+    row = diagnostic.iloc[0]
+    assert row["gain"] == pytest.approx(row["recall@20"] - row["recall@20_unadapted"])
+    assert "## Personalization at K = 10" in report.to_markdown()
+    saved = report.save(tmp_path)
+    assert saved["recall_vs_k"].exists()
+    assert json.loads(saved["json"].read_text())["personalization"]["10"][0]["method"] == "two heads"
