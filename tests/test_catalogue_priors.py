@@ -89,3 +89,20 @@ def test_movielens_as_implicit_feedback():
     assert len(data.interactions) == 100_000
     with pytest.raises(ValueError, match="feedback='binary'"):
         metarec.datasets.load_movielens(ML100K, feedback="binary")
+
+
+def test_readme_catalogue_snippet_runs():
+    import re
+    import textwrap
+
+    import keras
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", readme, re.S)]
+    presets = next(b for b in blocks if "presets.residual_maml(" in b)
+    catalogue = next(b for b in blocks if "presets.catalogue_two_tower(tasks)" in b)
+    keras.utils.set_random_seed(0)
+    namespace = {}
+    exec(compile(presets + catalogue, "README.md", "exec"), namespace)
+    assert namespace["learner"].has_ranking_head()
+    assert len(namespace["user"].recommend(k=20)) == 20
