@@ -188,7 +188,15 @@ def cooccurrence_embeddings(source: UserTasks | TaskSet, dim: int,
 def _top_factors(matrix: np.ndarray, dim: int, scale: float) -> np.ndarray:
     """``V sqrt(max(lambda, 0))`` of the ``dim`` largest eigenvalues of a symmetric matrix,
     rows scaled so that the longest has norm ``scale``."""
-    values, vectors = np.linalg.eigh(matrix)
+    n = len(matrix)
+    if n > 2000 and dim < n // 4:
+        # A large catalogue: the top eigenpairs alone (Lanczos), from a fixed start vector so
+        # that the result does not depend on a random draw.
+        from scipy.sparse.linalg import eigsh
+
+        values, vectors = eigsh(matrix, k=dim, which="LA", v0=np.ones(n) / np.sqrt(n))
+    else:
+        values, vectors = np.linalg.eigh(matrix)
     top = np.argsort(-values)[:dim]
     e = vectors[:, top] * np.sqrt(np.maximum(values[top], 0.0))
     longest = np.linalg.norm(e, axis=1).max()
