@@ -26,8 +26,9 @@ import pandas as pd
 
 from metarec.batch_scoring import read_table, resolve_model_path
 from metarec.interaction_log import InteractionLog
-from metarec.metrics import mae, ndcg_at_k, rmse
 from metarec.interactions import InteractionData
+from metarec.metrics import mae, ndcg_at_k, rmse
+from metarec.sampling import item_counts_of
 from metarec.saving import load
 from metarec.tasks import UserTasks
 
@@ -167,6 +168,9 @@ def retrain(
 
     keras.utils.set_random_seed(seed)
     candidate = load(old_path)  # warm start: the current weights, settings and encoder
+    if candidate.objective is not None:
+        # A catalogue objective draws negatives by the items' counts: those of the new data.
+        candidate.objective.sampler.fit(item_counts_of(tasks.train))
     candidate.compile(optimizer=keras.optimizers.Adam(learning_rate))
     callbacks = [keras.callbacks.EarlyStopping(patience=3, restore_best_weights=True)]
     history = candidate.fit(

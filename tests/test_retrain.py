@@ -108,3 +108,34 @@ def test_retrain_with_user_features_table(setup, tmp_path):
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2"]
     with pytest.raises(ValueError, match="lacks the model's user feature columns"):
         retrain(model_dir, logs, epochs=1, verbose=0, user_features=features.drop(columns=["age"]))
+
+
+def test_retrain_and_score_batch_a_two_headed_catalogue_model(tmp_path):
+    data = metarec.datasets.synthetic(num_users=300, num_items=100, seed=3)
+    users = np.sort(data.interactions["user_id"].unique())
+    early, late = users[:150], users[150:]
+    first = metarec.InteractionData(data.interactions[data.interactions.user_id.isin(early)],
+                                    data.users.loc[early], data.items)
+    tasks = metarec.UserTasks(first, support_size=10)
+    keras.utils.set_random_seed(0)
+    learner = metarec.presets.catalogue_two_tower(tasks, embedding_dim=8, cosine_dim=2)
+    model_dir = tmp_path / "models"
+    (model_dir / "1").mkdir(parents=True)
+    learner.save(model_dir / "1" / "model.keras")
+    logs = data.interactions[data.interactions.user_id.isin(late)].astype({"user_id": str, "item_id": str})
+    result = retrain(model_dir, logs, epochs=1, learning_rate=1e-3, margin=10.0, verbose=0)
+    assert result.promoted and np.isfinite(result.new_metrics["mae"])
+    new = metarec.load(model_dir / "2" / "model.keras")
+    counts = new.objective.sampler.item_counts
+    assert counts.sum() > 0 and not np.array_equal(counts, learner.objective.sampler.item_counts)
+    # score-batch ranks by the ranking head, as recommend does.
+    frame = logs.groupby("user_id").head(10).astype({"item_id": np.int64})
+    frame.to_parquet(tmp_path / "in.parquet")
+    code = main(["score-batch", "--model", str(model_dir / "2" / "model.keras"), "--interactions",
+                 str(tmp_path / "in.parquet"), "--out", str(tmp_path / "out"), "--k", "5", "--quiet"])
+    assert code == 0
+    out = pd.read_parquet(tmp_path / "out")
+    first_user = frame["user_id"].iloc[0]
+    want = new.adapt(frame[frame.user_id == first_user][["item_id", "rating"]]).recommend(k=5)
+    got = out[out["user_id"] == first_user].sort_values("rank")
+    assert got["item_id"].astype(np.int64).tolist() == want["item_id"].tolist()
