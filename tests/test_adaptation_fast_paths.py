@@ -150,8 +150,13 @@ def test_adapt_flat_matches_adapt_many(setup):
         np.testing.assert_array_equal(u.seen_items, f["item_id"].to_numpy())
     for g, w in zip(learner.score_many(flat, [items] * len(frames)), want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="lengths must be one positive integer per user"):
-        learner.adapt_flat([1, 2], [4.0, 5.0], [2, 0])
+    with pytest.raises(ValueError, match="lengths must be one integer >= 0 per user"):
+        learner.adapt_flat([1, 2], [4.0, 5.0], [2, -1])
+    # A user with no interactions yet is served by the meta-learned start.
+    empty = pd.DataFrame({"item_id": np.array([], np.int64), "rating": np.array([], np.float64)})
+    two = learner.adapt_flat([1, 2], [4.0, 5.0], [2, 0])
+    np.testing.assert_allclose(learner.score_many(two[1:], [items])[0],
+                               learner.adapt(empty).score(items), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="sum\\(lengths\\) = 3"):
         learner.adapt_flat([1, 2], [4.0, 5.0], [1, 2])
     with pytest.raises(ValueError, match="ratings must be finite"):
