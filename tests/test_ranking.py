@@ -39,6 +39,8 @@ def test_top_k_tie_rule_holds_on_random_ties():
             want = np.argsort(-scores[u], kind="stable")[:k]
             assert columns[u].tolist() == want.tolist()
             assert values[u].tolist() == scores[u, want].tolist()
+            (one,), _ = top_k(scores[u : u + 1], k)  # a single row takes its own path
+            assert one.tolist() == want.tolist()
 
 
 def test_top_k_drops_padding_and_masked_columns_and_k_beyond_the_candidates():
@@ -52,6 +54,8 @@ def test_top_k_drops_padding_and_masked_columns_and_k_beyond_the_candidates():
     assert columns[1].tolist() == [1, 0]
     columns, values = top_k(np.full((2, 3), -INF), 2)
     assert [c.tolist() for c in columns] == [[], []] and [v.size for v in values] == [0, 0]
+    (one,), _ = top_k(np.array([[-INF, 0.3, -INF, 0.3]]), 3)
+    assert one.tolist() == [1, 3]
 
 
 def test_top_k_keeps_the_dtype():
