@@ -55,11 +55,16 @@ class CatalogueObjective:
         inner_loss: ``"softmax"`` (the same loss as the outer loop) or ``"linear"`` (above).
         inner_positives: what counts as a positive in the inner loop; default ``positives``.
             (``"all"`` folds in every support item, liked or not, as EASE^R's fold-in does.)
+        start_weight: weight, in the meta-loss, of the query loss of the *unadapted* start
+            (0: the start is trained only through adaptation). A user with no interactions
+            yet is ranked by the start: without this term meta-training may trade its list
+            away for a better adapted one.
     """
 
     def __init__(self, sampler: NegativeSampler | None = None, rating_weight: float = 1.0,
                  positives: str = "liked", relevance_threshold: float = 4.0,
-                 inner_loss: str = "softmax", inner_positives: str | None = None) -> None:
+                 inner_loss: str = "softmax", inner_positives: str | None = None,
+                 start_weight: float = 0.0) -> None:
         if sampler is None:
             sampler = NegativeSampler("catalogue")
         if not isinstance(sampler, NegativeSampler):
@@ -90,6 +95,13 @@ class CatalogueObjective:
         self.rating_weight = rating_weight
         self.positives = positives
         self.relevance_threshold = relevance_threshold
+        try:
+            start_weight = float(start_weight)
+        except (TypeError, ValueError):
+            raise ValueError(f"start_weight must be a finite number >= 0; got {start_weight!r}.") from None
+        if not (0.0 <= start_weight < float("inf")):
+            raise ValueError(f"start_weight must be a finite number >= 0; got {start_weight!r}.")
+        self.start_weight = start_weight
 
     # ------------------------------------------------------------------ the loss
     def positive_weights(self, target, mask, feedback: str, inner: bool = False):
@@ -161,7 +173,8 @@ class CatalogueObjective:
     def get_config(self) -> dict:
         return {"sampler": self.sampler.get_config(), "rating_weight": self.rating_weight,
                 "positives": self.positives, "relevance_threshold": self.relevance_threshold,
-                "inner_loss": self.inner_loss, "inner_positives": self.inner_positives}
+                "inner_loss": self.inner_loss, "inner_positives": self.inner_positives,
+                "start_weight": self.start_weight}
 
     @classmethod
     def from_config(cls, config: dict) -> CatalogueObjective:

@@ -58,6 +58,15 @@ class MAML(MetaLearner):
                 loss = weighted_user_mean(after, episode)
                 rank = weighted_user_mean(ranking, episode)
                 return loss + self.ranking_weight * rank, (loss, rank)
+            start_weight = getattr(self.objective, "start_weight", 0.0)
+            if start_weight:
+                # The unadapted start's own query loss too: it ranks for users with no
+                # interactions yet.
+                before, after = self.user_query_losses(params, non_trainable, episode,
+                                                       negatives=negatives)
+                loss = weighted_user_mean(after, episode)
+                start = weighted_user_mean(before, episode)
+                return loss + start_weight * start, (loss, start)
             after = self.user_query_losses(params, non_trainable, episode, with_before=False,
                                            negatives=negatives)
             loss = weighted_user_mean(after, episode)
@@ -67,6 +76,8 @@ class MAML(MetaLearner):
         logs = {"loss": loss}
         if self.ranking_weight:
             logs["ranking_loss"] = rank
+        elif getattr(self.objective, "start_weight", 0.0):
+            logs["start_loss"] = rank
         return logs, grads
 
     def ranked_query_losses(self, params, non_trainable, episode):

@@ -137,7 +137,7 @@ def residual_memory(encoder, item_prior, inner_steps=0, inner_lr=0.01, units=64,
 
 def catalogue_two_tower(tasks, embedding_dim=80, cosine_dim=16, inner_steps=1, inner_lr=1.0,
                         outer_lr=1e-4, sampler=None, rating_weight=1.0, relevance_threshold=4.0,
-                        first_order=False, item_prior=None, rating_inner_lr=0.01):
+                        first_order=False, item_prior=None, rating_inner_lr=0.01, start_weight=1.0):
     """MAML over :func:`metarec.models.two_tower` for catalogue top-k lists.
 
     The recipe chosen on validation users of protocol Q1 (docs/BENCHMARKS.md):
@@ -163,6 +163,8 @@ def catalogue_two_tower(tasks, embedding_dim=80, cosine_dim=16, inner_steps=1, i
         cosine_dim: how many of those columns start from the cosine similarity.
         inner_steps, inner_lr: inner steps and the ranking vector's initial inner rate.
         rating_inner_lr: the rating vector's initial inner rate.
+        start_weight: weight of the unadapted start's query loss in the meta-loss (it ranks
+            for users with no interactions: see ``CatalogueObjective``).
         outer_lr: Adam learning rate of the outer loop.
         sampler: the ``NegativeSampler`` of the outer loss (default: the full catalogue).
         rating_weight: weight of the rating head's squared error in both loops.
@@ -198,7 +200,7 @@ def catalogue_two_tower(tasks, embedding_dim=80, cosine_dim=16, inner_steps=1, i
         sampler.fit(item_counts_of(train))
     objective = CatalogueObjective(sampler, rating_weight=rating_weight, positives="liked",
                                    relevance_threshold=relevance_threshold, inner_loss="linear",
-                                   inner_positives="all")
+                                   inner_positives="all", start_weight=start_weight)
     adapt = [r"^decision_user_vector/bias$", r"^decision_user_rating_vector/bias$"]
     learner = MAML(model, inner_steps=inner_steps, inner_lr=inner_lr, adapt=adapt,
                    learn_inner_lr="per_layer", first_order=first_order, clipnorm=None,

@@ -422,8 +422,8 @@ def catalogue_method(name: str = "catalogue-two-tower", epochs: int = 10, patien
     ranks the catalogue (``rank_many``) and whose rating head gives the MAE, over the damped
     item mean of the training users (``item_prior``, damping tuned on validation users).
 
-    Meta-training stops when the validation users' post-adaptation loss has not improved for
-    ``patience`` epochs, keeping the best weights.
+    Meta-training stops when the validation users' catalogue Recall@20 after adaptation has
+    not improved for ``patience`` epochs, keeping the best weights.
     """
     epochs = _positive_int("epochs", epochs)
     patience = _positive_int("patience", patience)
@@ -436,9 +436,57 @@ def catalogue_method(name: str = "catalogue-two-tower", epochs: int = 10, patien
         keras.utils.set_random_seed(int(seed))
         return catalogue_two_tower(train_tasks, item_prior=prior, **preset_kwargs)
 
-    method = _ResidualLearnerMethod(name, build, {"epochs": epochs, "batch_size": batch_size,
-                                                  "max_query": max_query})
+    method = _CatalogueLearnerMethod(name, build, {"epochs": epochs, "batch_size": batch_size,
+                                                   "max_query": max_query})
     method.patience = patience
     extra = ", ".join(f"{k}={v!r}" for k, v in preset_kwargs.items())
     method.settings = {"preset": f"catalogue_two_tower(tasks, item_prior=item_mean_prior{', ' + extra if extra else ''})"}
     return method
+
+
+def catalogue_recall_callback(val_tasks, relevance_threshold: float = 4.0, k: int = 20):
+    """A Keras callback that logs ``val_recall@20``: the validation users' catalogue
+    Recall@k after adaptation, measured as the protocol measures it (every item not in the
+    support ranked; relevant = query items rated >= ``relevance_threshold``, or label 1).
+    Early stopping on it stops meta-training where the top-k lists stop improving, which the
+    query loss does not say."""
+    import keras
+
+    supports = [val_tasks.support_frame(i)[["item_id", "rating"]] for i in range(len(val_tasks))]
+    features = [val_tasks.user_features(i) for i in range(len(val_tasks))]
+    explicit = val_tasks.encoder.schema.feedback == "explicit"
+    relevant = []
+    for i in range(len(val_tasks)):
+        query = val_tasks.query_frame(i)
+        liked = query["rating"] >= relevance_threshold if explicit else query["rating"] > 0.5
+        relevant.append(set(query.loc[liked, "item_id"].tolist()))
+
+    class CatalogueRecall(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            lists = self.model.adapt_recommend_many(supports, k=k, exclude_seen=True,
+                                                    user_features=features)
+            hits = [len(set(ids.tolist()) & rel) / min(len(rel), k)
+                    for (ids, _), rel in zip(lists, relevant) if rel]
+            if logs is not None:
+                logs["val_recall@20"] = float(np.mean(hits)) if hits else float("nan")
+
+    return CatalogueRecall()
+
+
+class _CatalogueLearnerMethod(_ResidualLearnerMethod):
+    """Early stopping on the validation users' catalogue Recall@20
+    (:func:`catalogue_recall_callback`)."""
+
+    def fit(self, train_tasks, val_tasks=None, seed: int = 0):
+        import keras
+
+        prior = item_mean_prior(train_tasks.encoder, train_tasks, val_tasks)
+        self.learner = self.build(train_tasks, seed, prior)
+        kwargs = {"verbose": 0, **self.fit_kwargs, "seed": seed}
+        if val_tasks is not None and len(val_tasks):
+            kwargs["validation_data"] = val_tasks
+            kwargs["callbacks"] = [catalogue_recall_callback(val_tasks), keras.callbacks.EarlyStopping(
+                monitor="val_recall@20", mode="max", patience=self.patience, restore_best_weights=True)]
+        history = self.learner.fit(train_tasks, **kwargs)
+        self.epochs_trained_ = len(history.history.get("loss", []))
+        return self
