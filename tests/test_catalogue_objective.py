@@ -173,6 +173,9 @@ def test_save_and_load_keep_the_objective_and_the_scores(trained, tasks, tmp_pat
     ({"positives": "rated"}, "positives='rated'"),
     ({"sampler": "catalogue"}, "sampler must be"),
     ({"relevance_threshold": None}, "relevance_threshold"),
+    ({"inner_loss": "bpr"}, "inner_loss='bpr'"),
+    ({"inner_positives": "some"}, "inner_positives='some'"),
+    ({"start_weight": -1}, "start_weight"),
 ])
 def test_bad_objective_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -191,3 +194,20 @@ def test_bad_learner_and_model_settings_are_refused(tasks):
         metarec.models.two_tower(tasks.encoder, item_prior=np.zeros(3))
     with pytest.raises(ValueError, match="head='top'"):
         metarec.MAML(model).score_many([], head="top") or metarec.MAML(model)._head("top")
+
+
+def test_start_weight_trains_the_unadapted_start_too(tasks):
+    plain = make(tasks, inner_steps=1)
+    weighted = make(tasks, inner_steps=1, start_weight=1.0)
+    plain._check_ready(tasks.train)
+    weighted._check_ready(tasks.train)
+    episode = next(tasks.train.episodes(8))
+    batch = plain._train_batch(episode, 0)
+    params, non_trainable = plain.snapshot()
+    logs0, _ = plain.meta_gradients(params, non_trainable, batch)
+    logs1, _ = weighted.meta_gradients(params, non_trainable, batch)
+    before, after = plain.user_query_losses(params, non_trainable, episode, negatives=batch[1])
+    assert float(backend.to_numpy(logs0["loss"])) == pytest.approx(float(backend.to_numpy(logs1["loss"])), rel=1e-5)
+    weight = np.asarray(episode.query_mask).sum(axis=1) > 0
+    assert float(backend.to_numpy(logs1["start_loss"])) == pytest.approx(
+        float(np.asarray(backend.to_numpy(before))[weight].mean()), rel=1e-4)
