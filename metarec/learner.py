@@ -163,7 +163,7 @@ class MetaLearner(keras.Model):
     reads_support = False
 
     #: Settings that ``adapt_user`` and the scoring kernels read as Python constants (traced
-    #: into the compiled programs): the kernel cache is keyed on them. (MAML's
+    #: into the compiled programs): ``metarec.runtime.kernels.KernelCache`` is keyed on them. (MAML's
     #: ``ranking_weight`` is read only by ``meta_gradients``, whose step ``fit`` compiles anew.)
     TRACED_SETTINGS = ("inner_steps", "inner_lr", "clipnorm", "proximal", "first_order",
                        "learn_inner_lr", "feedback", "objective")

@@ -32,9 +32,6 @@ from keras import ops
 
 from metarec import backend
 
-HEADS = ("rating", "ranking")
-
-
 @dataclasses.dataclass(frozen=True)
 class ScoreSpec:
     """The constants of one score program.

@@ -37,7 +37,7 @@ from keras import ops
 from metarec import backend
 from metarec.ranking import mask_padding, mask_seen, mask_seen_lists, top_k
 from metarec.runtime import requests
-from metarec.runtime.kernels import HEADS, KernelCache, ScoreSpec
+from metarec.runtime.kernels import KernelCache, ScoreSpec
 from metarec.runtime.requests import EncodedCandidates
 from metarec.runtime.users import AdaptedUser, stack, users_of_batch
 
@@ -74,6 +74,7 @@ class Personalizer:
         ``head="rating"`` (default): predicted ratings (probabilities for implicit feedback).
         ``head="ranking"``: the scores ``recommend`` ranks by; the same as the ratings except
         for a model with a separate ranking head (``models.two_tower``)."""
+        requests.check_head(head)
         one = isinstance(users, AdaptedUser)
         users, candidates = ([users], _one_user(candidates)) if one else (list(users), candidates)
         if not users:
@@ -184,9 +185,7 @@ class Personalizer:
         return requests.support_batch(self.encoder, self.user_features, supports, user_features)
 
     def _spec(self, shared, head):
-        if head not in HEADS:
-            raise ValueError(f"head must be 'rating' or 'ranking'; got head={head!r}.")
-        head = "ranking" if head == "ranking" and self.has_ranking_head() else "rating"
+        head = "ranking" if requests.check_head(head) == "ranking" and self.has_ranking_head() else "rating"
         return ScoreSpec(shared, self.user_row_broadcasts(), head)
 
     def _score(self, users, cands, head):

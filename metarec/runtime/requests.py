@@ -129,6 +129,12 @@ def check_k(k):
         raise ValueError(f"k must be a positive integer; got k={k!r}.")
 
 
+def check_head(head):
+    if head not in ("rating", "ranking"):
+        raise ValueError(f"head must be 'rating' or 'ranking'; got head={head!r}.")
+    return head
+
+
 def frame_list(supports):
     """A list of support DataFrames, one per user (at least one)."""
     if isinstance(supports, pd.DataFrame):
