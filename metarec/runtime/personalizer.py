@@ -1,6 +1,6 @@
 """``Personalizer``: a meta-learner's per-user calls (``learner.runtime``).
 
-Four calls, each taking any input form (``metarec.runtime.requests``):
+Five calls, each taking any input form (``metarec.runtime.requests``):
 
 * ``adapt(supports, user_features=None)`` -> adapted users;
 * ``score(users, candidates=None, head="rating")`` -> one score array per user;
@@ -8,7 +8,9 @@ Four calls, each taking any input form (``metarec.runtime.requests``):
   (adapted users, scores) from one compiled program;
 * ``recommend(users_or_supports, k=10, exclude_seen=True, candidates=None,
   user_features=None)`` -> each user's top ``k`` as (raw item ids, scores); given supports,
-  adaptation, scoring and ranking run from one compiled program and no user is returned.
+  adaptation, scoring and ranking run from one compiled program and no user is returned;
+* ``predict(item_ids, user_features=None)`` -> the meta-model's own, unadapted scores of raw
+  item ids for one user (the reference point).
 
 ``supports``: one DataFrame (``item_id``, ``rating``) for one user, a list of DataFrames, or
 ``FlatSupports`` / ``EncodedSupports``; ``candidates``: None (the whole catalogue), one raw-id
