@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "AdaptedUser": "metarec.adaptation",
+    "AdaptedUser": "metarec.runtime",
     "ArrayTasks": "metarec.array_tasks",
     "Episode": "metarec.tasks",
     "FeatureEncoder": "metarec.encoding",

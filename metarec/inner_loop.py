@@ -26,6 +26,12 @@ def masked_loss(pred, target, mask, feedback):
     return ops.sum(per_item * mask) / count
 
 
+def real_users(mask, dtype):
+    """1.0 for each user (row of ``mask``, ``[users, interactions]``) with at least one
+    unmasked interaction, else 0.0: padding users of a meta-batch have none."""
+    return ops.cast(ops.sum(mask, axis=1) > 0, dtype)
+
+
 def guard_gradients(grads, clipnorm):
     """Skip a non-finite step and clip the rest to a global norm.
 

@@ -3,9 +3,21 @@
 A meta-learner is a ``keras.Model`` that wraps the user's model. ``compile`` takes any Keras
 optimizer (the outer loop), ``fit`` meta-trains over a ``TaskSet`` with callbacks and a progress
 bar, ``save`` writes one ``.keras`` file holding the model, every metarec setting and the
-feature encoder, and ``adapt`` / ``adapt_many`` turn a few interactions into personal models.
+feature encoder. The learner holds the meta-training side: settings, the inner maths
+(``adapt_user``, vectorised by ``map_users``), the outer loop, evaluation and saving.
 
-Subclasses implement one method, ``meta_gradients``: the outer-loop gradient of one meta-batch.
+Per-user calls (adapt, score, recommend) belong to ``learner.runtime``, a
+:class:`metarec.runtime.Personalizer`; the learner's ``adapt``, ``adapt_many``, ``score_many``,
+``recommend_many`` ... are one-line calls of it.
+
+Subclasses implement ``meta_gradients`` (the outer-loop gradient of one meta-batch) and may
+override ``support_contexts`` and ``initial_weights`` (what a memory-based learner reads from the
+support set, and how it conditions a user's starting weights) and ``TRACED_SETTINGS``.
+
+**Keras attribute tracking.** Keras (and, on TensorFlow, ``tf.Module``) tracks what is assigned
+to a layer's attributes, wrapping lists and dicts. An attribute that holds no weights (caches,
+position lists, the runtime, the objective, a sub-model whose weights are tracked elsewhere) is
+set with :func:`untracked`, the one way metarec keeps plain Python state on a Keras object.
 """
 
 import json
@@ -17,15 +29,31 @@ import numpy as np
 from keras import ops
 
 from metarec import backend
-from metarec.adaptation import AdaptationMixin
 from metarec.catalogue_objective import CatalogueObjective
-from metarec.inner_loop import Forward, inner_loop, masked_loss
+from metarec.inner_loop import Forward, inner_loop, masked_loss, real_users
+from metarec.runtime import EncodedCandidates, EncodedSupports, FlatSupports, Personalizer
+from metarec.runtime.requests import frame_list, require_encoder
 from metarec.sampling import item_counts_of
 from metarec.tasks import Episode
-from metarec.scoring import ScoringMixin
 
 ADAPT_CHOICES = ("all", "decision_layers")
 LEARN_LR_CHOICES = (None, "per_layer", "per_parameter")
+
+
+def untracked(obj, name, value):
+    """Set ``obj.name = value`` outside Keras's (and TensorFlow's) attribute tracking.
+
+    The one way metarec keeps plain Python state on a Keras layer or model: lists and dicts
+    assigned normally are wrapped and tracked, and a Keras model assigned normally has its
+    weights counted as the owner's. Read the attribute back normally."""
+    object.__setattr__(obj, name, value)
+
+
+def positions_in(pool, variables):
+    """Positions of ``variables`` in the list ``pool``, matched by identity (None for a
+    variable that is not in it)."""
+    where = {id(v): i for i, v in enumerate(pool)}
+    return [where.get(id(v)) for v in variables]
 
 
 def resolve_adapt(model, adapt):
@@ -107,7 +135,7 @@ class InnerLearningRates(keras.layers.Layer):
         self.built = True
 
 
-class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
+class MetaLearner(keras.Model):
     """Base class: settings, the training loop, evaluation and saving.
 
     Args:
@@ -135,7 +163,7 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
     reads_support = False
 
     #: Settings that ``adapt_user`` and the scoring kernels read as Python constants (traced
-    #: into the compiled programs): the kernel cache is keyed on them. (MAML's
+    #: into the compiled programs): ``metarec.runtime.kernels.KernelCache`` is keyed on them. (MAML's
     #: ``ranking_weight`` is read only by ``meta_gradients``, whose step ``fit`` compiles anew.)
     TRACED_SETTINGS = ("inner_steps", "inner_lr", "clipnorm", "proximal", "first_order",
                        "learn_inner_lr", "feedback", "objective")
@@ -182,8 +210,8 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
                              f"got {type(objective).__name__} {objective!r:.100}.")
         self.feedback = feedback
         self.encoder = encoder
-        # Stored outside Keras's attribute tracking: it holds no weights.
-        self.__dict__["objective"] = objective
+        untracked(self, "objective", objective)  # it holds no weights
+        untracked(self, "runtime", Personalizer(self))  # the per-user calls
         self.forward = Forward(model, resolve_adapt(model, adapt))
         self.inner_lr_weights = self._make_inner_lr_weights()
         self.built = True
@@ -207,11 +235,9 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
 
     def _meta_positions(self):
         if getattr(self, "_positions", None) is None:
-            where = {id(v): i for i, v in enumerate(self.meta_variables)}
-            self._positions = (
-                [where[id(v)] for v in self.model.trainable_variables],
-                [where[id(v)] for v in self.inner_lr_weights],
-            )
+            meta = self.meta_variables
+            untracked(self, "_positions", (positions_in(meta, self.model.trainable_variables),
+                                           positions_in(meta, self.inner_lr_weights)))
         return self._positions
 
     def _split_meta(self, params):
@@ -429,7 +455,7 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
         # While fit runs, a callback that reads ``callback.model`` on JAX has the train step's
         # current state written back to the variables first (``jax_state_sync``), as Keras's
         # own JAX trainer does; with no such callback, weights are written once per epoch.
-        self.__dict__["_fit_state"] = {"step": train_step, "synced": True}
+        untracked(self, "_fit_state", {"step": train_step, "synced": True})
         try:
             callbacks.on_train_begin()
             base_seed = 0 if seed is None else int(seed)
@@ -464,7 +490,7 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
             callbacks.on_train_end(logs)
         finally:
             self.jax_state_sync()
-            self.__dict__.pop("_fit_state", None)
+            untracked(self, "_fit_state", None)
         return self.history
 
     def _before_train_step(self):
@@ -483,7 +509,7 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
         ``on_train_batch_end``) sees the current weights. A no-op when nothing is pending (and
         on TensorFlow, whose train step updates the variables in place).
         """
-        state = self.__dict__.get("_fit_state")
+        state = getattr(self, "_fit_state", None)
         if state is not None and not state["synced"]:
             state["step"].sync()
             state["synced"] = True
@@ -526,13 +552,100 @@ class MetaLearner(AdaptationMixin, ScoringMixin, keras.Model):
                 episode, negatives = self.split_batch(batch)
                 before, after = self.user_query_losses(params, non_trainable, episode,
                                                        negatives=negatives)
-                weight = ops.cast(ops.sum(episode.query_mask, axis=1) > 0, before.dtype)
+                weight = real_users(episode.query_mask, before.dtype)
                 return before, after, weight
 
             return eval_fn
 
         # Cached per value of the traced settings: changing e.g. learner.inner_lr takes effect.
-        return self._kernel("evaluate", build)
+        return self.runtime.kernels.get(self, "evaluate", build)
+
+    # ------------------------------------------------------------------ per-user calls
+    # One line each: the Personalizer (``self.runtime``, ``metarec.runtime``) does the work.
+    def _require_encoder(self):
+        return require_encoder(self.encoder)
+
+    def adapt(self, interactions, user_features=None):
+        """Adapt the meta-model to one user's few interactions (a DataFrame with ``item_id`` and
+        ``rating``); returns an ``AdaptedUser`` with ``score`` and ``recommend``."""
+        return self.runtime.adapt(interactions, user_features)
+
+    def adapt_many(self, supports, user_features=None):
+        """Adapt to many users at once (one vectorised, compiled call per bucket of users)."""
+        return self.runtime.adapt(frame_list(supports), user_features)
+
+    def adapt_flat(self, item_ids, ratings, lengths, user_features=None):
+        """``adapt_many`` for interactions given as flat arrays, the way a batch job holds them:
+        user ``u``'s support is the next ``lengths[u]`` entries of ``item_ids`` / ``ratings``
+        (raw item ids and ratings, checked as ``adapt_many`` checks them). Faster than building
+        one DataFrame per user."""
+        return self.runtime.adapt(FlatSupports(item_ids, ratings, lengths), user_features)
+
+    def adapt_indices(self, item_index, ratings, lengths, user_features=None, seen_items=None,
+                      ratings_checked=False):
+        """``adapt_flat`` for items already encoded (``encoder.item_index``), as a server that
+        validated them holds them. ``seen_items``: each user's raw ids (what ``recommend``
+        excludes); by default the raw ids of ``item_index``. ``ratings_checked=True``: the
+        caller has already checked the ratings by ``metarec.ratings`` (as the server's request
+        validation does), and they are not checked again."""
+        return self.runtime.adapt(EncodedSupports(item_index, ratings, lengths, seen_items, ratings_checked),
+                                  user_features)
+
+    def adapt_score_indices(self, item_index, ratings, lengths, candidate_index,
+                            user_features=None, seen_items=None, head="rating",
+                            ratings_checked=False):
+        """``adapt_indices`` and then ``score_indices`` in one compiled call: one dispatch,
+        and the adapted weights stay on the device between the two (the server's path).
+
+        ``candidate_index``: one encoded array shared by every user, one per user, or None
+        (the whole catalogue). ``ratings_checked``: as in ``adapt_indices``. Returns (adapted
+        users, one score array per user).
+        """
+        return self.runtime.adapt_and_score(
+            EncodedSupports(item_index, ratings, lengths, seen_items, ratings_checked),
+            EncodedCandidates(candidate_index), user_features, head)
+
+    def adapt_recommend_many(self, supports, k=10, exclude_seen=True, candidates=None,
+                             user_features=None):
+        """``recommend_many(adapt_many(supports, user_features), k, exclude_seen, candidates)``
+        in one compiled call: one dispatch, and the adapted weights stay on the device (they
+        are not returned; use ``adapt_many`` to keep them). The quickest way to rank items
+        for users seen once, such as a cold-start request."""
+        return self.runtime.recommend(frame_list(supports), k, exclude_seen, candidates, user_features)
+
+    def score_many(self, adapted_users, candidates=None, head="rating"):
+        """Scores of each user's candidates (raw item ids; None = whole catalogue).
+
+        ``head="rating"`` (default): predicted ratings (probabilities for implicit feedback).
+        ``head="ranking"``: the scores ``recommend`` ranks by; the same as the ratings except
+        for a model with a separate ranking head (``models.two_tower``), whose ranking scores
+        are unnormalised logits over the catalogue."""
+        return self.runtime.score(list(adapted_users), candidates, head)
+
+    def score_indices(self, adapted_users, item_index, head="rating"):
+        """``score_many`` for candidates already encoded (``encoder.item_index``): one int array
+        shared by every user, or a list of one array per user."""
+        return self.runtime.score(list(adapted_users), EncodedCandidates(item_index), head)
+
+    def recommend_many(self, adapted_users, k=10, exclude_seen=True, candidates=None):
+        """Top-``k`` (item ids, scores) per user, best first; seen items excluded by default."""
+        return self.runtime.recommend(list(adapted_users), k, exclude_seen, candidates)
+
+    def predict_items(self, item_ids, user_features=None):
+        """Plain, non-adaptive scores of raw item ids for one user (the reference point)."""
+        return self.runtime.predict(item_ids, user_features)
+
+    def has_ranking_head(self):
+        """Whether the model has a separate ``"ranking"`` output (``models.two_tower``):
+        ``recommend`` then ranks by it, while ``score`` keeps returning the rating head."""
+        return self.runtime.has_ranking_head()
+
+    def release_kernels(self):
+        """Drop the compiled adaptation, scoring and evaluation kernels; they are rebuilt on
+        the next call. Each combination of settings (``TRACED_SETTINGS``: ``inner_steps``,
+        ``inner_lr``, ...) keeps its own compiled program, so a sweep over settings should
+        release them as it goes."""
+        self.runtime.release_kernels()
 
     # ------------------------------------------------------------------ saving
     def get_config(self):

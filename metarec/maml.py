@@ -5,13 +5,13 @@ import numpy as np
 from keras import ops
 
 from metarec import backend
-from metarec.inner_loop import masked_loss
+from metarec.inner_loop import masked_loss, real_users
 from metarec.learner import MetaLearner
 
 
 def weighted_user_mean(values, episode):
     """Mean over the real users of a meta-batch (padding users have an empty query set)."""
-    weight = ops.cast(ops.sum(episode.query_mask, axis=1) > 0, values.dtype)
+    weight = real_users(episode.query_mask, values.dtype)
     return ops.sum(values * weight) / ops.maximum(ops.sum(weight), 1.0)
 
 

@@ -24,6 +24,7 @@ import keras
 from keras import ops
 
 from metarec.inner_loop import _input_names
+from metarec.learner import positions_in, untracked
 from metarec.maml import MAML
 
 CONDITIONING = ("film", "concat")
@@ -114,8 +115,8 @@ class MemoryLearner(MAML):
             representation = representation_model(model, self.forward.adapt_index)
         # Not tracked as a sub-layer (the default shares the model's weights; a given reader is
         # tracked as ``self.reader``): tracking it would count its weights twice.
-        object.__setattr__(self, "_representation", representation)
-        self._groups = self._conditioned_groups()
+        untracked(self, "_representation", representation)
+        untracked(self, "_groups", self._conditioned_groups())
         width = representation.output.shape[-1]
         self.support_reader = SupportReader(units, [size for _, size in self._groups], name="support_reader")
         self.support_reader.build((None, None, width + 1))
@@ -146,18 +147,15 @@ class MemoryLearner(MAML):
     def _per_unit(self):
         return 2 if self.conditioning == "film" else 1
 
-    def _positions_of(self, variables):
-        where = {id(v): i for i, v in enumerate(self.meta_variables)}
-        return [where[id(v)] for v in variables]
-
     # ------------------------------------------------------------------ maths
     def support_contexts(self, params, non_trainable, inputs, target, mask):
         """The heads' outputs for every user of the batch: a list of ``[B, head size]``."""
         if getattr(self, "_reader_positions", None) is None:
-            self._reader_positions = (
-                self._positions_of(self._representation.trainable_variables),
-                self._positions_of(self.support_reader.trainable_variables),
-            )
+            meta = self.meta_variables
+            untracked(self, "_reader_positions", (
+                positions_in(meta, self._representation.trainable_variables),
+                positions_in(meta, self.support_reader.trainable_variables),
+            ))
         rep_pos, reader_pos = self._reader_positions
         users, length = ops.shape(target)[0], ops.shape(target)[1]
         names = _input_names(self._representation) or tuple(inputs)
@@ -220,5 +218,5 @@ def _width(variable):
 def _values_of(variables, pool, values):
     """Values of ``variables`` taken from ``values`` where they belong to ``pool`` (the model's
     non-trainable variables), else their own current value."""
-    where = {id(v): i for i, v in enumerate(pool)}
-    return [values[where[id(v)]] if id(v) in where else v.value for v in variables]
+    return [v.value if p is None else values[p]
+            for v, p in zip(variables, positions_in(pool, variables))]

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from metarec import backend
+from metarec.inner_loop import real_users
 from metarec.learner import MetaLearner
 
 
@@ -38,7 +39,7 @@ class Reptile(MetaLearner):
             return [ops.stop_gradient(w) for w in adapted]
 
         adapted = backend.vmap(one_user, (0,) * 6)(*episode)
-        weight = ops.cast(ops.sum(episode.query_mask, axis=1) > 0, episode.query_y.dtype)
+        weight = real_users(episode.query_mask, episode.query_y.dtype)
         count = ops.maximum(ops.sum(weight), 1.0)
 
         def user_mean(stacked):

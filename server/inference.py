@@ -2,9 +2,12 @@
 
 :class:`ServingModel` wraps a ``metarec`` meta-learner with what request handling needs
 (a string → index catalogue for validation, the user-feature specs, the rating range).
-:func:`run_batch` runs in the batcher's worker thread: it adapts every user of the batch whose
-adapted weights are not cached in one vectorised ``adapt_many`` call, scores all candidates in
-one ``score_many`` call and takes each request's top k. Nothing here runs on the event loop.
+:func:`run_batch` runs in the batcher's worker thread, on the requests' validated item indices:
+when no user of the batch is cached it adapts and scores them all in one compiled call
+(``learner.adapt_score_indices``); otherwise it adapts the missing users in one vectorised
+``adapt_indices`` call and scores every user in one ``score_indices`` (or, for the whole
+catalogue, ``score_many``) call. Then it takes each request's top k. Nothing here runs on the
+event loop.
 
 Scores are those of the SDK: a predicted rating for explicit feedback, a probability for
 implicit feedback; ``Recommend`` ranks exactly like ``AdaptedUser.recommend``.

@@ -1,4 +1,4 @@
-"""The fast paths of ``metarec.adaptation`` give the same results as the plain paths.
+"""The fast paths of ``metarec.runtime`` give the same results as the plain paths.
 
 * ``score_many`` of exactly one ``adapt_many`` batch reuses its stacked device weights;
   any other list of users (a subset, another order, users with weights set by hand) stacks
@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 import metarec
-from metarec.adaptation import AdaptedUser
+from metarec.runtime import AdaptedUser, requests
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +57,9 @@ def test_batch_scores_match_single_users(setup):
     copies = learner.score_many(batch, [items.copy() for _ in users])
     for e, f in zip(expected, copies):
         np.testing.assert_allclose(f, e, rtol=1e-5, atol=1e-5)
-    assert learner._candidate_index([items.copy() for _ in users], len(users))[1]
+    assert requests.candidates(learner.encoder, [items.copy() for _ in users], len(users)).shared
     rolled = [np.roll(items, u) for u in range(len(users))]
-    assert not learner._candidate_index(rolled, len(users))[1]
+    assert not requests.candidates(learner.encoder, rolled, len(users)).shared
     for u, f in enumerate(learner.score_many(batch, rolled)):
         np.testing.assert_allclose(f, np.roll(expected[u], u), rtol=1e-5, atol=1e-5)
     # A subset and another order take the numpy path and agree too.
@@ -244,8 +244,9 @@ def test_feature_cache_matches_encoder(setup):
     rows = [dict(data.users.iloc[i]) for i in range(10)]
     rows += [{}, {"segment": None}, {"age": 41.0}, {"age": 41}, {"segment": "unknown", "age": 200},
              {"user_id": 7, "segment": rows[0]["segment"]}]
+    cache = requests.UserFeatureCache()
     for _ in range(2):  # cold, then cached
-        got = learner._encode_user_features(rows)
+        got = cache.encode(encoder, rows)
         want = encoder.user_inputs_from_features([dict(r) for r in rows])
         assert set(got) == set(want)
         for k in want:
@@ -259,11 +260,10 @@ def test_feature_cache_matches_encoder(setup):
 
 def test_batched_interaction_encoding_matches_per_frame(setup):
     _, _, learner, users = setup
-    from metarec.adaptation import _encode_interactions
 
     frames = [s for s, _ in users]
     frames.append(pd.DataFrame({"item_id": [1, 999999], "rating": [5.0, 1.0]}))  # unknown item
-    got = _encode_interactions(learner.encoder, frames)
+    got = requests.encode_interactions(learner.encoder, frames)
     want = [learner.encoder.encode_interactions(f) for f in frames]
     for (gi, gy), (wi, wy) in zip(got, want):
         np.testing.assert_array_equal(gi, wi)
@@ -279,7 +279,6 @@ def test_joined_encoding_of_unlike_frames_matches_per_frame(setup, variant, monk
     """Frames are joined with pd.concat: whatever their columns and dtypes, the result and
     each user's raw ids equal encoding the frames one by one."""
     _, _, learner, users = setup
-    from metarec.adaptation import _encode_interactions
 
     frames = [s.reset_index(drop=True) for s, _ in users[:4]]
     if variant == "int ratings":
@@ -297,7 +296,7 @@ def test_joined_encoding_of_unlike_frames_matches_per_frame(setup, variant, monk
     encode = learner.encoder.encode_interactions
     monkeypatch.setattr(learner.encoder, "encode_interactions", lambda f: calls.append(len(f)) or encode(f))
     raw = []
-    got = _encode_interactions(learner.encoder, frames, raw)
+    got = requests.encode_interactions(learner.encoder, frames, raw)
     # One joined call where the ids have one type; mixed id types go frame by frame.
     assert len(calls) == (len(frames) if variant in ("int and string ids", "float ids") else 1)
     for frame, (gi, gy), (wi, wy), r in zip(frames, got, want, raw, strict=True):
@@ -508,11 +507,12 @@ def test_every_traced_setting_selects_its_own_kernel(setup, setting, value):
     model = metarec.models.rating_mlp(tasks.encoder, embedding_dim=4, hidden_units=(8,))
     learner = metarec.MAML(model, inner_steps=2, inner_lr=0.1, feedback="explicit",
                            encoder=tasks.encoder)
-    kernels = (learner._adapt_kernel(), learner._jit_eval())
-    assert learner._adapt_kernel() is kernels[0]  # unchanged settings reuse the kernel
+    cache = learner.runtime.kernels
+    kernel, evaluate_key = cache.adapt(learner), cache.key(learner, "evaluate")
+    assert cache.adapt(learner) is kernel  # unchanged settings reuse the kernel
     setattr(learner, setting, value)
-    assert learner._adapt_kernel() is not kernels[0]
-    assert learner._jit_eval() is not kernels[1]
+    assert cache.adapt(learner) is not kernel
+    assert cache.key(learner, "evaluate") != evaluate_key  # evaluate's kernel is keyed alike
 
 
 def test_memory_learner_conditioning_keys_its_kernels(setup):
@@ -520,9 +520,10 @@ def test_memory_learner_conditioning_keys_its_kernels(setup):
     keras.utils.set_random_seed(0)
     model = metarec.models.rating_mlp(tasks.encoder, embedding_dim=4, hidden_units=(8,))
     learner = metarec.MemoryLearner(model, units=4, feedback="explicit", encoder=tasks.encoder)
-    kernel = learner._adapt_kernel()
+    cache = learner.runtime.kernels
+    kernel = cache.adapt(learner)
     learner.inner_lr = 0.2
-    assert learner._adapt_kernel() is not kernel
-    kernel = learner._adapt_kernel()
+    assert cache.adapt(learner) is not kernel
+    kernel = cache.adapt(learner)
     learner.conditioning = "concat"
-    assert learner._adapt_kernel() is not kernel
+    assert cache.adapt(learner) is not kernel

@@ -193,7 +193,7 @@ def test_bad_learner_and_model_settings_are_refused(tasks):
     with pytest.raises(ValueError, match="item_prior"):
         metarec.models.two_tower(tasks.encoder, item_prior=np.zeros(3))
     with pytest.raises(ValueError, match="head='top'"):
-        metarec.MAML(model).score_many([], head="top") or metarec.MAML(model)._head("top")
+        metarec.MAML(model).score_many([], head="top")
 
 
 def test_start_weight_trains_the_unadapted_start_too(tasks):

@@ -73,7 +73,7 @@ def test_scores_agree_with_and_without_the_one_row_path(tasks):
     items = tasks.train.support_frame(1)["item_id"].to_numpy()
     for model, fast in ((concat_model, False), (split_model, True)):
         learner = metarec.MAML(model, inner_steps=2, inner_lr=0.1, feedback="explicit", encoder=encoder)
-        assert learner._user_row_broadcasts() is fast
+        assert learner.runtime.user_row_broadcasts() is fast
         user = learner.adapt(support, features)
         scores = user.score(items)
         # The model itself, with the adapted weights set, on fully repeated rows.

@@ -314,6 +314,9 @@ def test_too_many_log_rows_and_oversize_messages(tmp_path):
 class RefusingLearner:
     """Stands in for an SDK learner that raises ValueError on input validation let through."""
 
+    def has_ranking_head(self):
+        return False
+
     def adapt_score_indices(self, *args, **kwargs):
         raise ValueError("this learner cannot use these interactions")
 

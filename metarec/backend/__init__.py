@@ -1,17 +1,22 @@
 """The only place where metarec touches a specific Keras backend.
 
 Keras 3 has no backend-neutral ``grad``, ``vmap`` or ``jit``. Each supported backend gets one
-small module with the same four functions; everything else in metarec is written with
-``keras.ops`` and ``Model.stateless_call`` and calls them through this package:
+small module with the same five functions and one class; everything else in metarec is written
+with ``keras.ops`` and ``Model.stateless_call`` and calls them through this package:
 
 * ``value_and_grad(fn, has_aux=False)``: ``fn(params, *args)`` -> ``(value, grads)`` with the
   gradient taken with respect to ``params`` (a list of tensors). Nested use gives true
   second-order derivatives.
 * ``vmap(fn, in_axes)``: vectorise ``fn`` over the leading axis of the arguments whose
   ``in_axes`` entry is 0; ``None`` arguments are shared.
-* ``jit(fn)``: compile ``fn``.
+* ``jit(fn, xla=False)``: compile ``fn``; the same default on both backends. ``xla=True`` asks for
+  one whole-program XLA compilation, which the per-user programs use (``metarec.runtime.kernels``):
+  on TensorFlow ``tf.function(jit_compile=True)`` called through its concrete functions, on JAX
+  ``jax.jit``, which always compiles with XLA (there the flag changes nothing). With the default,
+  TensorFlow builds a plain ``tf.function`` graph (the meta-training step is faster without XLA).
 * ``kernel_weights(values)``: variables' values as the compiled kernels of ``jit(fn, xla=True)``
   take them (JAX arrays; on TensorFlow the variables, read when the kernel runs).
+* ``to_numpy(x)``: a tensor's value as a numpy array.
 * ``TrainStep``: applies a meta-gradient function and a Keras optimizer in one compiled step.
 """
 

@@ -19,8 +19,9 @@ def vmap(fn, in_axes):
     return jax.vmap(fn, in_axes=tuple(in_axes))
 
 
-def jit(fn, xla=True):
-    """``jax.jit`` (always XLA; ``xla`` is accepted for the TensorFlow backend's sake)."""
+def jit(fn, xla=False):
+    """``jax.jit``. JAX always compiles with XLA: ``xla`` (default False, as on TensorFlow) is
+    accepted so that both backends take the same call, and changes nothing here."""
     return jax.jit(fn)
 
 

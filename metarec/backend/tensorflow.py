@@ -63,7 +63,7 @@ def vmap(fn, in_axes):
 def jit(fn, xla=False):
     """Compile with ``tf.function``; shapes come from a few buckets, so retracing is rare.
 
-    ``xla=True`` also compiles the graph with XLA (``jit_compile``): measured faster for the
+    The default (``xla=False``, the same on both backends) is a plain graph. ``xla=True`` also compiles the graph with XLA (``jit_compile``): measured faster for the
     adaptation and scoring kernels (many small ops, one fused program), not for everything.
     """
     if xla:
