@@ -116,8 +116,8 @@ def test_every_support_form_adapts_alike(setup):
                                           np.asarray(w.seen_items, np.int64))
     for a, b in zip(one.weights, want[0].weights):
         _close(a, b)
-    with pytest.raises(ValueError, match="lengths must be one positive integer per user"):
-        runtime.adapt(FlatSupports(ids[:2], ratings[:2], [2, 0]))
+    with pytest.raises(ValueError, match="lengths must be one integer >= 0 per user"):
+        runtime.adapt(FlatSupports(ids[:2], ratings[:2], [2, -1]))
     with pytest.raises(ValueError, match="user_features has 1 entries for 3 users"):
         runtime.adapt(frames, features[:1])
 
