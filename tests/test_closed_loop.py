@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 pytest.importorskip("keras")
 pytest.importorskip("metarec")
 

@@ -6,6 +6,8 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 sys.path.insert(0, EXAMPLES)
 

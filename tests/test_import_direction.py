@@ -11,6 +11,10 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parent.parent
 SDK = ROOT / "metarec"
 SERVICE_NAMES = ("metarec_server", "server")

@@ -12,6 +12,8 @@ import pytest
 
 from tests.gradcheck import episode
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKENDS = ("tensorflow", "jax")
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 ROW = re.compile(r"^\| (?P<name>[^|]+?) +\| +(?P<mae>[0-9.]+) \| +(?P<ndcg>[0-9.]+) \|$")
 METHODS = [
     "global model, no adaptation",

@@ -9,6 +9,8 @@ from metarec_server.batcher import BatcherConfig
 from metarec_server.main import TOKEN_ENV, build_parser, config_from_args, serve_main
 from metarec_server.validation import Limits
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 
 def config_of(*argv):
     return config_from_args(build_parser().parse_args(["--model-dir", "models/recs", *argv]))

@@ -26,6 +26,8 @@ from metarec_server.batcher import BatcherConfig  # noqa: E402
 from metarec_server.inference import make_check  # noqa: E402
 from metarec_server.validation import Limits  # noqa: E402
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):

@@ -22,6 +22,8 @@ from metarec_server.app import ServerConfig
 from metarec_server.background import BackgroundServer
 from metarec_server.inference import Catalog, ServingModel
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 TOKEN = "s3cret-token"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE = "metarec.v1.RecommenderService"

@@ -16,6 +16,8 @@ from metarec_server.app import ServerConfig  # noqa: E402
 from metarec_server.background import BackgroundServer  # noqa: E402
 from metarec_server.inference import Job, ServingModel, run_batch  # noqa: E402
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 SUPPORT = pd.DataFrame({"item_id": [5, 17, 42, 99, 230, 301], "rating": [5.0, 4.0, 1.0, 3.0, 2.0, 4.0]})
 FEATURES = {"segment": "segment_1", "age": 31}
 CANDIDATES = [3, 8, 17, 64, 128, 200, 250, 399]

@@ -22,6 +22,8 @@ from metarec.api.v1 import recommender_pb2_grpc as pb_grpc
 from metarec.interaction_log import InteractionLog
 from metarec_server.workers import WorkerPool, reserve_port
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
