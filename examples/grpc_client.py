@@ -284,7 +284,7 @@ def tour(address, interactions, user_features=None, user_id="tutorial-user", k=5
         bad_requests = {
             "unknown item": lambda: client.recommend({"no-such-item": 4.0}, k=k),
             "version not served": lambda: client.recommend(interactions, k=k, version=99),
-            "user never logged": lambda: client.recommend(user_id="nobody-logged-this", k=k),
+            "k beyond the limit": lambda: client.recommend(interactions, k=10 ** 6),
         }
         for name, call in bad_requests.items():
             try:

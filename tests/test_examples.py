@@ -121,7 +121,7 @@ def test_grpc_client_tutorial(tmp_path):
     assert errors["unknown item"][0] == grpc.StatusCode.INVALID_ARGUMENT
     assert "no-such-item" in errors["unknown item"][1]
     assert errors["version not served"][0] == grpc.StatusCode.NOT_FOUND
-    assert errors["user never logged"][0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert errors["k beyond the limit"][0] == grpc.StatusCode.INVALID_ARGUMENT
 
     # The server was shut down: its port no longer answers.
     with grpc.insecure_channel(result["address"]) as channel:
