@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from metarec.evaluation.methods import LearnerMethod, Method, UserQuery, queries_from_tasks
+from metarec.evaluation.methods import LearnerMethod, Method, UserQuery, learner_scores, queries_from_tasks
 from metarec.metrics import mae
 
 __all__ = [
@@ -59,13 +59,7 @@ def predict_with_learner(learner, users: Sequence[UserQuery], batch_users: int =
     """Adapt ``learner`` to each user's support and score ``user.item_ids`` (chunked)."""
     if learner.inner_steps == 0:
         return predict_without_adaptation(learner, users)
-    out: list[np.ndarray] = []
-    for start in range(0, len(users), batch_users):
-        chunk = users[start:start + batch_users]
-        adapted = learner.adapt_many([u.support for u in chunk], [u.user_features for u in chunk])
-        scores = learner.score_many(adapted, candidates=[u.item_ids for u in chunk])
-        out.extend(np.asarray(s, dtype=np.float64) for s in scores)
-    return out
+    return learner_scores(learner, users, batch_users)
 
 
 def predict_without_adaptation(learner, users: Sequence[UserQuery]) -> list[np.ndarray]:
