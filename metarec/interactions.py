@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from metarec.ratings import describe_bad_rating, first_bad_rating
 from metarec.schema import Schema, infer_schema
 
 REQUIRED_COLUMNS = ("user_id", "item_id", "rating")
@@ -120,11 +121,10 @@ class InteractionData:
             frame["rating"] = numbers
         frame["rating"] = frame["rating"].astype(np.float64)
         ratings = frame["rating"].to_numpy()
-        bad = ~np.isfinite(ratings)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"ratings must be finite; got {ratings[row].item()!r} at row {row} "
-                             f"({int(bad.sum())} bad rows)")
+        bad = first_bad_rating(ratings, "explicit", None)  # finiteness; the schema's rule comes later
+        if bad is not None:
+            raise ValueError(f"{describe_bad_rating(bad, None)} at row {bad.position} "
+                             f"({int((~np.isfinite(ratings)).sum())} bad rows)")
         if "timestamp" in frame.columns:
             ts = frame["timestamp"]
             if pd.api.types.is_datetime64_any_dtype(ts):
@@ -140,20 +140,10 @@ class InteractionData:
 
     @staticmethod
     def _check_ratings(ratings: pd.Series, schema: Schema) -> None:
-        values = ratings.to_numpy()
-        if schema.feedback == "implicit":
-            bad = ~np.isin(values, (0.0, 1.0))
-            if bad.any():
-                row = int(np.flatnonzero(bad)[0])
-                raise ValueError(f"implicit feedback needs 0/1 labels; got {values[row].item()!r} "
-                                 f"at row {row}")
-        elif schema.rating_range is not None:
-            low, high = schema.rating_range
-            bad = (values < low) | (values > high)
-            if bad.any():
-                row = int(np.flatnonzero(bad)[0])
-                raise ValueError(f"rating {values[row].item()!r} at row {row} is outside the schema's "
-                                 f"rating_range {schema.rating_range}")
+        bad = first_bad_rating(ratings.to_numpy(), schema.feedback, schema.rating_range)
+        if bad is not None:
+            raise ValueError(f"{describe_bad_rating(bad, schema.rating_range)} at row {bad.position} "
+                             "(the schema's rule)")
 
     @staticmethod
     def _resolve_duplicates(frame: pd.DataFrame, policy: str, schema: Schema) -> pd.DataFrame:

@@ -240,13 +240,13 @@ class MetaLearner(keras.Model):
                                            positions_in(meta, self.inner_lr_weights)))
         return self._positions
 
-    def _split_meta(self, params):
+    def split_meta(self, params):
         """Meta parameters -> (model weights in model order, learned rates)."""
         model_pos, lr_pos = self._meta_positions()
         return [params[i] for i in model_pos], [params[i] for i in lr_pos]
 
-    def _merge_meta(self, model_values, lr_values):
-        """Inverse of ``_split_meta`` (e.g. to assemble gradients)."""
+    def merge_meta(self, model_values, lr_values):
+        """Inverse of ``split_meta`` (e.g. to assemble gradients)."""
         model_pos, lr_pos = self._meta_positions()
         out = [None] * (len(model_pos) + len(lr_pos))
         for i, v in zip(model_pos, model_values):
@@ -280,7 +280,7 @@ class MetaLearner(keras.Model):
     def initial_weights(self, params, context=None):
         """One user's starting point: (adapted weights, fixed weights). The meta-learned
         initialisation; the memory-based learner conditions it on the user's ``context``."""
-        model_params, _ = self._split_meta(params)
+        model_params, _ = self.split_meta(params)
         return self.forward.split(model_params)
 
     def user_loss(self, adapted, fixed, non_trainable, inputs, target, mask, negatives=None,
@@ -297,7 +297,7 @@ class MetaLearner(keras.Model):
     def adapt_user(self, params, non_trainable, inputs, target, mask, steps=None, context=None,
                    negatives=None):
         """Adapted weights of one user from their support set (pure; used everywhere)."""
-        _, lr_params = self._split_meta(params)
+        _, lr_params = self.split_meta(params)
         adapted, fixed = self.initial_weights(params, context)
         user_loss = None
         if self.objective is not None:
@@ -335,7 +335,7 @@ class MetaLearner(keras.Model):
             after = self.user_loss(adapted, fixed, non_trainable, q_x, q_y, q_m, negatives)
             if not with_before:
                 return after
-            model_params, _ = self._split_meta(params)
+            model_params, _ = self.split_meta(params)
             adapted0, fixed = self.forward.split(model_params)
             before = self.user_loss(adapted0, fixed, non_trainable, q_x, q_y, q_m, negatives)
             return before, after
@@ -365,7 +365,14 @@ class MetaLearner(keras.Model):
         """The meta-model's own (non-adapted) predictions."""
         return self.model(inputs, training=training)
 
-    def _check_ready(self, tasks):
+    def prepare(self, tasks) -> None:
+        """Binds the learner to a task set before meta-training (``fit`` calls it): takes the
+        feedback kind and encoder from ``tasks`` when unset, refuses positives-only implicit data
+        without a catalogue objective, and fits the negative sampler's item counts.
+
+        Args:
+            tasks: the training :class:`metarec.UserTasks` (or any task set with ``encoder``).
+        """
         if getattr(self, "optimizer", None) is None:
             raise ValueError("Call compile(optimizer=...) before fit().")
         if self.feedback is None:
@@ -391,13 +398,13 @@ class MetaLearner(keras.Model):
             return batch, None
         return batch
 
-    def _negative_inputs(self, negatives):
+    def negative_inputs(self, negatives):
         """:class:`metarec.sampling.Negatives` as the compiled functions take them."""
         return {"inputs": self._require_encoder().item_inputs(negatives.index),
                 "index": negatives.index, "correction": negatives.correction,
                 "mask": negatives.mask}
 
-    def _train_batch(self, episode, step):
+    def train_batch(self, episode, step):
         """What the train step takes: the episode, with this step's negatives when the
         objective is catalogue-aware."""
         if self.objective is None:
@@ -408,12 +415,14 @@ class MetaLearner(keras.Model):
                 (episode.support["item_id"] * (episode.support_mask > 0)).reshape(-1),
                 (episode.query["item_id"] * (episode.query_mask > 0)).reshape(-1),
             ])
-        return episode, self._negative_inputs(self.objective.sampler.draw(step, items))
+        return episode, self.negative_inputs(self.objective.sampler.draw(step, items))
 
-    def _eval_batch(self, episode):
+    def eval_batch(self, episode):
+        """What the test step takes: the episode, with the fixed inference negatives when the
+        objective is catalogue-aware."""
         if self.objective is None:
             return episode
-        return episode, self._negative_inputs(self.objective.sampler.inference_draw())
+        return episode, self.negative_inputs(self.objective.sampler.inference_draw())
 
     def fit(
         self,
@@ -435,7 +444,7 @@ class MetaLearner(keras.Model):
         is scored after each epoch as ``val_loss``: the query loss after adapting to each
         validation user's support set, which is what callbacks such as EarlyStopping watch.
         """
-        self._check_ready(x)
+        self.prepare(x)
         _check_not_empty(x, "the training set x")
         if validation_data is not None:
             _check_not_empty(validation_data, "validation_data")
@@ -470,7 +479,7 @@ class MetaLearner(keras.Model):
                 for step, episode in enumerate(batches):
                     callbacks.on_train_batch_begin(step)
                     self._before_train_step()
-                    step_logs = train_step(self._train_batch(episode, global_step))
+                    step_logs = train_step(self.train_batch(episode, global_step))
                     global_step += 1
                     self._fit_state["synced"] = False
                     for k, v in step_logs.items():
@@ -530,7 +539,7 @@ class MetaLearner(keras.Model):
         users = 0.0
         progbar = keras.utils.Progbar(x.num_batches(batch_size)) if verbose else None
         for i, episode in enumerate(x.episodes(batch_size, shuffle=False)):
-            outputs = fn(params, non_trainable, self._eval_batch(episode))
+            outputs = fn(params, non_trainable, self.eval_batch(episode))
             before, after, weight = (backend.to_numpy(t) for t in outputs)
             sums += [float((before * weight).sum()), float((after * weight).sum())]
             users += float(weight.sum())

@@ -3,8 +3,9 @@
 A rating is valid when it is finite and, for implicit feedback, exactly 0 or 1, or, for
 explicit feedback with a rating range ``(low, high)``, inside ``[low, high]``.
 :func:`ratings_valid` checks a whole array at once; :func:`first_bad_rating` names the first
-rating that breaks the rule and why, for an error message; :func:`check_ratings` is the SDK's
-check (``ValueError`` naming the first bad value).
+rating that breaks the rule and why; :func:`describe_bad_rating` words it, the one wording that
+the SDK, the data loader and the server all use; :func:`check_ratings` is the SDK's check
+(``ValueError`` naming the first bad value).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["BadRating", "check_ratings", "first_bad_rating", "ratings_valid"]
+__all__ = ["BadRating", "check_ratings", "describe_bad_rating", "first_bad_rating", "ratings_valid"]
 
 #: Why a rating is refused (``BadRating.reason``).
 NOT_FINITE, NOT_BINARY, OUT_OF_RANGE = "not_finite", "not_binary", "out_of_range"
@@ -84,6 +85,24 @@ def first_bad_rating(ratings: np.ndarray, feedback: str,
     return None
 
 
+def describe_bad_rating(bad: BadRating, rating_range: Sequence[float] | None) -> str:
+    """The error message for a refused rating (callers add where it was: a row, a request field).
+
+    Args:
+        bad: the refused rating, from :func:`first_bad_rating`.
+        rating_range: the ``(low, high)`` that was checked (used for ``"out_of_range"``).
+
+    Returns:
+        For example ``"rating must be finite, got nan"``.
+    """
+    if bad.reason == NOT_FINITE:
+        return f"rating must be finite, got {bad.value!r}"
+    if bad.reason == NOT_BINARY:
+        return f"implicit feedback needs a 0 or 1 label, got {bad.value!r}"
+    low, high = rating_range
+    return f"rating {bad.value!r} is outside the rating range [{low}, {high}]"
+
+
 def check_ratings(ratings: Any, feedback: str, rating_range: Sequence[float] | None) -> np.ndarray:
     """Ratings as float32, checked; ``ValueError`` naming the first bad value otherwise.
 
@@ -101,10 +120,6 @@ def check_ratings(ratings: Any, feedback: str, rating_range: Sequence[float] | N
         first = np.ravel(np.asarray(ratings, dtype=object))[:1]
         raise ValueError(f"ratings must be numbers, got {first[0] if len(first) else ratings!r}") from exc
     if not ratings_valid(values, feedback, rating_range):
-        bad = first_bad_rating(values, feedback, rating_range)
-        if bad.reason == NOT_FINITE:
-            raise ValueError(f"ratings must be finite, got {bad.value!r}")
-        if bad.reason == NOT_BINARY:
-            raise ValueError(f"implicit feedback needs 0/1 labels, got {bad.value!r}")
-        raise ValueError(f"rating {bad.value!r} is outside the rating range {rating_range}")
+        raise ValueError(describe_bad_rating(first_bad_rating(values, feedback, rating_range),
+                                             rating_range))
     return values.astype(np.float32)

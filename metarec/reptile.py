@@ -46,7 +46,7 @@ class Reptile(MetaLearner):
             w = ops.reshape(weight, (-1,) + (1,) * (len(stacked.shape) - 1))
             return ops.sum(stacked * w, axis=0) / count
 
-        model_params, _ = self._split_meta(params)
+        model_params, _ = self.split_meta(params)
         initial, fixed = self.forward.split(model_params)
 
         # The fixed weights' gradient is the mean of the users' query-loss gradients at their
@@ -61,5 +61,5 @@ class Reptile(MetaLearner):
 
         loss, fixed_grads = backend.value_and_grad(mean_query_loss)(fixed)
         adapt_grads = [w0 - user_mean(w) for w0, w in zip(initial, adapted)]
-        grads = self._merge_meta(self.forward.merge(adapt_grads, fixed_grads), [])
+        grads = self.merge_meta(self.forward.merge(adapt_grads, fixed_grads), [])
         return {"loss": loss}, grads

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from metarec.ratings import NOT_BINARY, NOT_FINITE, first_bad_rating, ratings_valid
+from metarec.ratings import describe_bad_rating, first_bad_rating, ratings_valid
 from metarec_server.inference import ServingModel
 
 
@@ -86,14 +86,8 @@ def check_rating(rating: float, model: ServingModel | None, where: str) -> None:
         bad = first_bad_rating(np.array([rating], np.float64), "explicit", None)
     else:
         bad = first_bad_rating(np.array([rating], np.float64), model.feedback, model.rating_range)
-    if bad is None:
-        return
-    if bad.reason == NOT_FINITE:
-        raise invalid(f"{where}: rating must be finite, got {rating!r}")
-    if bad.reason == NOT_BINARY:
-        raise invalid(f"{where}: implicit feedback needs a 0 or 1 label, got {rating!r}")
-    low, high = model.rating_range
-    raise invalid(f"{where}: rating {rating!r} is outside the model's range [{low}, {high}]")
+    if bad is not None:
+        raise invalid(f"{where}: {describe_bad_rating(bad, model and model.rating_range)}")
 
 
 def _ratings_valid(ratings: np.ndarray, model: ServingModel) -> bool:

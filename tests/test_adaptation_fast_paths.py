@@ -159,7 +159,7 @@ def test_adapt_flat_matches_adapt_many(setup):
                                learner.adapt(empty).score(items), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="sum\\(lengths\\) = 3"):
         learner.adapt_flat([1, 2], [4.0, 5.0], [1, 2])
-    with pytest.raises(ValueError, match="ratings must be finite"):
+    with pytest.raises(ValueError, match="rating must be finite"):
         learner.adapt_flat([1, 2], [4.0, np.nan], [1, 1])
     with pytest.raises(ValueError, match="user_features has 1 entries for 2 users"):
         learner.adapt_flat([1, 2], [4.0, 5.0], [1, 1], [{}])

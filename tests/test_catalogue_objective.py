@@ -58,11 +58,11 @@ def supports_of(taskset, n):
 
 def test_loss_equals_its_definition_on_the_full_catalogue(tasks):
     learner = make(tasks, rating_weight=0.3)
-    learner._check_ready(tasks.train)
+    learner.prepare(tasks.train)
     episode = next(tasks.train.episodes(2))
-    negatives = learner._negative_inputs(learner.objective.sampler.inference_draw())
+    negatives = learner.negative_inputs(learner.objective.sampler.inference_draw())
     params, non_trainable = learner.snapshot()
-    adapted, fixed = learner.forward.split(learner._split_meta(params)[0])
+    adapted, fixed = learner.forward.split(learner.split_meta(params)[0])
     user = {k: v[0] for k, v in episode.support.items()}
     y, m = episode.support_y[0], episode.support_mask[0]
     loss = float(backend.to_numpy(learner.user_loss(adapted, fixed, non_trainable, user, y, m, negatives)))
@@ -199,10 +199,10 @@ def test_bad_learner_and_model_settings_are_refused(tasks):
 def test_start_weight_trains_the_unadapted_start_too(tasks):
     plain = make(tasks, inner_steps=1)
     weighted = make(tasks, inner_steps=1, start_weight=1.0)
-    plain._check_ready(tasks.train)
-    weighted._check_ready(tasks.train)
+    plain.prepare(tasks.train)
+    weighted.prepare(tasks.train)
     episode = next(tasks.train.episodes(8))
-    batch = plain._train_batch(episode, 0)
+    batch = plain.train_batch(episode, 0)
     params, non_trainable = plain.snapshot()
     logs0, _ = plain.meta_gradients(params, non_trainable, batch)
     logs1, _ = weighted.meta_gradients(params, non_trainable, batch)

@@ -32,9 +32,9 @@ def test_check_ratings_names_the_first_bad_value():
     assert check_ratings([1, 2.5], "explicit", (1.0, 5.0)).dtype == np.float32
     with pytest.raises(ValueError, match="finite, got nan"):
         check_ratings([3.0, np.nan], "explicit", (1.0, 5.0))
-    with pytest.raises(ValueError, match=r"rating 7.0 is outside the rating range \(1.0, 5.0\)"):
+    with pytest.raises(ValueError, match=r"rating 7.0 is outside the rating range \[1.0, 5.0\]"):
         check_ratings([3.0, 7.0, 9.0], "explicit", (1.0, 5.0))
-    with pytest.raises(ValueError, match="implicit feedback needs 0/1 labels, got 0.5"):
+    with pytest.raises(ValueError, match="implicit feedback needs a 0 or 1 label, got 0.5"):
         check_ratings([1.0, 0.5], "implicit", None)
     with pytest.raises(ValueError, match="ratings must be numbers, got 'x'"):
         check_ratings(["x"], "explicit", None)

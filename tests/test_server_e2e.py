@@ -240,12 +240,12 @@ BAD_REQUESTS = {
     "rating-above-range": (
         pb.RecommendRequest(user=user((5, 6.0)), k=5),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "rating 6.0 is outside the model's range [1.0, 5.0]",
+        "rating 6.0 is outside the rating range [1.0, 5.0]",
     ),
     "rating-below-range": (
         pb.RecommendRequest(user=user((5, 0.0)), k=5),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "rating 0.0 is outside the model's range [1.0, 5.0]",
+        "rating 0.0 is outside the rating range [1.0, 5.0]",
     ),
     "k-zero": (pb.RecommendRequest(user=GOOD_USER, k=0), grpc.StatusCode.INVALID_ARGUMENT, "k must be >= 1, got 0"),
     "k-too-big": (pb.RecommendRequest(user=GOOD_USER, k=101), grpc.StatusCode.INVALID_ARGUMENT, "k is 101 (max 100)"),

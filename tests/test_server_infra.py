@@ -267,7 +267,7 @@ def implicit_loader(folder):
 @pytest.mark.parametrize(
     "loader, bad, good, message",
     [
-        (json_loader, [6.0, 0.5], 5.0, "is outside the model's range [1.0, 5.0]"),
+        (json_loader, [6.0, 0.5], 5.0, "is outside the rating range [1.0, 5.0]"),
         (implicit_loader, [0.5, 2.0], 1.0, "implicit feedback needs a 0 or 1 label"),
     ],
     ids=["explicit", "implicit"],

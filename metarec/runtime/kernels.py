@@ -58,7 +58,7 @@ def adaptation_negatives(learner):
     as the adapt program takes them: constants of the compiled program; None otherwise."""
     objective = getattr(learner, "objective", None)
     if objective is not None and objective.inner_loss == "softmax":
-        return learner._negative_inputs(objective.sampler.inference_draw())
+        return learner.negative_inputs(objective.sampler.inference_draw())
     return None
 
 
@@ -93,7 +93,7 @@ def score(learner, spec, params, non_trainable, adapted, users, item_index, tabl
     when ``spec.shared``, else ``[users, candidates]``; ``tables``: the encoder's item feature
     tables (``{name: [num_items, ...]}``), from which the candidates' features are gathered.
     """
-    model_params, _ = learner._split_meta(params)
+    model_params, _ = learner.split_meta(params)
     _, fixed = learner.forward.split(model_params)
     items = {"item_id": item_index}
     items.update({k: ops.take(t, item_index, axis=0) for k, t in tables.items()})
@@ -125,7 +125,7 @@ def adapt_and_score(learner, spec, params, non_trainable, inputs, target, mask, 
 def predict(learner, params, non_trainable, inputs):
     """The meta-model's own predictions ``[n]`` of a batch of rows (``inputs``: model inputs),
     as ratings, or probabilities for implicit feedback."""
-    model_params, _ = learner._split_meta(params)
+    model_params, _ = learner.split_meta(params)
     adapted, fixed = learner.forward.split(model_params)
     out = learner.forward(adapted, fixed, non_trainable, inputs)
     return out if learner.feedback == "explicit" else ops.sigmoid(out)
