@@ -30,7 +30,7 @@ from metarec.interaction_log import InteractionLog
 from metarec_server.auth import BearerTokenInterceptor
 from metarec_server.batcher import BatcherConfig
 from metarec_server.cache import AdaptedUserCache
-from metarec_server.inference import load_serving_model, make_check
+from metarec_server.inference import load_serving_model, make_check, make_warm
 from metarec_server.registry import ModelRegistry
 from metarec_server.service import SERVICE_NAME, RecommenderService
 from metarec_server.validation import Limits
@@ -67,8 +67,11 @@ class ServerConfig:
         poll_interval_s: how often the model folders are checked for new versions.
         grace_s: how long shutdown waits for in-flight calls.
         limits: per-request limits.
+        compile_cache: a folder that keeps compiled programs across restarts (JAX's
+            persistent compilation cache; TensorFlow has none), or ``None``.
         loader, check: how a version is loaded and verified (defaults: ``metarec.load`` in
-            safe mode, and a test prediction that also warms up the compiled kernels).
+            safe mode, and a test prediction that also compiles the kernels of one-user
+            batches; the larger batch sizes compile after it, see ``inference.make_warm``).
 
     Raises:
         ValueError: on construction, for a value out of range; the message names the field
@@ -93,6 +96,7 @@ class ServerConfig:
     grace_s: float = 10.0
     limits: Limits = dataclasses.field(default_factory=Limits)
     loader: Callable[[Path], Any] = load_serving_model
+    compile_cache: str | Path | None = None
     check: Callable[[Any], None] | None = None
 
     def __post_init__(self) -> None:
@@ -128,16 +132,27 @@ class MetarecServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.cache = AdaptedUserCache(config.cache_entries)
-        check = config.check
+        if config.compile_cache is not None:
+            from metarec import backend  # imported here: Keras takes seconds to import
+
+            if backend.enable_compilation_cache(Path(config.compile_cache)):
+                log.info("compiled programs are kept in %s", config.compile_cache)
+            else:
+                log.warning("--compile-cache: the %s backend keeps no compiled programs across "
+                            "processes; ignored", backend.BACKEND)
+        check, warm = config.check, None
         if check is None:
-            # Warm every padded batch size a request can land in (powers of two up to the
-            # largest batch) for short, medium and 20-32-interaction supports.
+            # A version serves once batches of one user are compiled (for short, medium and
+            # 20-32-interaction supports); every larger padded batch size a request can land
+            # in (powers of two up to the largest batch) compiles after that, in the
+            # background for the first version (inference.make_warm).
             sizes, size = [], 1
             while size < config.batching.max_batch_size:
                 sizes.append(size)
                 size *= 2
             sizes.append(size)
-            check = make_check(batch_sizes=sizes, support_sizes=(5, 12, 20))
+            check = make_check(batch_sizes=(1,), support_sizes=(5, 12, 20))
+            warm = make_warm(batch_sizes=sizes, support_sizes=(5, 12, 20, 32))
         folders = {config.model_name: Path(config.model_dir), **{n: Path(p) for n, p in config.extra_models.items()}}
         self.registries = {
             name: ModelRegistry(
@@ -145,6 +160,7 @@ class MetarecServer:
                 folder,
                 loader=config.loader,
                 check=check,
+                warm=warm,
                 poll_interval_s=config.poll_interval_s,
                 on_swap=lambda served: self.cache.drop_model(served.name, served.version),
             )

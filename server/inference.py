@@ -84,6 +84,10 @@ class ServingModel:
     feedback: str
     rating_range: tuple[float, float] | None
     user_features: dict[str, Any]  # name -> metarec FeatureSpec
+    # Catalogues up to this many items are scored whole for every request, and each request's
+    # candidates gathered from those scores: one compiled shape whatever the candidate count.
+    whole_catalogue_up_to: int = 4096
+    batch_sizes: WarmBatchSizes = dataclasses.field(default_factory=lambda: WarmBatchSizes())
 
     @classmethod
     def from_learner(cls, learner) -> ServingModel:
@@ -114,6 +118,77 @@ def load_serving_model(version_dir: Path) -> ServingModel:
     return ServingModel.from_learner(metarec.load(model_file(Path(version_dir)), safe_mode=True))
 
 
+class WarmBatchSizes:
+    """Which padded batch sizes (users per compiled call) a version may use while it warms up.
+
+    A version can serve as soon as its batch-size-1 programs are compiled (the check); the
+    larger batch sizes then compile in the background. Until a size is ready, :func:`run_batch`
+    runs a larger batch as several calls of the largest ready size, so no request waits for a
+    compilation. ``pending`` is False once every size is ready (or when nothing warms up in the
+    background): then any size is used.
+    """
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._ready: set[int] = set()
+
+    def start(self, ready: Sequence[int]) -> None:
+        """Warming begins: only ``ready`` sizes (padded user counts) may be used."""
+        self._ready = set(ready)
+        self.pending = True
+
+    def mark_ready(self, size: int) -> None:
+        self._ready = self._ready | {size}  # a new set: readers on other threads see old or new
+
+    def is_ready(self, size: int) -> bool:
+        return size in self._ready
+
+    def finish(self) -> None:
+        self.pending = False
+
+    def chunk(self, n: int) -> int:
+        """How many of ``n`` jobs to run in one call (``n`` unless warming is under way)."""
+        if not self.pending or bucket(n) in self._ready:
+            return n
+        usable = [size for size in self._ready if size <= n]
+        return max(usable) if usable else n
+
+
+def _probe(model: ServingModel, size: int, support_size: int, num_candidates: int) -> None:
+    """Test predictions through the request path (a batch of ``size`` users with
+    ``support_size`` interactions: Recommend over per-user lists, Score of the catalogue):
+    compiles the programs of those shapes and raises when scores are not finite and well
+    shaped."""
+    n_items = len(model.catalog)
+    low, high = model.rating_range or (0.0, 1.0)
+    rating = high if model.feedback == "implicit" else (low + high) / 2
+    candidates = model.catalog.all_indices[: min(num_candidates, n_items)]
+    support = model.catalog.all_indices[: min(support_size, n_items)]
+    ratings = np.full(len(support), rating, np.float32)
+    job = Job(RECOMMEND, support, ratings, None, {}, candidates, 10, True, None)
+    # Each job its own order of the candidates: concurrent requests carry different lists,
+    # and equal lists would compile the shared-list kernel instead.
+    jobs = [dataclasses.replace(job, candidates=np.roll(candidates, j)) for j in range(size)]
+    for result in run_batch(model, jobs, None):
+        if not np.all(np.isfinite(result.scores)):
+            raise ValueError("test prediction produced non-finite scores")
+        expected = min(10, len(candidates) - len(np.intersect1d(candidates, support)))
+        if len(result.item_idx) != expected:
+            raise ValueError(f"test recommendation returned {len(result.item_idx)} items, not {expected}")
+    whole = run_batch(model, [dataclasses.replace(job, candidates=None, mode=SCORE)] * size, None)
+    if any(len(r.scores) != n_items or not np.all(np.isfinite(r.scores)) for r in whole):
+        raise ValueError(f"test scoring of the catalogue did not return {n_items} finite scores")
+    # The adapted-user cache's paths: some users cached (adapt the others, then score all),
+    # and all cached (score only).
+    keyed = [dataclasses.replace(job, cache_key=CacheKey(f"probe{j}", b"", "probe", 0)) for j in range(size)]
+    for cached in sorted({1, size // 2, size - 1, size} - {0}):  # adapt batches of every size
+        cache = AdaptedUserCache(max_entries=size)
+        run_batch(model, keyed[:cached], cache)
+        for result in run_batch(model, keyed, cache):
+            if not np.all(np.isfinite(result.scores)):
+                raise ValueError("test prediction with cached users produced non-finite scores")
+
+
 def make_check(
     batch_sizes: Sequence[int] = (1,),
     support_sizes: Sequence[int] = (5,),
@@ -128,31 +203,37 @@ def make_check(
     """
 
     def check(model: ServingModel) -> None:
-        n_items = len(model.catalog)
-        if n_items == 0:
+        if len(model.catalog) == 0:
             raise ValueError("the model's catalogue is empty")
-        low, high = model.rating_range or (0.0, 1.0)
-        rating = high if model.feedback == "implicit" else (low + high) / 2
-        candidates = model.catalog.all_indices[: min(num_candidates, n_items)]
         for size in batch_sizes:
             for support_size in support_sizes:
-                support = model.catalog.all_indices[: min(support_size, n_items)]
-                ratings = np.full(len(support), rating, np.float32)
-                job = Job(RECOMMEND, support, ratings, None, {}, candidates, 10, True, None)
-                # Each job its own order of the candidates: concurrent requests carry different
-                # lists, and equal lists would compile the shared-list kernel instead.
-                jobs = [dataclasses.replace(job, candidates=np.roll(candidates, j)) for j in range(size)]
-                for result in run_batch(model, jobs, None):
-                    if not np.all(np.isfinite(result.scores)):
-                        raise ValueError("test prediction produced non-finite scores")
-                    expected = min(10, len(candidates) - len(np.intersect1d(candidates, support)))
-                    if len(result.item_idx) != expected:
-                        raise ValueError(f"test recommendation returned {len(result.item_idx)} items, not {expected}")
-            whole = run_batch(model, [dataclasses.replace(job, candidates=None, mode=SCORE)] * size, None)
-            if any(len(r.scores) != n_items or not np.all(np.isfinite(r.scores)) for r in whole):
-                raise ValueError(f"test scoring of the catalogue did not return {n_items} finite scores")
+                _probe(model, size, support_size, num_candidates)
+        # Until a warm-up (make_warm) finishes, batches use only the sizes compiled here.
+        model.batch_sizes.start([bucket(size) for size in batch_sizes])
 
     return check
+
+
+def make_warm(
+    batch_sizes: Sequence[int],
+    support_sizes: Sequence[int] = (5,),
+    num_candidates: int = 1000,
+) -> Any:
+    """A registry warm-up: compiles the programs of ``batch_sizes`` (ascending) for each
+    support size, marking each batch size ready for :func:`run_batch` once compiled. The
+    registry runs it after the check: in the background for a server's first version (which
+    serves meanwhile with the sizes the check compiled), before the swap for later ones."""
+
+    def warm(model: ServingModel) -> None:
+        for size in sorted(batch_sizes):
+            if model.batch_sizes.is_ready(bucket(size)):
+                continue
+            for support_size in support_sizes:
+                _probe(model, size, support_size, num_candidates)
+            model.batch_sizes.mark_ready(bucket(size))
+        model.batch_sizes.finish()
+
+    return warm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +274,10 @@ def candidate_bucket(job: Job) -> int:
 
 def run_batch(model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache | None) -> list[Result]:
     """Adapt (cache misses only), score and rank a batch of jobs for one model version."""
+    chunk = model.batch_sizes.chunk(len(jobs))
+    if chunk < len(jobs):  # warming up: only smaller batch sizes are compiled yet
+        return [result for start in range(0, len(jobs), chunk)
+                for result in run_batch(model, jobs[start:start + chunk], cache)]
     learner, catalog = model.learner, model.catalog
     adapted: list[Any] = [None] * len(jobs)
     if cache is not None:
@@ -202,6 +287,8 @@ def run_batch(model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache 
     missing = [i for i, a in enumerate(adapted) if a is None]
     cand_idx = [catalog.all_indices if j.candidates is None else j.candidates for j in jobs]
     all_catalogue = all(job.candidates is None for job in jobs)
+    # A small catalogue is scored whole and each job's candidates gathered from it (below).
+    whole = all_catalogue or len(catalog) <= model.whole_catalogue_up_to
     # Recommend ranks by the ranking head, Score returns the rating head: the same scores
     # except for a model with a separate ranking head (metarec.models.two_tower).
     two_heads = learner.has_ranking_head()
@@ -223,7 +310,7 @@ def run_batch(model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache 
         if len(missing) == len(jobs):
             # Nothing cached: adapt and score in one compiled call.
             new, scores = learner.adapt_score_indices(
-                *support, None if all_catalogue else cand_idx, head=head, **extra)
+                *support, None if whole else cand_idx, head=head, **extra)
         else:
             new = learner.adapt_indices(*support, **extra)
         for i, user in zip(missing, new):
@@ -232,13 +319,14 @@ def run_batch(model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache 
                 cache.put(jobs[i].cache_key, user)
 
     if scores is None:
-        scores = (learner.score_many(adapted, None, head=head) if all_catalogue  # one shared array
+        scores = (learner.score_many(adapted, None, head=head) if whole  # one shared array
                   else learner.score_indices(adapted, cand_idx, head=head))
     if any(h != head for h in heads):
         # A batch mixing Score and Recommend on a two-headed model: Score's jobs get ratings.
         rated = [i for i, h in enumerate(heads) if h != head]
-        again = learner.score_indices([adapted[i] for i in rated], [cand_idx[i] for i in rated],
-                                      head=RATING_HEAD)
+        again = (learner.score_many([adapted[i] for i in rated], None, head=RATING_HEAD) if whole
+                 else learner.score_indices([adapted[i] for i in rated], [cand_idx[i] for i in rated],
+                                            head=RATING_HEAD))
         scores = list(scores)
         for i, s in zip(rated, again):
             scores[i] = s
@@ -246,6 +334,8 @@ def run_batch(model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache 
     results = []
     for job, idx, s in zip(jobs, cand_idx, scores):
         s = np.asarray(s, dtype=np.float32)
+        if whole and job.candidates is not None:
+            s = s[idx - 1]  # catalogue order: item index i is entry i - 1
         if job.mode == SCORE:
             results.append(Result(idx, s))
         else:

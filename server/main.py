@@ -75,6 +75,10 @@ def build_parser(prog: str = "metarec serve") -> argparse.ArgumentParser:
                    help="longest user or item id, in characters (default: %(default)s)")
     p.add_argument("--max-user-features", type=int, default=d_limits.max_user_features,
                    help="most user features in one request (default: %(default)s)")
+    p.add_argument("--compile-cache", type=Path, metavar="DIR",
+                   help="keep compiled model programs in DIR across restarts (JAX backend: a "
+                        "restarted or added worker loads them instead of compiling; TensorFlow has "
+                        "no such cache and ignores it)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -121,6 +125,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         cache_entries=args.cache_size,
         poll_interval_s=args.poll_interval,
         grace_s=args.grace,
+        compile_cache=args.compile_cache,
         limits=Limits(
             max_interactions=args.max_interactions,
             max_candidates=args.max_candidates,

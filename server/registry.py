@@ -103,6 +103,10 @@ class ModelRegistry:
         loader: ``loader(version_dir) -> model``; raises on a broken version.
         check: ``check(model)``; raises when a loaded model must not serve (the test
             prediction). Runs before the swap.
+        warm: ``warm(model)``, more compilation after a passed check. The first version
+            serves at once and warms on the watcher thread after its swap (a server becomes
+            SERVING sooner); a later version warms before its swap, while the old one serves.
+            A failure is logged; it refuses a later version, and the first keeps serving.
         poll_interval_s: how often the watcher looks for new versions.
         on_swap: called with the new :class:`ServedVersion` after each swap (cache eviction).
     """
@@ -115,11 +119,13 @@ class ModelRegistry:
         check: Check | None = None,
         poll_interval_s: float = 5.0,
         on_swap: Callable[[ServedVersion], None] | None = None,
+        warm: Check | None = None,
     ) -> None:
         self.name = name
         self.model_dir = Path(model_dir)
         self._loader = loader
         self._check = check
+        self._warm = warm
         self.poll_interval_s = float(poll_interval_s)
         self._on_swap = on_swap
         self._current: ServedVersion | None = None
@@ -176,6 +182,8 @@ class ModelRegistry:
                 model = self._loader(folder)
                 if self._check is not None:
                     self._check(model)
+                if self._warm is not None and current is not None:
+                    self._warm(model)
             except Exception as error:  # noqa: BLE001 - any failure refuses the version
                 reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 reason = f"{type(error).__name__}: {reason}"[:500]
@@ -205,6 +213,14 @@ class ModelRegistry:
                     self._on_swap(served)
                 except Exception:  # noqa: BLE001 - a hook must not undo a good swap
                     log.exception("model %r: on_swap hook failed", self.name)
+            if self._warm is not None and current is None:
+                started = time.monotonic()
+                try:
+                    self._warm(model)
+                    log.info("model %r: version %d warmed up in %.1f s", self.name, version,
+                             time.monotonic() - started)
+                except Exception:  # noqa: BLE001 - it serves already; the check passed
+                    log.exception("model %r: warming version %d up failed", self.name, version)
             return True
         return False
 

@@ -1,7 +1,7 @@
 """The only place where metarec touches a specific Keras backend.
 
 Keras 3 has no backend-neutral ``grad``, ``vmap`` or ``jit``. Each supported backend gets one
-small module with the same five functions and one class; everything else in metarec is written
+small module with the same six functions and one class; everything else in metarec is written
 with ``keras.ops`` and ``Model.stateless_call`` and calls them through this package:
 
 * ``value_and_grad(fn, has_aux=False)``: ``fn(params, *args)`` -> ``(value, grads)`` with the
@@ -17,6 +17,8 @@ with ``keras.ops`` and ``Model.stateless_call`` and calls them through this pack
 * ``kernel_weights(values)``: variables' values as the compiled kernels of ``jit(fn, xla=True)``
   take them (JAX arrays; on TensorFlow the variables, read when the kernel runs).
 * ``to_numpy(x)``: a tensor's value as a numpy array.
+* ``enable_compilation_cache(path)``: keep compiled programs in a folder across processes
+  (JAX's persistent cache; returns False on TensorFlow, which has none to turn on here).
 * ``TrainStep``: applies a meta-gradient function and a Keras optimizer in one compiled step.
 """
 
@@ -25,12 +27,15 @@ import keras
 BACKEND = keras.backend.backend()
 
 if BACKEND == "tensorflow":
-    from metarec.backend.tensorflow import TrainStep, kernel_weights, jit, to_numpy, value_and_grad, vmap
+    from metarec.backend.tensorflow import (TrainStep, enable_compilation_cache, kernel_weights, jit, to_numpy,
+                                           value_and_grad, vmap)
 elif BACKEND == "jax":
-    from metarec.backend.jax import TrainStep, kernel_weights, jit, to_numpy, value_and_grad, vmap
+    from metarec.backend.jax import (TrainStep, enable_compilation_cache, kernel_weights, jit, to_numpy,
+                                     value_and_grad, vmap)
 else:  # pragma: no cover - depends on the environment
     raise ImportError(
         f"metarec supports the 'tensorflow' and 'jax' Keras backends; KERAS_BACKEND is {BACKEND!r}."
     )
 
-__all__ = ["BACKEND", "TrainStep", "kernel_weights", "jit", "to_numpy", "value_and_grad", "vmap"]
+__all__ = ["BACKEND", "TrainStep", "enable_compilation_cache", "kernel_weights", "jit", "to_numpy",
+           "value_and_grad", "vmap"]

@@ -25,6 +25,16 @@ def jit(fn, xla=False):
     return jax.jit(fn)
 
 
+def enable_compilation_cache(path):
+    """Keep compiled XLA programs in the folder ``path`` across processes (JAX's persistent
+    compilation cache, every program however quick to compile): a restarted process loads
+    them instead of compiling again. Returns True."""
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return True
+
+
 def to_numpy(x):
     return np.asarray(x)
 

@@ -1,0 +1,176 @@
+"""Start-up of ``metarec serve``: seconds from process start to SERVING, and the latency of the
+first requests after it.
+
+For each Keras backend it trains the quickstart-sized model (the gRPC bench's: MAML over a
+2,000-item synthetic catalogue, 5 inner steps), then starts the server in a fresh process
+``--starts`` times in a row with the same ``--compile-cache`` folder (the first start finds it
+empty, the later ones find what the first compiled), and for each start reports:
+
+* ``listening_s``: process start -> the "listening" line (imports, the port bound);
+* ``serving_s``: process start -> health SERVING (model loaded, checked and warmed);
+* ``load_log``: the server's own log line with the load-and-check time;
+* after SERVING, ``--requests`` Recommend / Score calls over a mix that reaches many compiled
+  shapes (1-32 concurrent clients, supports of 1-40 interactions, 10-2,000 candidates, and the
+  whole catalogue): the first call's latency, the median, the p99, the maximum and how many took
+  over 100 ms.
+
+    python bench/startup.py                          # both backends
+    python bench/startup.py --backends jax --starts 2 --json bench/results/startup.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import grpc_bench  # noqa: E402 - bench/grpc_bench.py: the model, the users, the health wait
+import machine  # noqa: E402
+
+NUM_ITEMS = 2000
+
+
+def start(model_dir: Path, workdir: Path, backend: str, cache: Path | None, tag: str):
+    """The server in a fresh process; returns (process, address, listening seconds, t0, log)."""
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    log = workdir / f"server-{backend}-{tag}.log"
+    command = [sys.executable, "-m", "metarec_server.main", "--model-dir", str(model_dir),
+               "--port", "0", "--log-db", str(workdir / f"log-{backend}-{tag}.sqlite"),
+               "--log-level", "INFO"]
+    if cache is not None:
+        command += ["--compile-cache", str(cache)]
+    t0 = time.perf_counter()
+    with open(log, "w") as err:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    line = proc.stdout.readline()
+    listening = time.perf_counter() - t0
+    if not line.startswith("metarec server listening on"):
+        proc.kill()
+        raise RuntimeError(f"server did not start ({backend}): {line!r}; see {log}")
+    return proc, line.strip().rsplit(" ", 1)[1], listening, t0, log
+
+
+def request_mix(n: int, seed: int):
+    """Recommend and Score requests of many shapes (support size, candidate count, whole
+    catalogue), so that the calls after SERVING reach the shapes real traffic reaches."""
+    from metarec.api.v1 import recommender_pb2 as pb
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        size = int(rng.integers(1, 41))
+        count = int(rng.choice([10, 50, 100, 300, 1000, 2000]))
+        picks = rng.choice(np.arange(1, NUM_ITEMS + 1), size=size + min(count, NUM_ITEMS - size), replace=False)
+        user = pb.UserContext(interactions=[
+            pb.Interaction(item_id=str(item), rating=float(rng.integers(1, 6))) for item in picks[:size]])
+        candidates = [] if i % 7 == 3 else [str(c) for c in picks[size:]]  # some: the whole catalogue
+        if i % 3 == 2:
+            out.append(("Score", pb.ScoreRequest(user=user, candidate_item_ids=candidates)))
+        else:
+            out.append(("Recommend", pb.RecommendRequest(user=user, candidate_item_ids=candidates, k=10)))
+    return out
+
+
+async def timed_calls(address: str, requests, clients: int):
+    import grpc
+
+    from metarec.api.v1 import recommender_pb2_grpc as pb_grpc
+
+    latencies = [0.0] * len(requests)
+    queue = asyncio.Queue()
+    for item in enumerate(requests):
+        queue.put_nowait(item)
+
+    async def client():
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.RecommenderServiceStub(channel)
+            while not queue.empty():
+                i, (method, request) = queue.get_nowait()
+                t = time.perf_counter()
+                await getattr(stub, method)(request, timeout=120)
+                latencies[i] = time.perf_counter() - t
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return latencies
+
+
+def after_serving(address: str, n: int) -> dict:
+    """The first call alone, then the mix at 1, 4 and 32 concurrent clients."""
+    requests = request_mix(n, seed=5)
+    first = asyncio.run(timed_calls(address, requests[:1], 1))
+    rest = requests[1:]
+    third = len(rest) // 3
+    latencies = first[:]
+    for clients, part in ((1, rest[:third]), (4, rest[third:2 * third]), (32, rest[2 * third:])):
+        latencies += asyncio.run(timed_calls(address, part, clients))
+    ms = np.asarray(latencies) * 1e3
+    return {"first_call_ms": round(float(ms[0]), 1), "median_ms": round(float(np.median(ms)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 1), "max_ms": round(float(ms.max()), 1),
+            "over_100ms": int((ms > 100).sum()), "calls": int(len(ms))}
+
+
+def bench_backend(backend: str, model_path: Path, workdir: Path, args) -> list[dict]:
+    model_dir = workdir / f"models-{backend}"
+    (model_dir / "1").mkdir(parents=True)
+    shutil.copy(model_path, model_dir / "1" / "model.keras")
+    cache = None if args.no_cache else workdir / f"compile-cache-{backend}"
+    runs = []
+    for i in range(args.starts):
+        proc, address, listening, t0, log = start(model_dir, workdir, backend, cache, str(i))
+        try:
+            grpc_bench.wait_serving(address, timeout=600)
+            serving = time.perf_counter() - t0
+            run = {"start": i + 1, "listening_s": round(listening, 2), "serving_s": round(serving, 2)}
+            loaded = [line.strip() for line in log.read_text().splitlines() if "loaded and checked" in line]
+            run["load_log"] = re.sub(r"^.*?model ", "model ", loaded[0]) if loaded else None
+            run.update(after_serving(address, args.requests))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+        print(backend, json.dumps(run), flush=True)
+        runs.append(run)
+    return runs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backends", default="tensorflow,jax")
+    p.add_argument("--starts", type=int, default=2, help="starts in a row sharing one compile cache")
+    p.add_argument("--requests", type=int, default=300, help="calls measured after SERVING")
+    p.add_argument("--no-cache", action="store_true", help="start without --compile-cache")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+    results = {"machine": machine.describe(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+               "command": " ".join(["python", "bench/startup.py", *(argv or sys.argv[1:])])}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        model_path = workdir / "model.keras"
+        env = dict(os.environ, KERAS_BACKEND=args.backends.split(",")[0])
+        subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'bench'); import grpc_bench; "
+                        f"from pathlib import Path; grpc_bench.train_model(Path({str(model_path)!r}))"],
+                       cwd=ROOT, env=env, check=True)
+        for backend in args.backends.split(","):
+            results[backend] = bench_backend(backend, model_path, workdir, args)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Start-up of a served version: few compiled shapes (a small catalogue is scored whole), a
+check that compiles one-user batches, a warm-up of the larger batch sizes that runs after the
+first version already serves, and batches split into ready sizes meanwhile. In process, on
+a real (untrained) Keras model; the compilation cache in a subprocess."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+metarec = pytest.importorskip("metarec")
+
+from metarec_server.cache import AdaptedUserCache, CacheKey  # noqa: E402
+from metarec_server.inference import (  # noqa: E402
+    RECOMMEND, SCORE, Job, ServingModel, WarmBatchSizes, make_check, make_warm, run_batch)
+from metarec_server.registry import ModelRegistry  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def learner():
+    data = metarec.datasets.synthetic(num_users=60, num_items=300, seed=0)
+    tasks = metarec.UserTasks(data, support_size=5)
+    keras.utils.set_random_seed(0)
+    learner = metarec.MAML(metarec.models.rating_mlp(tasks.encoder, embedding_dim=8, hidden_units=(16,)),
+                           inner_steps=2, inner_lr=0.05)
+    learner.compile(optimizer=keras.optimizers.Adam(1e-3))
+    learner.prepare(tasks.train)  # binds the encoder: an untrained model serves all the same
+    return learner
+
+
+def jobs_of(served, n, seed=0, cached=False):
+    rng = np.random.default_rng(seed)
+    items = served.catalog.all_indices
+    out = []
+    for j in range(n):
+        support = rng.choice(items, size=int(rng.integers(1, 9)), replace=False).astype(np.int32)
+        candidates = rng.choice(items, size=int(rng.integers(5, 60)), replace=False).astype(np.int32)
+        out.append(Job(RECOMMEND if j % 2 else SCORE, support,
+                       rng.integers(1, 6, len(support)).astype(np.float32), None, {}, candidates, 5,
+                       True, CacheKey(f"u{j}", b"", "m", 1) if cached else None))
+    return out
+
+
+def assert_same(results, expected):
+    assert len(results) == len(expected)
+    for a, b in zip(results, expected):
+        np.testing.assert_array_equal(a.item_idx, b.item_idx)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_a_small_catalogue_scored_whole_gives_each_request_its_candidates_scores(learner):
+    whole = ServingModel.from_learner(learner)
+    per_list = dataclasses.replace(whole, whole_catalogue_up_to=0)
+    assert len(whole.catalog) <= whole.whole_catalogue_up_to
+    jobs = jobs_of(whole, 5)
+    assert_same(run_batch(whole, jobs, None), run_batch(per_list, jobs, None))
+    # With some users cached (adapt the others, score all) and all cached (score only).
+    keyed = jobs_of(whole, 5, cached=True)
+    for served in (whole, per_list):
+        cache = AdaptedUserCache(10)
+        run_batch(served, keyed[:2], cache)
+        partly = run_batch(served, keyed, cache)
+        assert_same(run_batch(served, keyed, cache), partly)
+    assert_same(partly, run_batch(whole, keyed, AdaptedUserCache(10)))
+
+
+def test_while_warming_a_batch_runs_as_calls_of_ready_sizes():
+    sizes = WarmBatchSizes()
+    assert sizes.chunk(5) == 5  # nothing warming: any size
+    sizes.start([1])
+    assert sizes.pending and sizes.chunk(1) == 1 and sizes.chunk(5) == 1
+    sizes.mark_ready(4)
+    assert sizes.chunk(3) == 3  # pads to 4, which is ready
+    assert sizes.chunk(5) == 4  # pads to 8, which is not: calls of 4
+    sizes.finish()
+    assert sizes.chunk(5) == 5
+
+
+def test_split_batches_answer_like_one_call(learner):
+    served = ServingModel.from_learner(learner)
+    jobs = jobs_of(served, 7, seed=3)
+    expected = run_batch(served, jobs, None)
+    served.batch_sizes.start([1, 2])
+    assert served.batch_sizes.chunk(7) == 2
+    assert_same(run_batch(served, jobs, None), expected)
+
+
+def test_check_then_warm_compile_every_size_and_end_the_restriction(learner):
+    served = ServingModel.from_learner(learner)
+    make_check(batch_sizes=(1,), support_sizes=(3,), num_candidates=50)(served)
+    assert served.batch_sizes.pending and served.batch_sizes.chunk(4) == 1
+    make_warm(batch_sizes=(1, 2, 4), support_sizes=(3,), num_candidates=50)(served)
+    assert not served.batch_sizes.pending and served.batch_sizes.chunk(4) == 4
+
+
+def publish(model_dir, version, weight):
+    (model_dir / str(version)).mkdir(parents=True)
+    (model_dir / str(version) / "model.keras").write_text(json.dumps({"weight": weight}))
+
+
+def json_loader(folder):
+    return json.loads((folder / "model.keras").read_text())
+
+
+def test_the_first_version_serves_before_its_warm_up_later_ones_after(tmp_path):
+    seen = []
+
+    def warm(model):
+        seen.append((model["weight"], registry.current.model["weight"] if registry.current else None))
+        if model["weight"] < 0:
+            raise ValueError("warm-up failed")
+
+    registry = ModelRegistry("m", tmp_path, json_loader, warm=warm)
+    publish(tmp_path, 1, 1)
+    assert registry.poll()
+    assert seen == [(1, 1)]  # warmed while already serving
+    publish(tmp_path, 2, 2)
+    assert registry.poll()
+    assert seen[-1] == (2, 1)  # warmed while version 1 still served
+    publish(tmp_path, 3, -3)
+    assert not registry.poll()  # a later version whose warm-up fails is refused
+    assert registry.current.version == 2
+    assert "warm-up failed" in registry.refused[0].reason
+
+
+def test_a_failed_warm_up_of_the_first_version_leaves_it_serving(tmp_path, caplog):
+    def warm(model):
+        raise ValueError("warm-up failed")
+
+    registry = ModelRegistry("m", tmp_path, json_loader, warm=warm)
+    publish(tmp_path, 1, 1)
+    assert registry.poll()
+    assert registry.current.version == 1 and not registry.refused
+    assert "warming version 1 up failed" in caplog.text
+
+
+@pytest.mark.slow
+def test_compilation_cache_keeps_compiled_programs_on_jax_only(tmp_path):
+    program = textwrap.dedent(f"""
+        import numpy as np
+        from keras import ops
+        from metarec import backend
+        print(backend.enable_compilation_cache({str(tmp_path / "cache")!r}))
+        f = backend.jit(lambda x: ops.sum(x * 2.0 + 1.0))
+        print(float(backend.to_numpy(f(np.ones((8, 8), np.float32)))))
+    """)
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ))
+    assert out.returncode == 0, out.stderr[-2000:]
+    enabled, value = out.stdout.split()[-2:]
+    assert float(value) == 192.0
+    files = list((tmp_path / "cache").rglob("*")) if (tmp_path / "cache").exists() else []
+    if metarec.backend.BACKEND == "jax":
+        assert enabled == "True" and any(f.is_file() for f in files)
+    else:
+        assert enabled == "False" and not files
