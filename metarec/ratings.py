@@ -98,8 +98,9 @@ def check_ratings(ratings: Any, feedback: str, rating_range: Sequence[float] | N
     try:
         values = np.asarray(ratings, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        first = np.ravel(np.asarray(ratings, dtype=object))[:1]
-        raise ValueError(f"ratings must be numbers, got {first[0] if len(first) else ratings!r}") from exc
+        position, value = _first_non_number(ratings)
+        raise ValueError(f"ratings must be numbers, got {value!r} at position {position}") from exc
+
     if not ratings_valid(values, feedback, rating_range):
         bad = first_bad_rating(values, feedback, rating_range)
         if bad.reason == NOT_FINITE:
@@ -108,3 +109,13 @@ def check_ratings(ratings: Any, feedback: str, rating_range: Sequence[float] | N
             raise ValueError(f"implicit feedback needs 0/1 labels, got {bad.value!r}")
         raise ValueError(f"rating {bad.value!r} is outside the rating range {rating_range}")
     return values.astype(np.float32)
+
+
+def _first_non_number(ratings: Any) -> tuple[int | None, Any]:
+    """The position and value of the first rating that does not convert to a number."""
+    for position, value in enumerate(np.ravel(np.asarray(ratings, dtype=object))):
+        try:
+            float(value)
+        except (TypeError, ValueError):
+            return position, value
+    return None, None
