@@ -247,15 +247,7 @@ PLOT_FILE = "learning_curves.png"
 
 
 def write_report(result, report_dir):
-    """report.md (which links the plot) and learning_curves.png for one retrain run.
-
-    The plot has one point per epoch on an integer axis; every curve is a mean query loss per
-    user (the loss the gate's ``loss`` metric reads), and the legend says which users and
-    whether before or after adaptation."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
+    """report.md (which links the plot) and learning_curves.png for one retrain run."""
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     curves = {key: values for key, values in result.history.items() if len(values)}
@@ -266,6 +258,21 @@ def write_report(result, report_dir):
                  f"{result.old_version} (early stopping keeps the best weights).\n\n"
                  f"![Learning curves: query loss per epoch]({PLOT_FILE})\n")
     (report_dir / "report.md").write_text(text)
+    learning_curve_figure(result).savefig(report_dir / PLOT_FILE, dpi=100)
+    return report_dir
+
+
+def learning_curve_figure(result):
+    """The learning curves of a retrain run as a matplotlib ``Figure``.
+
+    One point per epoch on an integer axis; every curve is a mean query loss per user (the loss
+    the gate's ``loss`` metric reads), and the legend says which users and whether before or
+    after adaptation."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    curves = {key: values for key, values in result.history.items() if len(values)}
     fig = Figure(figsize=(6, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -278,5 +285,4 @@ def write_report(result, report_dir):
     if curves:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(report_dir / PLOT_FILE, dpi=100)
-    return report_dir
+    return fig

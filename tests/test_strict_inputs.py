@@ -17,6 +17,7 @@ from metarec.batch_scoring import score_batch
 from metarec.cli import build_parser, main
 from metarec.progress import ProgressBar, resolve_verbose
 from metarec.ratings import check_ratings
+from metarec.retrain import RetrainResult, learning_curve_figure, write_report
 from metarec.schema import RatingRangeWarning
 from metarec.unknown_ids import UnknownIdsWarning
 from metarec_server.inference import ServingModel
@@ -222,3 +223,19 @@ def test_progress_bar_says_what_runs_before_it_ends(tmp_path):
     lines = path.read_text().splitlines()
     assert lines[0].startswith("[1/2]") and lines[0].endswith("fitting maml K=5 seed=0 ...")
     assert lines[1].startswith("[############............] 1/2")
+
+
+def test_retrain_report_links_a_plot_with_whole_epochs_and_one_y_label(tmp_path):
+    history = {"loss": [1.2, 1.0, 0.9], "val_loss": [1.3, 1.1, 1.05]}
+    result = RetrainResult(True, 1, 2, {"mae": 0.9}, {"mae": 0.8}, "mae", 0, history)
+    write_report(result, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "![Learning curves: query loss per epoch](learning_curves.png)" in report
+    assert (tmp_path / "learning_curves.png").stat().st_size > 1000
+    ax = learning_curve_figure(result).axes[0]
+    ax.figure.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    assert ax.get_ylabel() == "mean query loss per user"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "meta-train users, after adaptation", "validation users, after adaptation"]
