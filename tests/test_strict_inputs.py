@@ -239,3 +239,14 @@ def test_retrain_report_links_a_plot_with_whole_epochs_and_one_y_label(tmp_path)
     assert ax.get_ylabel() == "mean query loss per user"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
         "meta-train users, after adaptation", "validation users, after adaptation"]
+
+
+def test_evaluation_says_which_fit_runs(capsys):
+    from metarec.evaluation import GlobalMean, Q1Protocol, run_evaluation
+
+    protocol = Q1Protocol(metarec.datasets.synthetic(seed=0), k_values=(10,))
+    method = GlobalMean()
+    run_evaluation(protocol, [method], seeds=(0,), k_values=(10,), score_validation=False)
+    lines = capsys.readouterr().err.splitlines()  # not a terminal: one line per step
+    assert lines[0].endswith(f"fitting {method.name} K=10 seed=0 ...") and lines[0].startswith("[1/1]")
+    assert lines[1].endswith(f"{method.name} K=10 seed=0") and "1/1" in lines[1]
