@@ -45,12 +45,16 @@ def _score_batch(args):
     if args.candidates:
         candidates = read_table(args.candidates, columns=["item_id"])["item_id"].to_numpy()
     features = read_table(args.user_features).set_index("user_id") if args.user_features else None
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as recorded:
         warnings.simplefilter("always", UnknownIdsWarning)
         out = score_batch(args.model, interactions, args.out, candidates=candidates, k=args.k,
                           user_features=features, exclude_seen=not args.include_seen,
                           chunk_users=args.chunk_users, verbose=_verbose(args),
                           unknown_ids=args.unknown_ids)
+    caught = [w for w in recorded if issubclass(w.category, UnknownIdsWarning)]
+    for other in recorded:
+        if other not in caught:  # anyone else's warnings, shown as Python shows them
+            warnings.showwarning(other.message, other.category, other.filename, other.lineno)
     _print_warnings(caught)
     users = interactions["user_id"].nunique()
     print(f"Top-{args.k} of {users} users written to {out}/"
