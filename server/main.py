@@ -39,8 +39,8 @@ request rules (INVALID_ARGUMENT otherwise):
   ratings         finite; inside the model's rating range, or 0/1 for implicit feedback
   request body    a valid protobuf message of the method's request type
 A reply never carries a non-finite score: such a result is answered INTERNAL.
-The model folder must exist; while it holds no loadable version the server logs that it
-waits for one and answers UNAVAILABLE.
+While a model folder is missing or holds no loadable version, the server logs a warning
+that it waits for one (naming the folder) and answers UNAVAILABLE.
 """
 
 
@@ -154,17 +154,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def check_model_folders(config: ServerConfig) -> None:
-    """``ValueError`` for a model folder that does not exist (a typo would otherwise serve
-    nothing, forever); an existing empty folder is fine: the server waits for a version."""
-    folders = {"--model-dir": Path(config.model_dir),
-               **{f"--extra-model {name}": Path(path) for name, path in config.extra_models.items()}}
-    for option, folder in folders.items():
-        if not folder.is_dir():
-            raise ValueError(f"{option} {str(folder)!r} is not a folder: create it, or publish a first "
-                             f"version as {str(folder / '1' / 'model.keras')!r}")
-
-
 def serve_main(argv: list[str] | None = None, prog: str = "metarec serve") -> int:
     """Parse ``argv`` (the arguments after ``serve``), serve until a signal; exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -176,7 +165,6 @@ def serve_main(argv: list[str] | None = None, prog: str = "metarec serve") -> in
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
         # ServerConfig, BatcherConfig and Limits check their values on construction.
         config = config_from_args(args)
-        check_model_folders(config)
     except ValueError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2

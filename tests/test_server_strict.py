@@ -3,7 +3,7 @@
 Covers out-of-range numeric features (clipped, never a non-finite score with OK), a model
 that scores NaN (INTERNAL), corrupt request bodies (INVALID_ARGUMENT), one rule for repeated
 items, the length of categorical values, refusal reasons without the server's paths, and a
-missing model folder.
+model folder that is missing or empty.
 """
 
 import logging
@@ -174,12 +174,21 @@ def test_refusal_reasons_show_paths_relative_to_the_model_dir(stub, server):
         shutil.rmtree(root / "models" / "2")
 
 
-def test_serve_refuses_a_missing_model_folder(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "metarec_server.main", "--model-dir", str(tmp_path / "nope"),
-                           "--port", "0", "--log-db", str(tmp_path / "log.sqlite")],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert f"--model-dir '{tmp_path / 'nope'}' is not a folder" in done.stderr and "Traceback" not in done.stderr
+def test_serve_on_a_missing_model_folder_says_it_waits(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "metarec_server.main", "--model-dir", str(tmp_path / "nope"),
+                             "--port", "0", "--log-db", str(tmp_path / "log.sqlite")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "waiting for one" in line:
+                break
+        assert f"{tmp_path / 'nope'} does not exist yet; waiting for one (publish {tmp_path / 'nope' / '1' / 'model.keras'})" \
+            in lines[-1], lines
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def test_an_empty_model_folder_logs_that_it_waits(tmp_path, caplog):
