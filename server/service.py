@@ -95,7 +95,12 @@ def _deserializer(message_type: type):
 
 def add_service(service: RecommenderService, server: grpc.aio.Server) -> None:
     """Register ``service`` on ``server`` (the generated ``add_RecommenderServiceServicer_to_server``
-    with a deserializer that never raises: corrupt bodies become ``INVALID_ARGUMENT``)."""
+    with a deserializer that never raises: corrupt bodies become ``INVALID_ARGUMENT``).
+
+    Args:
+        service: the service whose four handlers answer.
+        server: a ``grpc.aio`` server, not started yet.
+    """
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             getattr(service, name),

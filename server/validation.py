@@ -92,8 +92,17 @@ def check_id(value: str, what: str, limits: Limits) -> str:
 
 
 def check_feature_value(value: str, where: str, limits: Limits, max_length: int | None = None) -> None:
-    """A categorical value or multi-hot token: at most ``max_id_length`` characters, like an id
-    (``max_length`` for a delimited multi-hot string)."""
+    """A categorical value or multi-hot token: at most ``max_id_length`` characters, like an id.
+
+    Args:
+        value: the string sent.
+        where: which feature, for the message.
+        limits: the server's limits.
+        max_length: another cap (a delimited multi-hot string holds many tokens).
+
+    Raises:
+        RequestError: ``INVALID_ARGUMENT`` quoting the length and the value's start.
+    """
     max_length = limits.max_id_length if max_length is None else max_length
     if len(value) > max_length:
         raise invalid(f"{where}: a value is {len(value)} characters long (max {max_length}), got "
@@ -160,7 +169,16 @@ def parse_interactions(messages: Sequence[Any], model: ServingModel, limits: Lim
 
 def check_no_repeats(item_idx: np.ndarray, ids: Sequence[str], what: str) -> None:
     """The one rule for repeated items, in interactions and candidates alike: each item at
-    most once per list (``what``: ``"interaction"`` or ``"candidate"``)."""
+    most once per list.
+
+    Args:
+        item_idx: the list's item indices.
+        ids: the ids as sent (for the message).
+        what: ``"interaction"`` or ``"candidate"``.
+
+    Raises:
+        RequestError: ``INVALID_ARGUMENT`` naming the first repeated id and how many repeat.
+    """
     if len(item_idx) < 2:
         return
     order = np.argsort(item_idx, kind="stable")
