@@ -99,8 +99,11 @@ def holdout_metrics(learner, taskset):
     features, when the logs came with a user-feature table)."""
     supports = [taskset.support_frame(i)[["item_id", "rating"]] for i in range(len(taskset))]
     queries = [taskset.query_frame(i) for i in range(len(taskset))]
-    adapted = learner.adapt_many(supports, [taskset.user_features(i) for i in range(len(taskset))])
-    preds = learner.score_many(adapted, [q["item_id"].to_numpy() for q in queries])
+    # Logged items unknown to the kept encoder are counted in the result (unknown_items), not
+    # warned about once per call.
+    adapted = learner.adapt_many(supports, [taskset.user_features(i) for i in range(len(taskset))],
+                                 unknown_ids="ignore")
+    preds = learner.score_many(adapted, [q["item_id"].to_numpy() for q in queries], unknown_ids="ignore")
     scores = {"loss": learner.evaluate(taskset, verbose=0)["loss"]}
     if learner.feedback == "explicit":
         rating_range = learner.encoder.schema.rating_range
