@@ -11,8 +11,12 @@ pay for importing Keras and TensorFlow; ``metarec.MAML`` and friends load them o
 import importlib
 import os
 
+from metarec.backend_choice import check_backend_choice
+
 # TensorFlow's C++ start-up chatter (CPU features, missing CUDA) is noise for library users.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# An unsupported or misspelt KERAS_BACKEND: metarec's message, before Keras's own traceback.
+check_backend_choice()
 
 __version__ = "0.1.0"
 

@@ -9,6 +9,7 @@ never duplicates a user. A ``_manifest.json`` (ignored by Parquet readers, like 
 
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +17,14 @@ import keras
 import numpy as np
 import pandas as pd
 
+from metarec.progress import ProgressBar, resolve_verbose
 from metarec.saving import load
+from metarec.unknown_ids import (
+    apply_policy,
+    check_policy,
+    unknown_features_message,
+    unknown_items_message,
+)
 
 
 def resolve_model_path(path):
@@ -58,7 +66,8 @@ def score_batch(
     user_features=None,
     exclude_seen=True,
     chunk_users=1024,
-    verbose=1,
+    verbose="auto",
+    unknown_ids="warn",
 ):
     """Write each user's top-``k`` to Parquet parts in ``out_dir``; returns the folder.
 
@@ -68,8 +77,17 @@ def score_batch(
         candidates: raw item ids to rank (None: the whole catalogue).
         user_features: optional DataFrame indexed by ``user_id``.
         chunk_users: users per vectorised chunk (and per output part).
+        verbose: 0 (silent), 1 (a progress bar), 2 (one line per chunk), or ``"auto"``: a bar
+            on a terminal, lines otherwise.
+        unknown_ids: ``"warn"`` (default), ``"error"`` or ``"ignore"``: what to do, once for
+            the whole job, with item ids outside the model's catalogue (in the interactions or
+            the candidates) and user feature columns the model lacks (``metarec.unknown_ids``;
+            the messages count them, as the server's do). Unknown items are scored as the
+            unknown item, unknown columns dropped.
     Output columns: ``user_id``, ``rank`` (1 = best), ``item_id``, ``score``.
     """
+    check_policy(unknown_ids)
+    verbose = resolve_verbose(verbose)
     if not isinstance(learner, keras.Model):
         learner = load(resolve_model_path(learner))
     if not isinstance(chunk_users, int) or chunk_users < 1:
@@ -91,10 +109,15 @@ def score_batch(
     bounds = dict(zip(user_col[starts], zip(starts, np.r_[starts[1:], len(user_col)])))
     users = list(user_col[starts])
     cand = None if candidates is None else np.asarray(candidates)
+    user_features = _check_unknown(learner.encoder, item_col, user_col, cand, user_features, unknown_ids)
     _check_manifest(out_dir, {"users": len(users), "chunk_users": chunk_users, "k": int(k),
                               "exclude_seen": bool(exclude_seen)})
     chunks = range(0, len(users), chunk_users)
-    progbar = keras.utils.Progbar(len(users), unit_name="user") if verbose else None
+    progbar = None
+    if verbose == 1:
+        progbar = keras.utils.Progbar(len(users), unit_name="user")
+    elif verbose:
+        progbar = _ChunkLines(len(users))
     # One writer thread: chunk c's DataFrame and Parquet file are built while the model adapts
     # and scores chunk c + 1. At most one part is pending (bounded memory), and a write error
     # surfaces at the next chunk or at the end.
@@ -111,10 +134,12 @@ def score_batch(
                     known = user_features.index.isin(chunk)
                     rows = dict(zip(user_features.index[known], user_features[known].to_dict("records")))
                     features = [rows.get(u, {}) for u in chunk]
-                adapted = learner.adapt_flat(item_col[first:last], rating_col[first:last], lengths, features)
+                # Unknown ids were counted once for the whole job above.
+                adapted = learner.adapt_flat(item_col[first:last], rating_col[first:last], lengths, features,
+                                             unknown_ids="ignore")
                 recs = learner.recommend_many(
                     adapted, k=k, exclude_seen=exclude_seen,
-                    candidates=None if cand is None else [cand] * len(chunk),
+                    candidates=None if cand is None else [cand] * len(chunk), unknown_ids="ignore",
                 )
                 if pending is not None:
                     pending.result()
@@ -124,6 +149,46 @@ def score_batch(
         if pending is not None:
             pending.result()
     return out_dir
+
+
+def _check_unknown(encoder, item_col, user_col, candidates, user_features, policy):
+    """The ``unknown_ids`` policy applied once to the whole job, with counts; returns the user
+    features without columns the model lacks."""
+    if policy == "ignore":
+        return user_features
+    index = encoder.item_index(item_col)
+    unknown = index == 0
+    if unknown.any():
+        ids = list(dict.fromkeys(item_col[unknown].tolist()))
+        users = len(pd.unique(user_col[unknown]))
+        total = len(pd.unique(user_col))
+        apply_policy(policy, unknown_items_message("interaction", ids, int(unknown.sum()), encoder.item_ids[1:])
+                     + f" (in the supports of {users} of {total} users: distinct unknown ids {len(ids)})")
+    if candidates is not None:
+        cand_index = encoder.item_index(candidates)
+        if not cand_index.all():
+            ids = candidates[cand_index == 0].tolist()
+            apply_policy(policy, unknown_items_message("candidate", ids, len(ids), encoder.item_ids[1:]))
+    if user_features is not None:
+        known = [spec.name for spec in encoder.schema.user_features]
+        extra = [c for c in user_features.columns if c not in known]
+        if extra:
+            apply_policy(policy, unknown_features_message([str(c) for c in extra], known)
+                         + " (columns of the user-feature table)")
+            user_features = user_features[[c for c in user_features.columns if c in known]]
+    return user_features
+
+
+class _ChunkLines:
+    """``Progbar.update`` as one plain line per chunk (for output that is not a terminal)."""
+
+    def __init__(self, total):
+        self.bar = ProgressBar(total, stream=sys.stdout)
+        self.done = 0
+
+    def update(self, done):
+        self.bar.update("users scored", advance=done - self.done)
+        self.done = done
 
 
 def _write_part(part, chunk, recs):

@@ -82,8 +82,35 @@ def _to_float(values: pd.Series, name: str) -> np.ndarray:
     return numbers.to_numpy()
 
 
+#: For numeric specs without a training range (models saved before it was kept): how many
+#: standard deviations from the mean a value may lie before it is clipped.
+FALLBACK_STDS = 10.0
+
+
+def clip_to_training_range(numbers: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    """The rule for numeric values outside what the model was trained on, shared by the SDK
+    and the server (both encode through here): clip them to ``[spec.low, spec.high]``, the
+    range seen in training, or to ``mean +- FALLBACK_STDS * std`` where no range was kept.
+
+    Args:
+        numbers: float64 raw values (NaN and infinities pass through).
+        spec: the fitted numeric feature.
+
+    Returns:
+        The clipped values (a new array).
+    """
+    if spec.low is not None:
+        low, high = spec.low, spec.high
+    else:
+        low, high = spec.mean - FALLBACK_STDS * spec.std, spec.mean + FALLBACK_STDS * spec.std
+    finite = np.isfinite(numbers)
+    out = numbers.copy()
+    out[finite] = np.clip(numbers[finite], low, high)
+    return out
+
+
 def _encode_numeric(values: pd.Series, spec: FeatureSpec) -> np.ndarray:
-    numbers = (_to_float(values, spec.name) - spec.mean) / spec.std
+    numbers = (clip_to_training_range(_to_float(values, spec.name), spec) - spec.mean) / spec.std
     # Missing / infinite values sit at the mean, i.e. 0 after standardisation.
     numbers[~np.isfinite(numbers)] = 0.0
     return numbers.astype(np.float32)
@@ -106,7 +133,8 @@ def _fit_spec(spec: FeatureSpec, values: pd.Series) -> FeatureSpec:
         numbers = numbers[np.isfinite(numbers)]
         mean = float(numbers.mean()) if numbers.size else 0.0
         std = float(numbers.std()) if numbers.size else 1.0
-        return dataclasses.replace(spec, mean=mean, std=std if std > 1e-12 else 1.0)
+        low, high = (float(numbers.min()), float(numbers.max())) if numbers.size else (None, None)
+        return dataclasses.replace(spec, mean=mean, std=std if std > 1e-12 else 1.0, low=low, high=high)
     if spec.vocabulary is not None:
         return spec  # a declared vocabulary is kept so indices stay stable across refits
     if spec.kind == "categorical":

@@ -58,6 +58,9 @@ class InteractionData:
         missing_features: when a non-empty feature frame lacks ids that appear in the
             interactions: ``"error"``, or ``"default"`` to add rows of missing values, which
             the encoder maps to the unknown category / 0.
+        rating_range: ``(low, high)`` of explicit ratings when the schema is inferred (e.g.
+            ``(1, 5)``); by default the observed range, with a
+            :class:`metarec.schema.RatingRangeWarning` when that is not a usual scale.
 
     The caller's frames are never modified: everything is copied.
     """
@@ -70,6 +73,7 @@ class InteractionData:
         schema: Schema | None = None,
         duplicates: str = "error",
         missing_features: str = "error",
+        rating_range: tuple[float, float] | None = None,
     ) -> None:
         if duplicates not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicates must be one of {DUPLICATE_POLICIES}, got {duplicates!r}")
@@ -80,7 +84,10 @@ class InteractionData:
         users = _feature_frame(users, "user_id")
         items = _feature_frame(items, "item_id")
         if schema is None:
-            schema = infer_schema(frame, users, items)
+            schema = infer_schema(frame, users, items, rating_range=rating_range)
+        elif rating_range is not None:
+            raise ValueError(f"pass rating_range={rating_range!r} or schema=, not both (the schema "
+                             f"holds its own rating_range, {getattr(schema, 'rating_range', None)!r})")
         elif not isinstance(schema, Schema):
             raise ValueError(f"schema must be a metarec Schema, got {type(schema).__name__}")
         self._check_ratings(frame["rating"], schema)
@@ -116,7 +123,7 @@ class InteractionData:
             bad = numbers.isna() & frame["rating"].notna()
             if bad.any():
                 row = int(np.flatnonzero(bad.to_numpy())[0])
-                raise ValueError(f"ratings must be numbers; got {_py(frame['rating'].iloc[row])!r} "
+                raise ValueError(f"ratings must be numbers, got {_py(frame['rating'].iloc[row])!r} "
                                  f"at row {row} (dtype {frame['rating'].dtype})")
             frame["rating"] = numbers
         frame["rating"] = frame["rating"].astype(np.float64)

@@ -31,6 +31,7 @@ from keras import ops
 from metarec import backend
 from metarec.catalogue_objective import CatalogueObjective
 from metarec.inner_loop import Forward, inner_loop, masked_loss, real_users
+from metarec.progress import resolve_verbose
 from metarec.runtime import EncodedCandidates, EncodedSupports, FlatSupports, Personalizer
 from metarec.runtime.requests import frame_list, require_encoder
 from metarec.sampling import item_counts_of
@@ -101,9 +102,25 @@ def resolve_adapt(model, adapt):
     return index
 
 
+def _check_task_set(tasks, what):
+    """``TypeError`` unless ``tasks`` is a task set (``TaskSet``, ``ArrayTasks``): a DataFrame,
+    ``InteractionData`` or ``UserTasks`` passed by mistake would fail later with an
+    ``AttributeError`` that says nothing of what to pass."""
+    if hasattr(tasks, "episodes") and hasattr(tasks, "num_batches") and hasattr(tasks, "encoder"):
+        return
+    got = type(tasks).__name__
+    if hasattr(tasks, "train") and hasattr(tasks, "test"):
+        hint = "pass one of its splits, e.g. tasks.train (and validation_data=tasks.val)"
+    else:
+        hint = ("build one from your interactions: tasks = metarec.UserTasks(metarec.InteractionData(frame), "
+                "support_size=10), then pass tasks.train")
+    raise TypeError(f"{what} must be a TaskSet of users (one support and query set each); got a {got}: {hint}.")
+
+
 def _check_not_empty(tasks, what):
     """``ValueError`` for a task set with no users: training on it would do nothing, and a
     loss over no users would read as 0.0, a perfect score."""
+    _check_task_set(tasks, what)
     size = len(tasks)
     if size == 0:
         raise ValueError(
@@ -444,11 +461,12 @@ class MetaLearner(keras.Model):
         is scored after each epoch as ``val_loss``: the query loss after adapting to each
         validation user's support set, which is what callbacks such as EarlyStopping watch.
         """
+        _check_task_set(x, "the training set x")
         self.prepare(x)
         _check_not_empty(x, "the training set x")
         if validation_data is not None:
             _check_not_empty(validation_data, "validation_data")
-        verbose = 1 if verbose == "auto" else verbose
+        verbose = resolve_verbose(verbose)  # piped output: one line per epoch, no bar frames
         steps = x.num_batches(batch_size)
         train_step = backend.TrainStep(
             self.meta_gradients, self.optimizer, self.meta_variables,
@@ -532,12 +550,12 @@ class MetaLearner(keras.Model):
         _check_not_empty(x, "the evaluation set x")
         if self.feedback is None:
             self.feedback = x.encoder.schema.feedback
-        verbose = 1 if verbose == "auto" else verbose
+        verbose = resolve_verbose(verbose)
         fn = self._jit_eval()
         params, non_trainable = self.snapshot()
         sums = np.zeros(2)
         users = 0.0
-        progbar = keras.utils.Progbar(x.num_batches(batch_size)) if verbose else None
+        progbar = keras.utils.Progbar(x.num_batches(batch_size), verbose=verbose) if verbose else None
         for i, episode in enumerate(x.episodes(batch_size, shuffle=False)):
             outputs = fn(params, non_trainable, self.eval_batch(episode))
             before, after, weight = (backend.to_numpy(t) for t in outputs)
@@ -574,21 +592,25 @@ class MetaLearner(keras.Model):
     def _require_encoder(self):
         return require_encoder(self.encoder)
 
-    def adapt(self, interactions, user_features=None):
+    def adapt(self, interactions, user_features=None, unknown_ids=None):
         """Adapt the meta-model to one user's few interactions (a DataFrame with ``item_id`` and
-        ``rating``); returns an ``AdaptedUser`` with ``score`` and ``recommend``."""
-        return self.runtime.adapt(interactions, user_features)
+        ``rating``); returns an ``AdaptedUser`` with ``score`` and ``recommend``.
 
-    def adapt_many(self, supports, user_features=None):
+        ``unknown_ids``: ``"warn"`` (default: ``learner.runtime.unknown_ids``), ``"error"`` or
+        ``"ignore"`` for item ids outside the catalogue and unknown feature names
+        (``metarec.unknown_ids``); the same in every call below that takes raw ids."""
+        return self.runtime.adapt(interactions, user_features, unknown_ids)
+
+    def adapt_many(self, supports, user_features=None, unknown_ids=None):
         """Adapt to many users at once (one vectorised, compiled call per bucket of users)."""
-        return self.runtime.adapt(frame_list(supports), user_features)
+        return self.runtime.adapt(frame_list(supports), user_features, unknown_ids)
 
-    def adapt_flat(self, item_ids, ratings, lengths, user_features=None):
+    def adapt_flat(self, item_ids, ratings, lengths, user_features=None, unknown_ids=None):
         """``adapt_many`` for interactions given as flat arrays, the way a batch job holds them:
         user ``u``'s support is the next ``lengths[u]`` entries of ``item_ids`` / ``ratings``
         (raw item ids and ratings, checked as ``adapt_many`` checks them). Faster than building
         one DataFrame per user."""
-        return self.runtime.adapt(FlatSupports(item_ids, ratings, lengths), user_features)
+        return self.runtime.adapt(FlatSupports(item_ids, ratings, lengths), user_features, unknown_ids)
 
     def adapt_indices(self, item_index, ratings, lengths, user_features=None, seen_items=None,
                       ratings_checked=False):
@@ -615,30 +637,32 @@ class MetaLearner(keras.Model):
             EncodedCandidates(candidate_index), user_features, head)
 
     def adapt_recommend_many(self, supports, k=10, exclude_seen=True, candidates=None,
-                             user_features=None):
+                             user_features=None, unknown_ids=None):
         """``recommend_many(adapt_many(supports, user_features), k, exclude_seen, candidates)``
         in one compiled call: one dispatch, and the adapted weights stay on the device (they
         are not returned; use ``adapt_many`` to keep them). The quickest way to rank items
         for users seen once, such as a cold-start request."""
-        return self.runtime.recommend(frame_list(supports), k, exclude_seen, candidates, user_features)
+        return self.runtime.recommend(frame_list(supports), k, exclude_seen, candidates, user_features,
+                                      unknown_ids)
 
-    def score_many(self, adapted_users, candidates=None, head="rating"):
+    def score_many(self, adapted_users, candidates=None, head="rating", unknown_ids=None):
         """Scores of each user's candidates (raw item ids; None = whole catalogue).
 
         ``head="rating"`` (default): predicted ratings (probabilities for implicit feedback).
         ``head="ranking"``: the scores ``recommend`` ranks by; the same as the ratings except
         for a model with a separate ranking head (``models.two_tower``), whose ranking scores
         are unnormalised logits over the catalogue."""
-        return self.runtime.score(list(adapted_users), candidates, head)
+        return self.runtime.score(list(adapted_users), candidates, head, unknown_ids)
 
     def score_indices(self, adapted_users, item_index, head="rating"):
         """``score_many`` for candidates already encoded (``encoder.item_index``): one int array
         shared by every user, or a list of one array per user."""
         return self.runtime.score(list(adapted_users), EncodedCandidates(item_index), head)
 
-    def recommend_many(self, adapted_users, k=10, exclude_seen=True, candidates=None):
+    def recommend_many(self, adapted_users, k=10, exclude_seen=True, candidates=None, unknown_ids=None):
         """Top-``k`` (item ids, scores) per user, best first; seen items excluded by default."""
-        return self.runtime.recommend(list(adapted_users), k, exclude_seen, candidates)
+        return self.runtime.recommend(list(adapted_users), k, exclude_seen, candidates,
+                                      unknown_ids=unknown_ids)
 
     def predict_items(self, item_ids, user_features=None):
         """Plain, non-adaptive scores of raw item ids for one user (the reference point)."""

@@ -15,6 +15,7 @@ from metarec import datasets, models
 from metarec.metrics import mae, ndcg_at_k
 from metarec.maml import MAML
 from metarec.pretraining import fit_global_model
+from metarec.progress import resolve_verbose
 from metarec.tasks import UserTasks
 
 
@@ -42,7 +43,10 @@ def cold_start_scores(data, taskset, score_fn, rating_range):
 
 def run_quickstart(seed=0, epochs=15, inner_steps=3, inner_lr=0.05, support_size=10, verbose=1,
                    print_fn=print):
-    """Run the quickstart and return its result rows ``[(method, mae, ndcg3)]``."""
+    """Run the quickstart and return its result rows ``[(method, mae, ndcg3)]``.
+
+    ``verbose="auto"``: a progress bar on a terminal, one line per epoch otherwise."""
+    verbose = resolve_verbose(verbose)
     start = time.time()
     keras.utils.set_random_seed(seed)
     data = datasets.synthetic(seed=seed)

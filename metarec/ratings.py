@@ -117,9 +117,20 @@ def check_ratings(ratings: Any, feedback: str, rating_range: Sequence[float] | N
     try:
         values = np.asarray(ratings, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        first = np.ravel(np.asarray(ratings, dtype=object))[:1]
-        raise ValueError(f"ratings must be numbers, got {first[0] if len(first) else ratings!r}") from exc
+        position, value = _first_non_number(ratings)
+        raise ValueError(f"ratings must be numbers, got {value!r} at position {position}") from exc
+
     if not ratings_valid(values, feedback, rating_range):
         raise ValueError(describe_bad_rating(first_bad_rating(values, feedback, rating_range),
                                              rating_range))
     return values.astype(np.float32)
+
+
+def _first_non_number(ratings: Any) -> tuple[int | None, Any]:
+    """The position and value of the first rating that does not convert to a number."""
+    for position, value in enumerate(np.ravel(np.asarray(ratings, dtype=object))):
+        try:
+            float(value)
+        except (TypeError, ValueError):
+            return position, value
+    return None, None

@@ -28,6 +28,7 @@ from metarec.batch_scoring import read_table, resolve_model_path
 from metarec.interaction_log import InteractionLog
 from metarec.interactions import InteractionData
 from metarec.metrics import mae, ndcg_at_k, rmse
+from metarec.progress import resolve_verbose
 from metarec.sampling import item_counts_of
 from metarec.saving import load
 from metarec.tasks import UserTasks
@@ -82,6 +83,11 @@ def _as_id_type(values, known_ids):
 
 
 def latest_version(model_dir):
+    """The highest version number in a folder of numbered versions; ``ValueError`` when the
+    folder is missing or holds none."""
+    if not Path(model_dir).is_dir():
+        raise ValueError(f"No model folder at {str(model_dir)!r}: pass --model-dir (model_dir=) the folder "
+                         f"of numbered versions a server serves, e.g. models/recs holding 1/model.keras.")
     versions = [int(p.name) for p in Path(model_dir).iterdir() if p.is_dir() and p.name.isdigit()]
     if not versions:
         raise ValueError(f"{str(model_dir)!r} holds no numbered model version (e.g. 1/model.keras).")
@@ -93,8 +99,11 @@ def holdout_metrics(learner, taskset):
     features, when the logs came with a user-feature table)."""
     supports = [taskset.support_frame(i)[["item_id", "rating"]] for i in range(len(taskset))]
     queries = [taskset.query_frame(i) for i in range(len(taskset))]
-    adapted = learner.adapt_many(supports, [taskset.user_features(i) for i in range(len(taskset))])
-    preds = learner.score_many(adapted, [q["item_id"].to_numpy() for q in queries])
+    # Logged items unknown to the kept encoder are counted in the result (unknown_items), not
+    # warned about once per call.
+    adapted = learner.adapt_many(supports, [taskset.user_features(i) for i in range(len(taskset))],
+                                 unknown_ids="ignore")
+    preds = learner.score_many(adapted, [q["item_id"].to_numpy() for q in queries], unknown_ids="ignore")
     scores = {"loss": learner.evaluate(taskset, verbose=0)["loss"]}
     if learner.feedback == "explicit":
         rating_range = learner.encoder.schema.rating_range
@@ -135,6 +144,7 @@ def retrain(
             theirs. Users missing from it get unknown features.
     Returns a ``RetrainResult``; ``promoted`` says whether a new version was written.
     """
+    verbose = resolve_verbose(verbose)
     model_dir = Path(model_dir)
     old_version = latest_version(model_dir)
     old_path = resolve_model_path(model_dir / str(old_version))
@@ -229,23 +239,53 @@ def _publish(learner, model_dir, version):
         raise
 
 
-def write_report(result, report_dir):
-    """report.md and learning_curves.png for one retrain run."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+#: Plot legend of each history key: which users, and before or after adaptation.
+CURVE_LABELS = {
+    "loss": "meta-train users, after adaptation",
+    "loss_before": "meta-train users, before adaptation",
+    "val_loss": "validation users, after adaptation",
+    "val_loss_before": "validation users, before adaptation",
+}
+PLOT_FILE = "learning_curves.png"
 
+
+def write_report(result, report_dir):
+    """report.md (which links the plot) and learning_curves.png for one retrain run."""
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    (report_dir / "report.md").write_text("# Retrain report\n\n" + result.summary() + "\n")
+    curves = {key: values for key, values in result.history.items() if len(values)}
+    text = "# Retrain report\n\n" + result.summary() + "\n"
+    if curves:
+        epochs = max(len(v) for v in curves.values())
+        text += (f"\n## Learning curves\n\n{epochs} epoch(s) of meta-training from version "
+                 f"{result.old_version} (early stopping keeps the best weights).\n\n"
+                 f"![Learning curves: query loss per epoch]({PLOT_FILE})\n")
+    (report_dir / "report.md").write_text(text)
+    learning_curve_figure(result).savefig(report_dir / PLOT_FILE, dpi=100)
+    return report_dir
+
+
+def learning_curve_figure(result):
+    """The learning curves of a retrain run as a matplotlib ``Figure``.
+
+    One point per epoch on an integer axis; every curve is a mean query loss per user (the loss
+    the gate's ``loss`` metric reads), and the legend says which users and whether before or
+    after adaptation."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    curves = {key: values for key, values in result.history.items() if len(values)}
     fig = Figure(figsize=(6, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for key, values in result.history.items():
-        ax.plot(range(1, len(values) + 1), values, marker="o", label=key)
+    for key, values in curves.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=CURVE_LABELS.get(key, key))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("query loss after adaptation")
+    ax.set_ylabel("mean query loss per user")
     ax.set_title(f"Retraining from version {result.old_version}")
-    ax.legend()
+    if curves:
+        ax.legend()
     fig.tight_layout()
-    fig.savefig(report_dir / "learning_curves.png", dpi=100)
-    return report_dir
+    return fig

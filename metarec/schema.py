@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -17,6 +18,14 @@ import numpy as np
 import pandas as pd
 
 FEATURE_KINDS = ("categorical", "numeric", "multi_hot")
+#: Lowest and highest ends of the rating scales in common use (1-5 stars, 0.5-5 in half
+#: stars, 1-10, 0-100, ...): an inferred range made of one of each raises no warning.
+USUAL_SCALE_LOWS = (0.0, 0.5, 1.0)
+USUAL_SCALE_HIGHS = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 10.0, 100.0)
+
+
+class RatingRangeWarning(UserWarning):
+    """A rating range inferred from the data is not a usual scale (pass ``rating_range=``)."""
 FEEDBACK_KINDS = ("explicit", "implicit")
 #: Column names with a fixed meaning in interaction frames; features may not reuse them.
 RESERVED_NAMES = ("user_id", "item_id", "rating", "timestamp")
@@ -34,6 +43,10 @@ class FeatureSpec:
         vocabulary: known categories / tokens in index order starting at index 1
             (``None`` until an encoder fits it). Stored as strings so it is JSON-able.
         mean, std: standardisation statistics for numeric features.
+        low, high: the smallest and largest value of a numeric feature seen in training
+            (``None`` until an encoder fits it, and in models saved before they were kept).
+            Values outside are clipped to them when encoded (``metarec.encoding``): a model
+            says nothing reliable about an age of 1,000.
         separator: for multi-hot features given as delimited strings (``"a|b"``), the
             delimiter; ``None`` when cells are lists / tuples / sets.
     """
@@ -44,6 +57,8 @@ class FeatureSpec:
     mean: float = 0.0
     std: float = 1.0
     separator: str | None = None
+    low: float | None = None
+    high: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -64,6 +79,16 @@ class FeatureSpec:
             raise ValueError(f"feature {self.name!r}: std must be finite and > 0, got {self.std!r}")
         object.__setattr__(self, "mean", float(self.mean))
         object.__setattr__(self, "std", float(self.std))
+        if (self.low is None) != (self.high is None):
+            raise ValueError(f"feature {self.name!r}: low and high come together; got low={self.low!r}, "
+                             f"high={self.high!r}")
+        if self.low is not None:
+            low, high = float(self.low), float(self.high)
+            if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+                raise ValueError(f"feature {self.name!r}: low and high must be finite with low <= high; "
+                                 f"got ({self.low!r}, {self.high!r})")
+            object.__setattr__(self, "low", low)
+            object.__setattr__(self, "high", high)
 
     @property
     def dim(self) -> int | None:
@@ -81,6 +106,8 @@ class FeatureSpec:
             "mean": self.mean,
             "std": self.std,
             "separator": self.separator,
+            "low": self.low,
+            "high": self.high,
         }
 
     @classmethod
@@ -246,6 +273,34 @@ def infer_feedback(ratings: pd.Series | np.ndarray) -> tuple[str, tuple[float, f
     return "explicit", (low, high)
 
 
+def warn_if_unusual_scale(rating_range: tuple[float, float], ratings: pd.Series) -> None:
+    """A :class:`RatingRangeWarning` when a range inferred from ``ratings`` is not a usual
+    scale (:data:`USUAL_SCALE_LOWS` x :data:`USUAL_SCALE_HIGHS`): one rating of 50 on a 1-5
+    data set would otherwise widen the range of the whole model, and the server would accept
+    ratings up to 50. Says how many ratings lie outside the nearest usual scale.
+
+    Args:
+        rating_range: the inferred ``(low, high)``.
+        ratings: the ratings it was inferred from.
+    """
+    low, high = rating_range
+    if low in USUAL_SCALE_LOWS and high in USUAL_SCALE_HIGHS:
+        return
+    values = pd.to_numeric(pd.Series(ratings), errors="coerce").to_numpy(np.float64)
+    values = values[np.isfinite(values)]
+    median = float(np.median(values)) if values.size else high
+    usual_high = min((h for h in USUAL_SCALE_HIGHS if h >= median), default=high)
+    usual_low = max((lo for lo in USUAL_SCALE_LOWS if lo <= low), default=low)
+    outside = int(((values < usual_low) | (values > usual_high)).sum())
+    warnings.warn(
+        f"the rating range inferred from the data, {rating_range}, is not a usual scale"
+        + (f" ({outside} rating(s) lie outside ({usual_low:g}, {usual_high:g}))" if outside else "")
+        + f": the model and the server will take ratings anywhere in it. Pass rating_range=(low, high) "
+          f"to fix the scale (e.g. rating_range=({usual_low:g}, {usual_high:g})), which refuses ratings "
+          f"outside it.",
+        RatingRangeWarning, stacklevel=3)
+
+
 def infer_schema(
     interactions: pd.DataFrame,
     users: pd.DataFrame | None = None,
@@ -285,6 +340,8 @@ def infer_schema(
         raise ValueError(f"feedback must be one of {FEEDBACK_KINDS} or None, got {feedback!r}")
     if rating_range is not None and feedback == "explicit":
         observed_range = tuple(rating_range)
+    elif feedback == "explicit":
+        warn_if_unusual_scale(observed_range, interactions["rating"])
     return Schema(
         user_features=_frame_features(users, "user_id", *declared, separator),
         item_features=_frame_features(items, "item_id", *declared, separator),

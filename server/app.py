@@ -25,14 +25,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from metarec.api.v1 import recommender_pb2_grpc as pb_grpc
 from metarec.interaction_log import InteractionLog
 from metarec_server.auth import BearerTokenInterceptor
 from metarec_server.batcher import BatcherConfig
 from metarec_server.cache import AdaptedUserCache
 from metarec_server.inference import load_serving_model, make_check, make_warm
 from metarec_server.registry import ModelRegistry
-from metarec_server.service import SERVICE_NAME, RecommenderService
+from metarec_server.service import SERVICE_NAME, RecommenderService, add_service
 from metarec_server.validation import Limits
 
 log = logging.getLogger(__name__)
@@ -201,7 +200,7 @@ class MetarecServer:
                 ("grpc.so_reuseport", int(config.reuse_port)),
             ],
         )
-        pb_grpc.add_RecommenderServiceServicer_to_server(self.service, server)
+        add_service(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],

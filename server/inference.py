@@ -170,13 +170,13 @@ def _probe(model: ServingModel, size: int, support_size: int, num_candidates: in
     # and equal lists would compile the shared-list kernel instead.
     jobs = [dataclasses.replace(job, candidates=np.roll(candidates, j)) for j in range(size)]
     for result in run_batch(model, jobs, None):
-        if not np.all(np.isfinite(result.scores)):
+        if not result.finite or not np.all(np.isfinite(result.scores)):
             raise ValueError("test prediction produced non-finite scores")
         expected = min(10, len(candidates) - len(np.intersect1d(candidates, support)))
         if len(result.item_idx) != expected:
             raise ValueError(f"test recommendation returned {len(result.item_idx)} items, not {expected}")
     whole = run_batch(model, [dataclasses.replace(job, candidates=None, mode=SCORE)] * size, None)
-    if any(len(r.scores) != n_items or not np.all(np.isfinite(r.scores)) for r in whole):
+    if any(not r.finite or len(r.scores) != n_items or not np.all(np.isfinite(r.scores)) for r in whole):
         raise ValueError(f"test scoring of the catalogue did not return {n_items} finite scores")
     # The adapted-user cache's paths: some users cached (adapt the others, then score all),
     # and all cached (score only).
@@ -185,7 +185,7 @@ def _probe(model: ServingModel, size: int, support_size: int, num_candidates: in
         cache = AdaptedUserCache(max_entries=size)
         run_batch(model, keyed[:cached], cache)
         for result in run_batch(model, keyed, cache):
-            if not np.all(np.isfinite(result.scores)):
+            if not result.finite or not np.all(np.isfinite(result.scores)):
                 raise ValueError("test prediction with cached users produced non-finite scores")
 
 
@@ -259,6 +259,7 @@ class Job:
 class Result:
     item_idx: np.ndarray  # int32 item indices, ranked (recommend) or in request order (score)
     scores: np.ndarray  # float32
+    finite: bool = True  # whether every candidate's score was finite (not only the top k)
 
 
 def candidate_bucket(job: Job) -> int:
@@ -336,7 +337,11 @@ def run_batch(model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache 
         s = np.asarray(s, dtype=np.float32)
         if whole and job.candidates is not None:
             s = s[idx - 1]  # catalogue order: item index i is entry i - 1
-        if job.mode == SCORE:
+        if not np.isfinite(s).all():
+            # Never ranked or returned: the service answers INTERNAL (a model that cannot score
+            # this request), and the other jobs of the batch are unaffected.
+            results.append(Result(idx[:0], s[:0], finite=False))
+        elif job.mode == SCORE:
             results.append(Result(idx, s))
         else:
             results.append(_top_k(idx, s, job))

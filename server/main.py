@@ -28,10 +28,28 @@ from metarec_server.workers import WorkerPool, reserve_port, watch_parent
 
 TOKEN_ENV = "METAREC_AUTH_TOKEN"
 
+REQUEST_RULES = """\
+request rules (INVALID_ARGUMENT otherwise):
+  item ids        known to the served model's catalogue; each item at most once in a
+                  request's interactions and once in its candidates
+  ids, values     user and item ids, categorical values and multi-hot tokens: at most
+                  --max-id-length characters
+  user features   names the model knows; numbers finite. Numbers outside the range seen
+                  in training are clipped to it (the SDK does the same)
+  ratings         finite; inside the model's rating range, or 0/1 for implicit feedback
+  request body    a valid protobuf message of the method's request type
+A reply never carries a non-finite score: such a result is answered INTERNAL.
+While a model folder is missing or holds no loadable version, the server logs a warning
+that it waits for one (naming the folder) and answers UNAVAILABLE.
+"""
+
 
 def build_parser(prog: str = "metarec serve") -> argparse.ArgumentParser:
     d_batch, d_limits = BatcherConfig(), Limits()
-    p = argparse.ArgumentParser(prog=prog, description="Serve a meta-learned recommender over gRPC.")
+    p = argparse.ArgumentParser(
+        prog=prog, description="Serve a meta-learned recommender over gRPC.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=REQUEST_RULES)
     p.add_argument("--model-dir", required=True, type=Path, help="folder of numbered versions: DIR/1/model.keras, ...")
     p.add_argument("--model-name", default="default", help="the model's name in requests (default: %(default)s)")
     p.add_argument("--extra-model", action="append", default=[], metavar="NAME=DIR",
@@ -79,6 +97,9 @@ def build_parser(prog: str = "metarec serve") -> argparse.ArgumentParser:
                    help="keep compiled model programs in DIR across restarts (JAX backend: a "
                         "restarted or added worker loads them instead of compiling; TensorFlow has "
                         "no such cache and ignores it)")
+    p.add_argument("--max-feature-values", type=int, default=d_limits.max_feature_values,
+                   help="most values of one multi-hot user feature (default: %(default)s); each "
+                        "categorical value or token is at most --max-id-length characters")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -133,6 +154,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_log_rows=args.max_log_rows,
             max_id_length=args.max_id_length,
             max_user_features=args.max_user_features,
+            max_feature_values=args.max_feature_values,
         ),
     )
 

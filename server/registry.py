@@ -134,6 +134,7 @@ class ModelRegistry:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.polls = 0
+        self._said_waiting = False
 
     # ------------------------------------------------------------------ reading
     @property
@@ -170,7 +171,13 @@ class ModelRegistry:
     def _poll_locked(self) -> bool:
         current = self._current
         floor = current.version if current else 0
-        for version, folder in sorted(scan_versions(self.model_dir).items(), reverse=True):
+        versions = scan_versions(self.model_dir)
+        if current is None and not versions and not self._said_waiting:
+            self._said_waiting = True
+            state = "holds no numbered version" if self.model_dir.is_dir() else "does not exist"
+            log.warning("model %r: %s %s yet; waiting for one (publish %s), answering UNAVAILABLE until then",
+                        self.name, self.model_dir, state, self.model_dir / "1" / MODEL_FILE)
+        for version, folder in sorted(versions.items(), reverse=True):
             if version <= floor:
                 break
             signature = _signature(folder)
@@ -186,7 +193,7 @@ class ModelRegistry:
                     self._warm(model)
             except Exception as error:  # noqa: BLE001 - any failure refuses the version
                 reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                reason = f"{type(error).__name__}: {reason}"[:500]
+                reason = f"{type(error).__name__}: {self._relative(reason)}"[:500]
                 self._refused[version] = RefusedVersion(version, reason, signature)
                 log.error(
                     "model %r: refused version %d from %s (%s); %s",
@@ -223,6 +230,14 @@ class ModelRegistry:
                     log.exception("model %r: warming version %d up failed", self.name, version)
             return True
         return False
+
+    def _relative(self, text: str) -> str:
+        """``text`` with the model folder's path removed: a refusal reason is shown to clients
+        (``GetModelStatus``), who need the version's own path, not the server's layout."""
+        roots = {str(self.model_dir), str(self.model_dir.resolve()), str(self.model_dir.absolute())}
+        for root in sorted(roots, key=len, reverse=True):
+            text = text.replace(root + "/", "").replace(root, ".")
+        return text
 
     # ------------------------------------------------------------------ watcher
     def start(self) -> None:

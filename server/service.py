@@ -9,8 +9,14 @@ the micro-batcher's worker, SQLite to the I/O pool. Failures map to precise stat
 ``UNAVAILABLE``             no version loaded yet, or the server is draining for shutdown
 ``RESOURCE_EXHAUSTED``      the micro-batch queue is full (also gRPC's own message-size limit)
 ``DEADLINE_EXCEEDED``       the deadline passed before the work started or finished
-``INTERNAL``                anything unexpected (logged with its traceback; message is generic)
+``INTERNAL``                the model produced a non-finite score for the request (never sent
+                            with OK), or anything unexpected (logged with its traceback)
 ==========================  ===================================================================
+
+A request body that is not a valid message of the method's request type is answered
+``INVALID_ARGUMENT`` by the service itself: :func:`add_service` registers the handlers with a
+deserializer that hands the handler a :class:`CorruptRequest` instead of raising (gRPC would
+answer ``UNKNOWN`` with the decoder's exception name).
 """
 
 from __future__ import annotations
@@ -56,6 +62,56 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RecommenderService"].full_name
 
+#: Each method's request and response types.
+METHODS = {
+    "Recommend": (pb.RecommendRequest, pb.RecommendResponse),
+    "Score": (pb.ScoreRequest, pb.ScoreResponse),
+    "LogInteractions": (pb.LogInteractionsRequest, pb.LogInteractionsResponse),
+    "GetModelStatus": (pb.GetModelStatusRequest, pb.GetModelStatusResponse),
+}
+
+
+class CorruptRequest:
+    """What a handler receives for a request body that does not decode as its message type."""
+
+    def __init__(self, message_type: type, size: int) -> None:
+        self.message_type = message_type
+        self.size = size
+
+    def error(self) -> RequestError:
+        return invalid(f"the request body ({self.size} bytes) is not a valid "
+                       f"{self.message_type.DESCRIPTOR.full_name} message")
+
+
+def _deserializer(message_type: type):
+    def deserialize(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError, or a bad nested value
+            return CorruptRequest(message_type, len(data))
+
+    return deserialize
+
+
+def add_service(service: RecommenderService, server: grpc.aio.Server) -> None:
+    """Register ``service`` on ``server`` (the generated ``add_RecommenderServiceServicer_to_server``
+    with a deserializer that never raises: corrupt bodies become ``INVALID_ARGUMENT``).
+
+    Args:
+        service: the service whose four handlers answer.
+        server: a ``grpc.aio`` server, not started yet.
+    """
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(service, name),
+            request_deserializer=_deserializer(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+        for name, (request_type, response_type) in METHODS.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
 
 class RecommenderService(pb_grpc.RecommenderServiceServicer):
     """Serves the models of ``registries`` (name → registry) and the interaction log."""
@@ -90,16 +146,16 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):
 
     # ------------------------------------------------------------------ handlers
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext):
-        return await self._guard(context, "Recommend", self._recommend(request, context))
+        return await self._guard(context, "Recommend", _unless_corrupt(request, self._recommend(request, context)))
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext):
-        return await self._guard(context, "Score", self._score(request, context))
+        return await self._guard(context, "Score", _unless_corrupt(request, self._score(request, context)))
 
     async def LogInteractions(self, request: pb.LogInteractionsRequest, context: grpc.aio.ServicerContext):
-        return await self._guard(context, "LogInteractions", self._log_interactions(request))
+        return await self._guard(context, "LogInteractions", _unless_corrupt(request, self._log_interactions(request)))
 
     async def GetModelStatus(self, request: pb.GetModelStatusRequest, context: grpc.aio.ServicerContext):
-        return await self._guard(context, "GetModelStatus", self._model_status(request))
+        return await self._guard(context, "GetModelStatus", _unless_corrupt(request, self._model_status(request)))
 
     async def _guard(self, context: grpc.aio.ServicerContext, method: str, work):
         """Run a handler body and turn failures into status codes."""
@@ -213,7 +269,14 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):
                 raise DeadlineExpiredError("deadline passed before the request was queued")
             deadline = time.monotonic() + remaining
         key = (served.name, served.version, candidate_bucket(job))
-        return await self.batcher.submit(key, (served, job), deadline=deadline)
+        result = await self.batcher.submit(key, (served, job), deadline=deadline)
+        if not result.finite:
+            log.error("model %r version %d produced non-finite scores for a request; answered INTERNAL",
+                      served.name, served.version)
+            raise RequestError(grpc.StatusCode.INTERNAL,
+                               f"model {served.name!r} version {served.version} produced non-finite scores "
+                               f"for this request (see the server log)")
+        return result
 
     def _process_batch(self, key, items: list[tuple[ServedVersion, Job]]) -> list[Result]:
         """Batcher worker thread: every item of a key shares one model version."""
@@ -251,6 +314,14 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):
         else:
             names = sorted(self.registries)
         return pb.GetModelStatusResponse(models=[model_status(self.registries[n]) for n in names])
+
+
+async def _unless_corrupt(request: Any, work):
+    """``work``, or ``INVALID_ARGUMENT`` for a :class:`CorruptRequest` (``work`` never runs)."""
+    if isinstance(request, CorruptRequest):
+        work.close()
+        raise request.error()
+    return await work
 
 
 def model_status(registry: ModelRegistry) -> pb.ModelStatus:

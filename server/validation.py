@@ -11,9 +11,19 @@ Choices (also in the API docs of ``protos/metarec/v1/recommender.proto``):
   unknown to the serving model (or with ratings outside its range) are skipped.
 * Unknown *categories* of user features are accepted and map to the out-of-vocabulary bucket
   (a new user may well have a new occupation); unknown feature *names* are rejected, as they are
-  almost always typos.
+  almost always typos. A categorical value or multi-hot token is at most ``max_id_length``
+  characters long, like an id, and a multi-hot list holds at most ``max_feature_values``
+  values.
+* Numeric user features must be finite; values outside the range seen in training are clipped
+  to it by the model's encoder (``metarec.encoding.clip_to_training_range``, the SDK's rule).
 * Ratings must be finite and inside the model's rating range (explicit feedback) or exactly
-  0 / 1 (implicit feedback). ``k`` must be at least 1. Duplicate candidates are rejected.
+  0 / 1 (implicit feedback). ``k`` must be at least 1.
+* One rule for repeated items: an item may appear once in a request's interactions and once in
+  its candidates; a repeat in either is ``INVALID_ARGUMENT`` (send a user's latest rating of
+  an item only).
+
+The messages for unknown ids and feature names come from ``metarec.unknown_ids``, so the
+SDK's warnings and errors read the same.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import grpc
 import numpy as np
 
 from metarec.ratings import describe_bad_rating, first_bad_rating, ratings_valid
+from metarec.unknown_ids import unknown_features_message, unknown_items_message
 from metarec_server.inference import ServingModel
 
 
@@ -53,6 +64,7 @@ class Limits:
     max_log_rows: int = 10_000
     max_id_length: int = 256
     max_user_features: int = 64
+    max_feature_values: int = 256
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -77,6 +89,24 @@ def check_id(value: str, what: str, limits: Limits) -> str:
     if len(value) > limits.max_id_length:
         raise invalid(f"{what} is {len(value)} characters long (max {limits.max_id_length})")
     return value
+
+
+def check_feature_value(value: str, where: str, limits: Limits, max_length: int | None = None) -> None:
+    """A categorical value or multi-hot token: at most ``max_id_length`` characters, like an id.
+
+    Args:
+        value: the string sent.
+        where: which feature, for the message.
+        limits: the server's limits.
+        max_length: another cap (a delimited multi-hot string holds many tokens).
+
+    Raises:
+        RequestError: ``INVALID_ARGUMENT`` quoting the length and the value's start.
+    """
+    max_length = limits.max_id_length if max_length is None else max_length
+    if len(value) > max_length:
+        raise invalid(f"{where}: a value is {len(value)} characters long (max {max_length}), got "
+                      f"{value[:40]!r}...")
 
 
 def check_rating(rating: float, model: ServingModel | None, where: str) -> None:
@@ -126,12 +156,32 @@ def parse_interactions(messages: Sequence[Any], model: ServingModel, limits: Lim
     item_idx = model.catalog.index(ids)
     unknown = np.flatnonzero(item_idx == 0)
     if len(unknown):
-        names = ", ".join(repr(rows[i][0]) for i in unknown[:5])
-        raise invalid(
-            f"{len(unknown)} interaction item id(s) unknown to the model's catalogue: {names}"
-            + (" ..." if len(unknown) > 5 else "")
-        )
+        raise invalid(unknown_items_message("interaction", [rows[i][0] for i in unknown[:5]], len(unknown)))
+    check_no_repeats(item_idx, ids, "interaction")
     return _to_interactions(item_idx, rows)
+
+
+def check_no_repeats(item_idx: np.ndarray, ids: Sequence[str], what: str) -> None:
+    """The one rule for repeated items, in interactions and candidates alike: each item at
+    most once per list.
+
+    Args:
+        item_idx: the list's item indices.
+        ids: the ids as sent (for the message).
+        what: ``"interaction"`` or ``"candidate"``.
+
+    Raises:
+        RequestError: ``INVALID_ARGUMENT`` naming the first repeated id and how many repeat.
+    """
+    if len(item_idx) < 2:
+        return
+    order = np.argsort(item_idx, kind="stable")
+    ordered = item_idx[order]
+    repeats = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if len(repeats):
+        first = ids[int(order[repeats[0] + 1])]
+        raise invalid(f"{what} item ids contain duplicates ({len(repeats)} repeated, e.g. {first!r}): "
+                      f"send each item once (for interactions, the user's latest rating)")
 
 
 def usable_logged(rows: Sequence[tuple[str, float, int]], model: ServingModel) -> Interactions | None:
@@ -180,14 +230,8 @@ def parse_candidates(ids: Sequence[str], model: ServingModel, limits: Limits) ->
     if len(unknown):
         if any(not ids[i] for i in unknown):
             raise invalid("candidate item ids must be non-empty")
-        names = ", ".join(repr(ids[i]) for i in unknown[:5])
-        raise invalid(
-            f"{len(unknown)} candidate item id(s) unknown to the model's catalogue: {names}"
-            + (" ..." if len(unknown) > 5 else "")
-        )
-    ordered = np.sort(idx)
-    if (ordered[1:] == ordered[:-1]).any():
-        raise invalid("candidate item ids contain duplicates")
+        raise invalid(unknown_items_message("candidate", [ids[i] for i in unknown[:5]], len(unknown)))
+    check_no_repeats(idx, ids, "candidate")
     return idx
 
 
@@ -207,8 +251,7 @@ def parse_user_features(features: Any, model: ServingModel, limits: Limits) -> d
     for name, value in features.items():
         spec = model.user_features.get(name)
         if spec is None:
-            known = ", ".join(sorted(model.user_features)) or "none"
-            raise invalid(f"unknown user feature {name!r} (the model knows: {known})")
+            raise invalid(unknown_features_message([name], model.user_features))
         kind = value.WhichOneof("value")
         where = f"user feature {name!r} ({spec.kind})"
         if kind is None:
@@ -226,11 +269,20 @@ def parse_user_features(features: Any, model: ServingModel, limits: Limits) -> d
             raw = getattr(value, kind)
             if kind == "number_value" and not math.isfinite(raw):
                 raise invalid(f"{where} must be finite, got {raw!r}")
+            if kind == "string_value":
+                check_feature_value(raw, where, limits)
             out[name] = raw
         else:  # multi_hot
             if kind == "string_list":
-                out[name] = list(value.string_list.values)
+                values = list(value.string_list.values)
+                if len(values) > limits.max_feature_values:
+                    raise invalid(f"{where} has {len(values)} values (max {limits.max_feature_values})")
+                for token in values:
+                    check_feature_value(token, where, limits)
+                out[name] = values
             elif kind == "string_value" and spec.separator is not None:
+                check_feature_value(value.string_value, where, limits,
+                                    limits.max_id_length * limits.max_feature_values)
                 out[name] = value.string_value
             else:
                 raise invalid(f"{where} needs a string list, got {kind}")

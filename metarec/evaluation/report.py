@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,6 +25,7 @@ import pandas as pd
 from metarec.evaluation.methods import Method
 from metarec.evaluation.protocol import DIAGNOSTIC_COLUMNS, METRIC_COLUMNS, Q1Protocol
 from metarec.evaluation.stats import format_mean_std, mean_std, wilcoxon_paired
+from metarec.progress import ProgressBar  # re-exported
 
 __all__ = ["ProgressBar", "Report", "plot_mae_vs_inner_steps", "run_evaluation"]
 
@@ -44,38 +44,6 @@ MARKDOWN_TESTED_METRICS = ("mae", "recall@20")
 
 
 # --------------------------------------------------------------------------- progress
-class ProgressBar:
-    """A one-line text progress bar on stderr (no TensorFlow import needed).
-
-    Redraws in place on a terminal; elsewhere (logs, CI) prints one line per step so the
-    output stays readable.
-    """
-
-    def __init__(self, total: int, stream: TextIO | None = None, width: int = 24) -> None:
-        if not isinstance(total, int) or total < 0:
-            raise ValueError(f"total must be an integer >= 0, got {total!r}")
-        self.total = total
-        self.done = 0
-        self.width = width
-        self.stream = stream if stream is not None else sys.stderr
-        self._start = time.perf_counter()
-        self._interactive = bool(getattr(self.stream, "isatty", lambda: False)())
-
-    def update(self, label: str, advance: int = 1) -> None:
-        self.done = min(self.total, self.done + advance)
-        filled = int(self.width * self.done / self.total) if self.total else self.width
-        bar = "#" * filled + "." * (self.width - filled)
-        elapsed = time.perf_counter() - self._start
-        line = f"[{bar}] {self.done}/{self.total} {elapsed:6.1f}s {label}"
-        if self._interactive:
-            self.stream.write("\r" + line[:120].ljust(120))
-            if self.done == self.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-
 # --------------------------------------------------------------------------- evaluation
 def _seeds_for(method: Method, seeds: Sequence[int]) -> tuple[int, ...]:
     # A deterministic method gives identical figures for every seed: run it once.
@@ -125,6 +93,8 @@ def run_evaluation(
         for method in methods:
             for seed in _seeds_for(method, seeds):
                 started = time.perf_counter()
+                if bar is not None:
+                    bar.begin(f"fitting {method.name} K={k} seed={seed}")
                 method.fit(tasks.train, tasks.val, seed=seed)
                 frame = protocol.evaluate_method(method, split=split, k=k)
                 frame.insert(0, "method", method.name)

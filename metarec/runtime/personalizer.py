@@ -12,6 +12,11 @@ Five calls, each taking any input form (``metarec.runtime.requests``):
 * ``predict(item_ids, user_features=None)`` -> the meta-model's own, unadapted scores of raw
   item ids for one user (the reference point).
 
+**Unknown ids.** Raw item ids outside the catalogue (in supports or candidates) and user
+feature names the model lacks follow ``unknown_ids`` (``metarec.unknown_ids``): ``"warn"``
+(the default, :attr:`Personalizer.unknown_ids`), ``"error"`` or ``"ignore"``; each call that
+takes raw ids accepts ``unknown_ids=`` for itself. The messages are the server's.
+
 ``supports``: one DataFrame (``item_id``, ``rating``) for one user, a list of DataFrames, or
 ``FlatSupports`` / ``EncodedSupports``; ``candidates``: None (the whole catalogue), one raw-id
 array per user, or ``EncodedCandidates``. **One user or many**: a DataFrame or an
@@ -42,13 +47,16 @@ from metarec.runtime import requests
 from metarec.runtime.kernels import KernelCache, ScoreSpec
 from metarec.runtime.requests import EncodedCandidates
 from metarec.runtime.users import AdaptedUser, stack, users_of_batch
+from metarec.unknown_ids import check_policy
 
 
 class Personalizer:
     """The per-user calls of one meta-learner (see the module docstring)."""
 
-    def __init__(self, learner):
+    def __init__(self, learner, unknown_ids="warn"):
         self.learner = learner
+        #: The default policy for unknown item ids and feature names (``metarec.unknown_ids``).
+        self.unknown_ids = check_policy(unknown_ids)
         self.kernels = KernelCache()
         self.user_features = requests.UserFeatureCache()
         self._variables = None  # (model, meta variables, non-trainable variables)
@@ -61,16 +69,16 @@ class Personalizer:
         return requests.require_encoder(self.learner.encoder)
 
     # ------------------------------------------------------------------ the calls
-    def adapt(self, supports, user_features=None):
+    def adapt(self, supports, user_features=None, unknown_ids=None):
         """Adapted users of ``supports`` (one ``AdaptedUser`` for one DataFrame, else a list)."""
         one = isinstance(supports, pd.DataFrame)
-        batch = self._support_batch(supports, user_features, one)
+        batch = self._support_batch(supports, user_features, one, unknown_ids)
         params, non_trainable = self._weights()
         adapted = self.kernels.adapt(self.learner)(params, non_trainable, *batch.padded)
         users = users_of_batch(self.learner, adapted, batch)
         return users[0] if one else users
 
-    def score(self, users, candidates=None, head="rating"):
+    def score(self, users, candidates=None, head="rating", unknown_ids=None):
         """Scores of each user's candidates (one array for one ``AdaptedUser``, else a list).
 
         ``head="rating"`` (default): predicted ratings (probabilities for implicit feedback).
@@ -81,26 +89,27 @@ class Personalizer:
         users, candidates = ([users], _one_user(candidates)) if one else (list(users), candidates)
         if not users:
             return []
-        scores, sizes = self._score(users, requests.candidates(self.encoder, candidates, len(users)),
-                                    head)
+        cands = requests.candidates(self.encoder, candidates, len(users), self._policy(unknown_ids))
+        scores, sizes = self._score(users, cands, head)
         out = [np.array(scores[u, : sizes[u]]) for u in range(len(users))]  # writable copies
         return out[0] if one else out
 
-    def adapt_and_score(self, supports, candidates=None, user_features=None, head="rating"):
+    def adapt_and_score(self, supports, candidates=None, user_features=None, head="rating",
+                        unknown_ids=None):
         """``adapt`` then ``score`` in one compiled call: one dispatch, and the adapted weights
         stay on the device between the two (the server's path). Returns (users, scores)."""
         one = isinstance(supports, pd.DataFrame)
         candidates = _one_user(candidates) if one else candidates
-        batch = self._support_batch(supports, user_features, one)
+        batch = self._support_batch(supports, user_features, one, unknown_ids)
         n = len(batch.per_user)
-        cands = requests.candidates(self.encoder, candidates, n)
+        cands = requests.candidates(self.encoder, candidates, n, self._policy(unknown_ids))
         adapted, scores, sizes = self._adapt_and_score(batch, cands, head)
         users = users_of_batch(self.learner, adapted, batch)
         scores = [np.array(scores[u, : sizes[u]]) for u in range(n)]
         return (users[0], scores[0]) if one else (users, scores)
 
     def recommend(self, users_or_supports, k=10, exclude_seen=True, candidates=None,
-                  user_features=None):
+                  user_features=None, unknown_ids=None):
         """Top-``k`` (raw item ids, scores) per user, best first; seen items excluded by default.
 
         Given adapted users, they are scored by the ranking head; given supports, the users
@@ -116,12 +125,13 @@ class Personalizer:
             users = [x] if one else list(x)
             if not users:
                 return []
-            cands = requests.candidates(self.encoder, candidates, len(users))
+            cands = requests.candidates(self.encoder, candidates, len(users), self._policy(unknown_ids))
             scores, sizes = self._score(users, cands, "ranking")
             seen = [u.seen_items for u in users]
         else:
-            batch = self._support_batch(x, user_features, one)
-            cands = requests.candidates(self.encoder, candidates, len(batch.per_user))
+            batch = self._support_batch(x, user_features, one, unknown_ids)
+            cands = requests.candidates(self.encoder, candidates, len(batch.per_user),
+                                        self._policy(unknown_ids))
             _, scores, sizes = self._adapt_and_score(batch, cands, "ranking")
             seen = batch.seen
         ranked = self._rank(scores, sizes, cands, seen, k, exclude_seen)
@@ -181,10 +191,14 @@ class Personalizer:
         return ok
 
     # ------------------------------------------------------------------ internals
-    def _support_batch(self, supports, user_features, one):
+    def _policy(self, unknown_ids):
+        return self.unknown_ids if unknown_ids is None else check_policy(unknown_ids)
+
+    def _support_batch(self, supports, user_features, one, unknown_ids=None):
         if one:
             user_features = None if user_features is None else [user_features]
-        return requests.support_batch(self.encoder, self.user_features, supports, user_features)
+        return requests.support_batch(self.encoder, self.user_features, supports, user_features,
+                                      self._policy(unknown_ids))
 
     def _spec(self, shared, head):
         head = "ranking" if requests.check_head(head) == "ranking" and self.has_ranking_head() else "rating"

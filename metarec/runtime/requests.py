@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from metarec.ranking import bucket, support_bucket
+from metarec.unknown_ids import apply_policy, unknown_features_message, unknown_items_message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,13 +118,38 @@ def check_lengths(lengths):
     return lengths
 
 
-def check_user_features(user_features, n_users):
-    """One feature dict (or None) per user; None for every user when ``user_features`` is None."""
+def check_user_features(user_features, n_users, encoder=None, unknown_ids="ignore"):
+    """One feature dict (or None) per user; None for every user when ``user_features`` is None.
+
+    Feature names the encoder's schema lacks follow ``unknown_ids`` (``metarec.unknown_ids``):
+    an error, or a warning (the default of the SDK's calls) and the names are dropped."""
     if user_features is None:
         return [{}] * n_users
     if len(user_features) != n_users:
         raise ValueError(f"user_features has {len(user_features)} entries for {n_users} users.")
-    return user_features
+    if encoder is None or unknown_ids == "ignore":
+        return user_features
+    known = {spec.name for spec in encoder.schema.user_features}
+    unknown = sorted({name for f in user_features if f for name in f if name not in known}, key=str)
+    if not unknown:
+        return user_features
+    apply_policy(unknown_ids, unknown_features_message(unknown, known))
+    return [None if f is None else {k: v for k, v in f.items() if k in known} for f in user_features]
+
+
+def check_unknown_items(encoder, raw_ids, index, what, unknown_ids):
+    """Apply the ``unknown_ids`` policy to raw item ids and their encoded ``index`` (0: unknown).
+
+    ``what``: ``"interaction"`` or ``"candidate"``, as in the server's message."""
+    if unknown_ids == "ignore":
+        return
+    index = np.asarray(index)
+    if not index.size or index.all():
+        return
+    positions = np.flatnonzero(index.reshape(-1) == 0)
+    raw = np.asarray(raw_ids, dtype=object).reshape(-1)[positions]
+    unique = list(dict.fromkeys(raw.tolist()))
+    apply_policy(unknown_ids, unknown_items_message(what, unique, len(positions), encoder.item_ids[1:]))
 
 
 def check_k(k):
@@ -148,11 +174,13 @@ def frame_list(supports):
 
 
 # --------------------------------------------------------------------------- supports
-def support_batch(encoder, features, supports, user_features=None):
+def support_batch(encoder, features, supports, user_features=None, unknown_ids="ignore"):
     """Any form of supports (see the module docstring) -> a :class:`SupportBatch`.
 
     ``features``: the :class:`UserFeatureCache` that encodes the users' features;
-    ``user_features``: one dict (or None) per user.
+    ``user_features``: one dict (or None) per user. ``unknown_ids``: the policy for raw item
+    ids outside the catalogue and unknown feature names (``metarec.unknown_ids``); encoded
+    supports are not checked (index 0 is the unknown item by choice there).
     """
     encoder = require_encoder(encoder)
     if isinstance(supports, FlatSupports):
@@ -163,8 +191,11 @@ def support_batch(encoder, features, supports, user_features=None):
                 f"item_ids and ratings must be flat arrays of sum(lengths) = {int(lengths.sum())} "
                 f"entries; got shapes {item_ids.shape} and {ratings.shape}."
             )
-        supports = EncodedSupports(encoder.item_index(item_ids), ratings, lengths,
+        index = encoder.item_index(item_ids)
+        check_unknown_items(encoder, item_ids, index, "interaction", unknown_ids)
+        supports = EncodedSupports(index, ratings, lengths,
                                    seen_items=np.split(item_ids, np.cumsum(lengths)[:-1]))
+        user_features = check_user_features(user_features, len(lengths), encoder, unknown_ids)
     if isinstance(supports, EncodedSupports):
         lengths = check_lengths(supports.lengths)
         item_index = check_item_index(supports.item_index, encoder.num_items)
@@ -181,12 +212,16 @@ def support_batch(encoder, features, supports, user_features=None):
             seen = np.split(encoder.item_ids[item_index], np.cumsum(lengths)[:-1])
         return pad_supports(encoder, features, item_index, y, lengths, user_features, seen)
     frames = [supports] if isinstance(supports, pd.DataFrame) else frame_list(supports)
-    user_features = check_user_features(user_features, len(frames))
+    user_features = check_user_features(user_features, len(frames), encoder, unknown_ids)
     seen = []
     encoded = encode_interactions(encoder, frames, seen)
+    index = np.concatenate([idx for idx, _ in encoded])
+    if unknown_ids != "ignore" and not index.all():
+        raw = [v for ids in seen for v in np.asarray(ids, dtype=object).tolist()]
+        check_unknown_items(encoder, raw, index, "interaction", unknown_ids)
     return pad_supports(
         encoder, features,
-        np.concatenate([idx for idx, _ in encoded]),
+        index,
         np.concatenate([y for _, y in encoded]),
         [len(idx) for idx, _ in encoded],
         user_features, seen,
@@ -302,12 +337,13 @@ class UserFeatureCache:
 
 
 # --------------------------------------------------------------------------- candidates
-def candidates(encoder, candidates, n_users):
+def candidates(encoder, candidates, n_users, unknown_ids="ignore"):
     """Candidates for ``n_users`` users -> :class:`Candidates`.
 
     ``candidates``: None (the whole catalogue), one raw-id array per user, or
     :class:`EncodedCandidates`. Equal lists (the same object, or equal arrays) for several
-    users are encoded and gathered once, as one shared array.
+    users are encoded and gathered once, as one shared array. ``unknown_ids``: the policy for
+    raw ids outside the catalogue (``metarec.unknown_ids``).
     """
     encoder = require_encoder(encoder)
     if isinstance(candidates, EncodedCandidates):
@@ -324,14 +360,21 @@ def candidates(encoder, candidates, n_users):
         # One list shared by every user (a batch job's candidate file, the same candidate
         # list in every request): encoded and gathered once, scored by the shared program.
         ids = np.asarray(candidates[0])
-        return Candidates(encoder.item_index(ids), True, False, [ids] * n_users)
+        index = encoder.item_index(ids)
+        check_unknown_items(encoder, ids, index, "candidate", unknown_ids)
+        return Candidates(index, True, False, [ids] * n_users)
     arrays = [np.asarray(c) for c in candidates]
     if all(a.ndim == 1 and a.dtype.kind in "iu" for a in arrays):
         # Integer ids: one lookup of all users' candidates (a batch job's million ids),
         # not one call per user.
         index = encoder.item_index(np.concatenate(arrays))
+        check_unknown_items(encoder, np.concatenate(arrays), index, "candidate", unknown_ids)
         return Candidates(np.split(index, np.cumsum([len(a) for a in arrays])[:-1]), False, False, arrays)
-    return Candidates([encoder.item_index(a) for a in arrays], False, False, arrays)
+    index = [encoder.item_index(a) for a in arrays]
+    if unknown_ids != "ignore" and index:
+        check_unknown_items(encoder, [v for a in arrays for v in np.asarray(a, dtype=object).reshape(-1).tolist()],
+                            np.concatenate([i.reshape(-1) for i in index]), "candidate", unknown_ids)
+    return Candidates(index, False, False, arrays)
 
 
 def _checked_index(encoder, item_index, n_users):

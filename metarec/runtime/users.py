@@ -58,14 +58,16 @@ class AdaptedUser:
         self._weights = value
         self._batch = None  # weights set by hand: the batch's device arrays no longer apply
 
-    def score(self, item_ids=None):
+    def score(self, item_ids=None, unknown_ids=None):
         """Scores (predicted rating, or probability for implicit feedback) of raw item ids;
-        ``None`` scores the whole catalogue in index order (``learner.encoder.item_ids[1:]``)."""
-        return self.learner.runtime.score(self, item_ids)
+        ``None`` scores the whole catalogue in index order (``learner.encoder.item_ids[1:]``).
+        ``unknown_ids``: the policy for ids outside the catalogue (``metarec.unknown_ids``)."""
+        return self.learner.runtime.score(self, item_ids, unknown_ids=unknown_ids)
 
-    def recommend(self, k=10, exclude_seen=True, candidates=None):
+    def recommend(self, k=10, exclude_seen=True, candidates=None, unknown_ids=None):
         """Top-``k`` as a DataFrame (``item_id``, ``score``), best first."""
-        ids, scores = self.learner.runtime.recommend(self, k, exclude_seen, candidates)
+        ids, scores = self.learner.runtime.recommend(self, k, exclude_seen, candidates,
+                                                     unknown_ids=unknown_ids)
         return pd.DataFrame({"item_id": ids, "score": scores})
 
 
