@@ -123,7 +123,7 @@ def build_parser():
 
     p = sub.add_parser("retrain", help="retrain on logged interactions behind a promotion gate")
     p.add_argument("--model-dir", required=True, help="folder of numbered model versions")
-    p.add_argument("--logs", required=True, help="the server's SQLite log, or Parquet/CSV")
+    p.add_argument("--logs", required=True, help="the server's interaction log (a SQLite file or a postgresql:// URL), or Parquet/CSV")
     p.add_argument("--user-features", help="Parquet/CSV with user_id and the model's user feature columns "
                                            "(the log holds interactions only)")
     p.add_argument("--epochs", type=_positive_int, default=10)

@@ -26,11 +26,12 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from metarec.api.v1 import recommender_pb2_grpc as pb_grpc
-from metarec.interaction_log import InteractionLog
+from metarec.interaction_log import open_interaction_log
 from metarec_server.auth import BearerTokenInterceptor
 from metarec_server.batcher import BatcherConfig
 from metarec_server.cache import AdaptedUserCache
 from metarec_server.inference import load_serving_model, make_check
+from metarec_server.metrics import MetricsEndpoint, ServerMetrics, start_metrics_endpoint
 from metarec_server.registry import ModelRegistry
 from metarec_server.service import SERVICE_NAME, RecommenderService
 from metarec_server.validation import Limits
@@ -54,7 +55,8 @@ class ServerConfig:
             the kernel spreads new connections across them). Off by default, so that a
             second server started by mistake on a busy port fails instead of silently
             taking part of its traffic. ``metarec serve --workers N`` sets it.
-        log_path: the SQLite interaction log.
+        log_path: the interaction log: a SQLite file (the embedded default), or a
+            ``postgresql://`` URL for a log that several servers share.
         tls_cert_file, tls_key_file: PEM files; both or neither.
         auth_token: when set, every call except health checks needs
             ``authorization: Bearer <token>`` metadata.
@@ -67,6 +69,9 @@ class ServerConfig:
         poll_interval_s: how often the model folders are checked for new versions.
         grace_s: how long shutdown waits for in-flight calls.
         limits: per-request limits.
+        metrics_port: serve Prometheus metrics at ``http://host:metrics_port/metrics``
+            (``0`` picks a free port, see ``MetarecServer.metrics_port``); ``None``: no
+            endpoint (the metrics are still counted, e.g. for a supervisor to serve).
         loader, check: how a version is loaded and verified (defaults: ``metarec.load`` in
             safe mode, and a test prediction that also warms up the compiled kernels).
 
@@ -92,6 +97,7 @@ class ServerConfig:
     poll_interval_s: float = 5.0
     grace_s: float = 10.0
     limits: Limits = dataclasses.field(default_factory=Limits)
+    metrics_port: int | None = None
     loader: Callable[[Path], Any] = load_serving_model
     check: Callable[[Any], None] | None = None
 
@@ -107,6 +113,8 @@ class ServerConfig:
                 raise ValueError(f"extra model names must be non-empty strings, got {name!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be None or in 0..65535, got {self.metrics_port!r}")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
             raise ValueError(f"max_concurrent_rpcs must be None or >= 1, got {self.max_concurrent_rpcs!r}")
         if self.cache_entries < 0:
@@ -127,7 +135,8 @@ class MetarecServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.cache = AdaptedUserCache(config.cache_entries)
+        self.metrics = ServerMetrics()
+        self.cache = AdaptedUserCache(config.cache_entries, on_lookup=self.metrics.observe_cache_lookup)
         check = config.check
         if check is None:
             # Warm every padded batch size a request can land in (powers of two up to the
@@ -146,11 +155,12 @@ class MetarecServer:
                 loader=config.loader,
                 check=check,
                 poll_interval_s=config.poll_interval_s,
-                on_swap=lambda served: self.cache.drop_model(served.name, served.version),
+                on_swap=self._swapped,
+                on_refuse=lambda refusal, name=name: self.metrics.version_refused(name, refusal.version),
             )
             for name, folder in folders.items()
         }
-        self.interaction_log = InteractionLog(config.log_path)
+        self.interaction_log = open_interaction_log(config.log_path)
         self.service = RecommenderService(
             self.registries,
             config.model_name,
@@ -158,13 +168,23 @@ class MetarecServer:
             cache=self.cache,
             batching=config.batching,
             limits=config.limits,
+            metrics=self.metrics,
         )
         self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._health_task: asyncio.Task | None = None
         self.port: int | None = None
+        self._metrics_endpoint: MetricsEndpoint | None = None
         self._stopped = False
 
+    def _swapped(self, served) -> None:
+        self.cache.drop_model(served.name, served.version)
+        self.metrics.model_swapped(served.name, served.version)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port of ``/metrics`` once started (``None`` without an endpoint)."""
+        return self._metrics_endpoint.port if self._metrics_endpoint is not None else None
     # ------------------------------------------------------------------ start
     async def start(self) -> int:
         """Bind, start serving and start the model watchers; returns the bound port.
@@ -201,6 +221,9 @@ class MetarecServer:
             port = server.add_insecure_port(address)
         if not port:
             raise RuntimeError(f"could not bind {address}")
+        if config.metrics_port is not None:
+            self._metrics_endpoint = start_metrics_endpoint(config.host, config.metrics_port, self.metrics.registry)
+            log.info("metrics at http://%s/metrics", _address(config.host, self._metrics_endpoint.port))
         await self._refresh_health()
         await server.start()
         self._server = server
@@ -264,6 +287,8 @@ class MetarecServer:
             # Keras when the interpreter exits can abort the process.
             registry.stop(timeout=max(grace, 60.0))
         self.interaction_log.close()
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.close()
         log.info("metarec server stopped")
 
     async def serve(self, ready: Callable[[int], None] | None = None) -> None:

@@ -104,7 +104,9 @@ class ModelRegistry:
         check: ``check(model)``; raises when a loaded model must not serve (the test
             prediction). Runs before the swap.
         poll_interval_s: how often the watcher looks for new versions.
-        on_swap: called with the new :class:`ServedVersion` after each swap (cache eviction).
+        on_swap: called with the new :class:`ServedVersion` after each swap (cache eviction,
+            metrics).
+        on_refuse: called with the :class:`RefusedVersion` of each refused version (metrics).
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class ModelRegistry:
         check: Check | None = None,
         poll_interval_s: float = 5.0,
         on_swap: Callable[[ServedVersion], None] | None = None,
+        on_refuse: Callable[[RefusedVersion], None] | None = None,
     ) -> None:
         self.name = name
         self.model_dir = Path(model_dir)
@@ -122,6 +125,7 @@ class ModelRegistry:
         self._check = check
         self.poll_interval_s = float(poll_interval_s)
         self._on_swap = on_swap
+        self._on_refuse = on_refuse
         self._current: ServedVersion | None = None
         self._refused: dict[int, RefusedVersion] = {}
         self._poll_lock = threading.Lock()  # one poll at a time (watcher vs explicit calls)
@@ -179,7 +183,7 @@ class ModelRegistry:
             except Exception as error:  # noqa: BLE001 - any failure refuses the version
                 reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 reason = f"{type(error).__name__}: {reason}"[:500]
-                self._refused[version] = RefusedVersion(version, reason, signature)
+                refusal = self._refused[version] = RefusedVersion(version, reason, signature)
                 log.error(
                     "model %r: refused version %d from %s (%s); %s",
                     self.name,
@@ -188,6 +192,11 @@ class ModelRegistry:
                     reason,
                     f"still serving version {current.version}" if current else "no version serving",
                 )
+                if self._on_refuse is not None:
+                    try:
+                        self._on_refuse(refusal)
+                    except Exception:  # noqa: BLE001 - a hook must not stop the scan
+                        log.exception("model %r: on_refuse hook failed", self.name)
                 continue
             served = ServedVersion(self.name, version, model, folder, time.time())
             self._current = served  # the atomic swap
