@@ -18,15 +18,16 @@ another with ``?options=-csearch_path%3Dmyschema`` in the URL.
 Connections: one writer connection under a lock (a transaction at a time, as in SQLite) and
 one reader connection per thread, all in autocommit mode (reads see every committed row). A
 connection that broke (the database restarted) is replaced on next use; the call that met the
-break fails and may be retried.
+break raises ``ConnectionError`` (the service answers ``UNAVAILABLE``) and may be retried.
 
 Needs the ``psycopg`` driver (version 3): ``pip install 'metarec[postgres]'``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from metarec.interaction_log import (
@@ -86,8 +87,8 @@ class PostgresInteractionLog:
         connect_timeout_s: how long opening a connection may take.
 
     Raises:
-        psycopg.OperationalError: the database cannot be reached (the message names the
-            URL, password redacted).
+        ConnectionError: the database cannot be reached (the message names the URL,
+            password redacted); later calls raise it too while the database is away.
     """
 
     def __init__(self, url: str, connect_timeout_s: float = 10.0) -> None:
@@ -100,17 +101,24 @@ class PostgresInteractionLog:
         self._readers_lock = threading.Lock()
         self._closed = False
         self._writer = self._connect()
-        with self._writer.transaction():
+        with self._reachable(), self._writer.transaction():
             self._writer.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             self._writer.execute(_SCHEMA)
 
-    def _connect(self) -> psycopg.Connection:
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """Turn a lost or refused connection into ``ConnectionError`` naming the log."""
         try:
-            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect_timeout_s)
+            yield
         except psycopg.OperationalError as error:
-            raise psycopg.OperationalError(f"cannot open the interaction log {self.location}: {error}") from None
-        # Commit only once the write-ahead log is on disk, whatever the server's default.
-        conn.execute("SET synchronous_commit TO on")
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConnectionError(f"interaction log {self.location} unavailable: {message}") from None
+
+    def _connect(self) -> psycopg.Connection:
+        with self._reachable():
+            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect_timeout_s)
+            # Commit only once the write-ahead log is on disk, whatever the server's default.
+            conn.execute("SET synchronous_commit TO on")
         return conn
 
     def _live_writer(self) -> psycopg.Connection:
@@ -158,7 +166,7 @@ class PostgresInteractionLog:
         records, digest = prepare_rows(user_id, rows, now)
         if not records:
             return LogWrite(0)
-        with self._write_lock:
+        with self._write_lock, self._reachable():
             conn = self._live_writer()
             with conn.transaction():
                 if request_id is not None:
@@ -193,6 +201,10 @@ class PostgresInteractionLog:
 
     def user_interactions(self, user_id: str, limit: int | None = None) -> list[LoggedInteraction]:
         """A user's logged interactions, oldest first; with ``limit``, the most recent ones."""
+        with self._reachable():
+            return self._user_interactions(user_id, limit)
+
+    def _user_interactions(self, user_id: str, limit: int | None) -> list[LoggedInteraction]:
         conn = self._reader()
         if limit is None:
             rows = conn.execute(
@@ -210,7 +222,8 @@ class PostgresInteractionLog:
 
     def count(self) -> int:
         """Number of stored rows."""
-        return int(self._reader().execute("SELECT COUNT(*) FROM metarec_interactions").fetchone()[0])
+        with self._reachable():
+            return int(self._reader().execute("SELECT COUNT(*) FROM metarec_interactions").fetchone()[0])
 
     def to_pandas(self, since: float | None = None, users: Sequence[str] | None = None):
         """Export rows for retraining as a DataFrame (the SQLite store's columns and order).
@@ -233,15 +246,16 @@ class PostgresInteractionLog:
             clauses.append("user_id = ANY(%s)")
             params.append([str(u) for u in users])
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = (
-            self._reader()
-            .execute(
-                "SELECT user_id, item_id, rating, timestamp, logged_at FROM metarec_interactions"
-                f"{where} ORDER BY seq",
-                params,
+        with self._reachable():
+            rows = (
+                self._reader()
+                .execute(
+                    "SELECT user_id, item_id, rating, timestamp, logged_at FROM metarec_interactions"
+                    f"{where} ORDER BY seq",
+                    params,
+                )
+                .fetchall()
             )
-            .fetchall()
-        )
         return pd.DataFrame(rows, columns=list(EXPORT_DTYPES)).astype(EXPORT_DTYPES)
 
     def close(self) -> None:

@@ -72,6 +72,8 @@ class ServerConfig:
         metrics_port: serve Prometheus metrics at ``http://host:metrics_port/metrics``
             (``0`` picks a free port, see ``MetarecServer.metrics_port``); ``None``: no
             endpoint (the metrics are still counted, e.g. for a supervisor to serve).
+        tracing: trace every call with OpenTelemetry (``metarec_server.tracing``; needs
+            ``pip install 'metarec[tracing]'``).
         loader, check: how a version is loaded and verified (defaults: ``metarec.load`` in
             safe mode, and a test prediction that also warms up the compiled kernels).
 
@@ -98,6 +100,7 @@ class ServerConfig:
     grace_s: float = 10.0
     limits: Limits = dataclasses.field(default_factory=Limits)
     metrics_port: int | None = None
+    tracing: bool = False
     loader: Callable[[Path], Any] = load_serving_model
     check: Callable[[Any], None] | None = None
 
@@ -160,6 +163,11 @@ class MetarecServer:
             )
             for name, folder in folders.items()
         }
+        tracer = None
+        if config.tracing:
+            from metarec_server.tracing import RpcTracer  # opentelemetry is an optional extra
+
+            tracer = RpcTracer(SERVICE_NAME)
         self.interaction_log = open_interaction_log(config.log_path)
         self.service = RecommenderService(
             self.registries,
@@ -169,6 +177,7 @@ class MetarecServer:
             batching=config.batching,
             limits=config.limits,
             metrics=self.metrics,
+            tracer=tracer,
         )
         self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None

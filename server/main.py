@@ -53,6 +53,10 @@ metrics (--metrics-port):
     metarec_model_version{model}, metarec_model_version_refusals_total{model,version}
     metarec_interaction_log_rows_written_total, metarec_interaction_log_replays_total
   With --workers N the supervisor serves the sum over the workers.
+
+tracing (--tracing, off by default):
+  One OpenTelemetry server span per call, under the caller's W3C traceparent, sent to the
+  exporter of the process's OpenTelemetry SDK set-up (pip install 'metarec[tracing]').
 """
 
 
@@ -80,6 +84,9 @@ def build_parser(prog: str = "metarec serve") -> argparse.ArgumentParser:
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port; "
                         "default: no metrics endpoint; see below)")
     p.add_argument("--metrics-in-supervisor", action="store_true", help=argparse.SUPPRESS)  # set by --workers
+    p.add_argument("--tracing", action="store_true",
+                   help="trace every call with OpenTelemetry (off by default; needs "
+                        "pip install 'metarec[tracing]' and a configured OpenTelemetry SDK)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain; enables TLS with --tls-key")
     p.add_argument("--tls-key", type=Path, help="PEM private key")
     p.add_argument("--token-file", type=Path, help=f"file holding the bearer token (or set ${TOKEN_ENV})")
@@ -146,6 +153,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         reuse_port=args.reuse_port,
         log_path=args.log if is_postgres_url(args.log) else Path(args.log),
         metrics_port=None if args.metrics_in_supervisor else args.metrics_port,
+        tracing=args.tracing,
         tls_cert_file=args.tls_cert,
         tls_key_file=args.tls_key,
         auth_token=token,
@@ -194,7 +202,7 @@ def serve_main(argv: list[str] | None = None, prog: str = "metarec serve") -> in
         watch_parent(args.parent_pid)
     try:
         server = MetarecServer(config)
-    except ValueError as error:
+    except (ValueError, ImportError, OSError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     asyncio.run(server.serve(lambda port: ready(port, server.metrics_port)))

@@ -6,7 +6,9 @@ the micro-batcher's worker, SQLite to the I/O pool. Failures map to precise stat
 ==========================  ===================================================================
 ``INVALID_ARGUMENT``        bad or empty values, unknown items, limits exceeded (validation)
 ``NOT_FOUND``               unknown model name, or a model version that is not being served
-``UNAVAILABLE``             no version loaded yet, or the server is draining for shutdown
+``UNAVAILABLE``             no version loaded yet, the server is draining for shutdown, or the
+                            interaction log's database cannot be reached
+``ALREADY_EXISTS``          a LogInteractions request id reused for other interactions
 ``RESOURCE_EXHAUSTED``      the micro-batch queue is full (also gRPC's own message-size limit)
 ``DEADLINE_EXCEEDED``       the deadline passed before the work started or finished
 ``INTERNAL``                anything unexpected (logged with its traceback; message is generic)
@@ -71,6 +73,7 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):
         limits: per-request limits.
         metrics: where calls, batches and log writes are counted (default: new collectors
             in a private registry).
+        tracer: a ``metarec_server.tracing.RpcTracer`` to trace every call (default: none).
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):
         batching: BatcherConfig | None = None,
         limits: Limits | None = None,
         metrics: ServerMetrics | None = None,
+        tracer: Any = None,
     ) -> None:
         if default_model not in registries:
             raise ValueError(f"default model {default_model!r} is not among {sorted(registries)}")
@@ -91,6 +95,7 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):
         self.cache = cache if cache is not None else AdaptedUserCache()
         self.limits = limits or Limits()
         self.metrics = metrics if metrics is not None else ServerMetrics()
+        self.tracer = tracer
         self.batcher: MicroBatcher = MicroBatcher(
             self._process_batch, batching, name="adapt", on_batch=self.metrics.observe_batch
         )
@@ -119,7 +124,13 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):
         return await self._guard(context, "GetModelStatus", self._model_status(request))
 
     async def _guard(self, context: grpc.aio.ServicerContext, method: str, work):
-        """Run a handler body, turn failures into status codes, and count the call."""
+        """Run a handler body, turn failures into status codes, count the call (and trace it)."""
+        if self.tracer is None:
+            return await self._answer(context, method, work, None)
+        with self.tracer.rpc(method, context.invocation_metadata()) as outcome:
+            return await self._answer(context, method, work, outcome)
+
+    async def _answer(self, context: grpc.aio.ServicerContext, method: str, work, outcome):
         started = time.perf_counter()
         code = grpc.StatusCode.CANCELLED  # unless an answer is reached
         try:
@@ -129,6 +140,8 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):
             await context.abort(code, message)
         finally:
             self.metrics.observe_request(method, code.name, time.perf_counter() - started)
+            if outcome is not None:
+                outcome.code = code
 
     async def _outcome(self, method: str, work) -> tuple[Any, grpc.StatusCode, str]:
         """``(reply, OK, "")``, or ``(None, code, message)`` for a failure."""
@@ -147,6 +160,9 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):
             return None, grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
         except RequestIdConflictError as error:
             return None, grpc.StatusCode.ALREADY_EXISTS, str(error)
+        except ConnectionError as error:  # a shared interaction log's database is away
+            log.warning("%s: %s", method, error)
+            return None, grpc.StatusCode.UNAVAILABLE, str(error)
         except ValueError as error:
             # The SDK raises ValueError only for inputs it cannot use; validation should have
             # caught them first, but the caller still deserves the reason, not INTERNAL. The

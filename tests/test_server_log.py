@@ -275,3 +275,38 @@ def test_every_acknowledged_row_survives_kill_9_and_retries_store_nothing_twice(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0  # graceful shutdown exits cleanly
+
+
+# ---------------------------------------------------------------------------- PostgreSQL only
+def test_postgres_store_says_when_its_database_is_away(tmp_path):
+    from tests.conftest import fresh_postgres_database, postgres_admin_url
+
+    import psycopg
+
+    admin = postgres_admin_url()
+    databases = fresh_postgres_database()
+    url = next(databases)
+    store = open_interaction_log(url)
+    try:
+        assert store.append("u", [("a", 1.0, 1)]) == 1
+        with psycopg.connect(admin, autocommit=True) as conn:  # every session of the log ends
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                         (url.rsplit("/", 1)[1],))
+        with pytest.raises(ConnectionError, match="interaction log postgresql://.* unavailable"):
+            store.append("u", [("b", 1.0, 2)])
+        # The next call opens a new connection: nothing acknowledged was lost.
+        assert store.append("u", [("b", 1.0, 2)]) == 1
+        assert [r.item_id for r in store.user_interactions("u")] == ["a", "b"]
+    finally:
+        store.close()
+        next(databases, None)
+
+    # A server given a database it cannot reach exits at once with a message.
+    unreachable = url.rsplit("/", 1)[0] + "/no_such_database"
+    done = subprocess.run(
+        [sys.executable, "-m", "metarec_server.main", "--model-dir", str(tmp_path / "models"),
+         "--port", "0", "--log", unreachable],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "interaction log postgresql://" in done.stderr and "no_such_database" in done.stderr

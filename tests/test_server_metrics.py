@@ -191,3 +191,43 @@ def test_the_supervisor_serves_the_sum_over_its_workers(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+
+def test_tracing_makes_one_server_span_per_call_under_the_callers_trace(tmp_path):
+    """``tracing=True``: each call is a server span named after its method, the child of the
+    trace context the caller sent (W3C traceparent), with its status code."""
+    trace = pytest.importorskip("opentelemetry.trace")
+    sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = sdk_trace.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)  # the process's provider, as an SDK set-up would make it
+    if trace.get_tracer_provider() is not provider:
+        pytest.skip("another test already set this process's OpenTelemetry provider")
+
+    config = ServerConfig(model_dir=tmp_path / "models", port=0, log_path=tmp_path / "log.sqlite",
+                          poll_interval_s=60, tracing=True)
+    trace_id, parent_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    metadata = (("traceparent", f"00-{trace_id}-{parent_id}-01"),)
+    with BackgroundServer(config) as running, grpc.insecure_channel(running.address) as channel:
+        from metarec.api.v1 import recommender_pb2_grpc as pb_grpc
+
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        stub.GetModelStatus(pb.GetModelStatusRequest(), metadata=metadata, timeout=10)
+        with pytest.raises(grpc.RpcError):
+            stub.Recommend(pb.RecommendRequest(k=3), metadata=metadata, timeout=10)
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    status, recommend = (spans["metarec.v1.RecommenderService/GetModelStatus"],
+                         spans["metarec.v1.RecommenderService/Recommend"])
+    for span in (status, recommend):
+        assert span.kind == trace.SpanKind.SERVER
+        assert format(span.context.trace_id, "032x") == trace_id
+        assert format(span.parent.span_id, "016x") == parent_id
+        assert span.attributes["rpc.service"] == "metarec.v1.RecommenderService"
+    assert status.attributes["rpc.grpc.status_code"] == grpc.StatusCode.OK.value[0]
+    assert status.status.is_ok
+    assert recommend.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert recommend.status.status_code == trace.StatusCode.ERROR
