@@ -58,10 +58,11 @@ def test_retrain_promotes_a_better_model(setup, tmp_path):
     assert not np.allclose(new.adapt(support).score([4, 5, 6]), old.adapt(support).score([4, 5, 6]))
 
 
-def test_retrain_reads_the_server_log_from_either_store(setup, tmp_path, log_location):
-    """``metarec retrain --logs`` takes the server's log, a SQLite file or a PostgreSQL URL: the
-    rows come back as logged, in log order, and feed a retrain that publishes version 2."""
-    model_dir, logs = setup
+def test_the_server_log_reads_back_as_logged_from_either_store(log_location):
+    """``read_logs`` (what ``metarec retrain --logs`` calls) takes the server's log, a SQLite
+    file or a PostgreSQL URL: the rows come back as logged, in log order."""
+    data = metarec.datasets.synthetic(num_users=60, num_items=40, seed=5)
+    logs = data.interactions.astype({"user_id": str, "item_id": str})
     log_through_the_store(logs, log_location)
     read = read_logs(log_location)
     expected = pd.concat([rows for _, rows in logs.groupby("user_id", sort=False)])
@@ -69,12 +70,25 @@ def test_retrain_reads_the_server_log_from_either_store(setup, tmp_path, log_loc
     assert read["item_id"].tolist() == expected["item_id"].tolist()
     np.testing.assert_array_equal(read["rating"], expected["rating"])
     np.testing.assert_array_equal(read["timestamp"], expected["timestamp"])
-    # One epoch and a wide gate: this checks the path from the log to a new version, not
-    # the gain (test_retrain_promotes_a_better_model does that).
-    code = main(["retrain", "--model-dir", str(model_dir), "--logs", log_location, "--epochs", "1",
-                 "--margin", "100", "--quiet"])
-    assert code == 0
-    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2"]
+
+
+def test_retrain_from_a_postgres_log(setup):
+    """``metarec retrain --logs postgresql://...`` trains on a shared log and publishes version 2
+    (the same path from a SQLite log: tests/test_closed_loop.py). One epoch and a wide gate:
+    this checks the path from the log to a new version, not the gain."""
+    from tests.conftest import fresh_postgres_database
+
+    model_dir, logs = setup
+    databases = fresh_postgres_database()
+    url = next(databases)
+    try:
+        log_through_the_store(logs, url)
+        code = main(["retrain", "--model-dir", str(model_dir), "--logs", url, "--epochs", "1",
+                     "--margin", "100", "--quiet"])
+        assert code == 0
+        assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2"]
+    finally:
+        next(databases, None)
 
 
 def test_worse_model_is_refused(setup, tmp_path):
