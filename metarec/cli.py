@@ -173,7 +173,8 @@ def build_parser():
         epilog="exit status: 0 when the new version was promoted, 1 when it was refused (the current "
                "version keeps serving), 2 for bad arguments or data.")
     p.add_argument("--model-dir", required=True, help="folder of numbered model versions (e.g. models/recs)")
-    p.add_argument("--logs", required=True, help="the server's SQLite log, or Parquet/CSV with user_id, "
+    p.add_argument("--logs", required=True, help="the server's interaction log (a SQLite file or a "
+                                                 "postgresql:// URL), or Parquet/CSV with user_id, "
                                                  "item_id, rating, timestamp")
     p.add_argument("--user-features", help="Parquet/CSV with user_id and the model's user feature columns "
                                            "(the log holds interactions only)")

@@ -12,6 +12,12 @@ Interactions may be a pandas DataFrame (``item_id``, ``rating``, optional ``time
 with those keys. Item ids may be ints or strings; results come back with the catalogue's own
 id type (ints when the model was trained on integer ids). Server errors raise
 ``grpc.RpcError`` with the status code and a message saying what was wrong.
+
+Retries: calls that fail with ``UNAVAILABLE`` (the server restarting, still loading its model,
+or draining for shutdown) are retried by gRPC itself, up to ``retry_attempts`` attempts in all
+with exponential backoff (0.1 s, 0.2 s, 0.4 s, ... at most 2 s, randomised), within the
+call's deadline. Recommend, Score and GetModelStatus change nothing on the server, and every
+``log_interactions`` call carries a request id, so a retried log call stores its rows once.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import itertools
+import json
 import math
 import numbers
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +41,33 @@ import numpy as np
 from metarec.api.v1 import recommender_pb2 as pb
 from metarec.api.v1 import recommender_pb2_grpc as pb_grpc
 
-__all__ = ["Client", "Recommendation", "Scores"]
+__all__ = ["Client", "Recommendation", "Scores", "retry_service_config"]
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["RecommenderService"].full_name
+#: Calls that may be sent again: they change nothing, or (LogInteractions) carry a request id.
+RETRIED_METHODS = ("Recommend", "Score", "GetModelStatus", "LogInteractions")
+#: gRPC refuses retry policies of more than 5 attempts.
+MAX_RETRY_ATTEMPTS = 5
+
+
+def retry_service_config(attempts: int) -> str:
+    """The gRPC service config (JSON) that retries ``UNAVAILABLE`` calls of the service.
+
+    Args:
+        attempts: attempts per call in all, 2 to :data:`MAX_RETRY_ATTEMPTS`.
+
+    Returns:
+        The JSON text for the channel option ``grpc.service_config``.
+    """
+    policy = {
+        "maxAttempts": int(attempts),
+        "initialBackoff": "0.1s",
+        "maxBackoff": "2s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    names = [{"service": _SERVICE, "method": method} for method in RETRIED_METHODS]
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +120,8 @@ class Client:
         connections: TCP connections to open; calls take turns over them. A server run with
             ``metarec serve --workers N`` spreads connections (not calls) over its worker
             processes, so a busy client should open a few per worker.
+        retry_attempts: attempts per call when the server answers ``UNAVAILABLE`` (see the
+            module docstring), 1 to 5; 1 turns retries off.
     """
 
     def __init__(
@@ -98,13 +134,22 @@ class Client:
         server_name: str | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
         connections: int = 1,
+        retry_attempts: int = 4,
     ) -> None:
         if not isinstance(connections, int) or connections < 1:
             raise ValueError(f"connections must be an integer >= 1, got {connections!r}")
+        if not isinstance(retry_attempts, int) or not 1 <= retry_attempts <= MAX_RETRY_ATTEMPTS:
+            raise ValueError(
+                f"retry_attempts must be an integer in 1..{MAX_RETRY_ATTEMPTS} (1: no retries), got {retry_attempts!r}"
+            )
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
+        if retry_attempts > 1:
+            options.append(("grpc.service_config", retry_service_config(retry_attempts)))
+        else:
+            options.append(("grpc.enable_retries", 0))
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         if connections > 1:
@@ -209,13 +254,32 @@ class Client:
             reply.model.version,
         )
 
-    def log_interactions(self, user_id: Any, interactions: Any, timeout: float | None = None) -> int:
+    def log_interactions(
+        self,
+        user_id: Any,
+        interactions: Any,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> int:
         """Store interactions durably; returns the number of rows committed.
 
-        A call that fails with ``DEADLINE_EXCEEDED`` or ``UNAVAILABLE`` may still have been
-        stored: a retry can log rows twice.
+        Args:
+            user_id: whose interactions.
+            interactions: any shape the module docstring lists.
+            timeout: this call's deadline in seconds (default: the client's).
+            request_id: the call's idempotency key (default: a new random UUID). A call
+                that fails with ``DEADLINE_EXCEEDED`` or ``UNAVAILABLE`` may still have been
+                stored; sending it again with the same ``request_id`` stores nothing new and
+                returns the first call's count.
+
+        Returns:
+            The number of rows committed (by this call, or by the first call with its id).
         """
-        request = pb.LogInteractionsRequest(user_id=str(user_id), interactions=_interactions(interactions))
+        request = pb.LogInteractionsRequest(
+            user_id=str(user_id),
+            interactions=_interactions(interactions),
+            request_id=uuid.uuid4().hex if request_id is None else str(request_id),
+        )
         reply = self._stub.LogInteractions(request, timeout=self._timeout(timeout), metadata=self._metadata)
         return int(reply.stored)
 

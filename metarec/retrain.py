@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from metarec.batch_scoring import read_table, resolve_model_path
-from metarec.interaction_log import InteractionLog
+from metarec.interaction_log import InteractionLog, is_postgres_url, open_interaction_log
 from metarec.interactions import InteractionData
 from metarec.metrics import mae, ndcg_at_k, rmse
 from metarec.progress import resolve_verbose
@@ -60,7 +60,11 @@ class RetrainResult:
 
 
 def read_logs(source):
-    """Logged interactions from the server's SQLite log, or a Parquet / CSV file."""
+    """Logged interactions from the server's log (a SQLite file or a ``postgresql://`` URL),
+    or a Parquet / CSV file."""
+    if is_postgres_url(source):
+        with open_interaction_log(source) as log:
+            return log.to_pandas()
     source = Path(source)
     if source.suffix in (".sqlite", ".db", ".sqlite3"):
         if not source.exists():

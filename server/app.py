@@ -25,11 +25,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from metarec.interaction_log import InteractionLog
+from metarec.interaction_log import open_interaction_log
 from metarec_server.auth import BearerTokenInterceptor
 from metarec_server.batcher import BatcherConfig
 from metarec_server.cache import AdaptedUserCache
 from metarec_server.inference import load_serving_model, make_check, make_warm
+from metarec_server.metrics import MetricsEndpoint, ServerMetrics, start_metrics_endpoint
 from metarec_server.registry import ModelRegistry
 from metarec_server.service import SERVICE_NAME, RecommenderService, add_service
 from metarec_server.validation import Limits
@@ -53,7 +54,8 @@ class ServerConfig:
             the kernel spreads new connections across them). Off by default, so that a
             second server started by mistake on a busy port fails instead of silently
             taking part of its traffic. ``metarec serve --workers N`` sets it.
-        log_path: the SQLite interaction log.
+        log_path: the interaction log: a SQLite file (the embedded default), or a
+            ``postgresql://`` URL for a log that several servers share.
         tls_cert_file, tls_key_file: PEM files; both or neither.
         auth_token: when set, every call except health checks needs
             ``authorization: Bearer <token>`` metadata.
@@ -68,6 +70,11 @@ class ServerConfig:
         limits: per-request limits.
         compile_cache: a folder that keeps compiled programs across restarts (JAX's
             persistent compilation cache; TensorFlow has none), or ``None``.
+        metrics_port: serve Prometheus metrics at ``http://host:metrics_port/metrics``
+            (``0`` picks a free port, see ``MetarecServer.metrics_port``); ``None``: no
+            endpoint (the metrics are still counted, e.g. for a supervisor to serve).
+        tracing: trace every call with OpenTelemetry (``metarec_server.tracing``; needs
+            ``pip install 'metarec[tracing]'``).
         loader, check: how a version is loaded and verified (defaults: ``metarec.load`` in
             safe mode, and a test prediction that also compiles the kernels of one-user
             batches; the larger batch sizes compile after it, see ``inference.make_warm``).
@@ -94,6 +101,8 @@ class ServerConfig:
     poll_interval_s: float = 5.0
     grace_s: float = 10.0
     limits: Limits = dataclasses.field(default_factory=Limits)
+    metrics_port: int | None = None
+    tracing: bool = False
     loader: Callable[[Path], Any] = load_serving_model
     compile_cache: str | Path | None = None
     check: Callable[[Any], None] | None = None
@@ -110,6 +119,8 @@ class ServerConfig:
                 raise ValueError(f"extra model names must be non-empty strings, got {name!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be None or in 0..65535, got {self.metrics_port!r}")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
             raise ValueError(f"max_concurrent_rpcs must be None or >= 1, got {self.max_concurrent_rpcs!r}")
         if self.cache_entries < 0:
@@ -130,7 +141,8 @@ class MetarecServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.cache = AdaptedUserCache(config.cache_entries)
+        self.metrics = ServerMetrics()
+        self.cache = AdaptedUserCache(config.cache_entries, on_lookup=self.metrics.observe_cache_lookup)
         if config.compile_cache is not None:
             from metarec import backend  # imported here: Keras takes seconds to import
 
@@ -161,11 +173,17 @@ class MetarecServer:
                 check=check,
                 warm=warm,
                 poll_interval_s=config.poll_interval_s,
-                on_swap=lambda served: self.cache.drop_model(served.name, served.version),
+                on_swap=self._swapped,
+                on_refuse=lambda refusal, name=name: self.metrics.version_refused(name, refusal.version),
             )
             for name, folder in folders.items()
         }
-        self.interaction_log = InteractionLog(config.log_path)
+        tracer = None
+        if config.tracing:
+            from metarec_server.tracing import RpcTracer  # opentelemetry is an optional extra
+
+            tracer = RpcTracer(SERVICE_NAME)
+        self.interaction_log = open_interaction_log(config.log_path)
         self.service = RecommenderService(
             self.registries,
             config.model_name,
@@ -173,13 +191,24 @@ class MetarecServer:
             cache=self.cache,
             batching=config.batching,
             limits=config.limits,
+            metrics=self.metrics,
+            tracer=tracer,
         )
         self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._health_task: asyncio.Task | None = None
         self.port: int | None = None
+        self._metrics_endpoint: MetricsEndpoint | None = None
         self._stopped = False
 
+    def _swapped(self, served) -> None:
+        self.cache.drop_model(served.name, served.version)
+        self.metrics.model_swapped(served.name, served.version)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port of ``/metrics`` once started (``None`` without an endpoint)."""
+        return self._metrics_endpoint.port if self._metrics_endpoint is not None else None
     # ------------------------------------------------------------------ start
     async def start(self) -> int:
         """Bind, start serving and start the model watchers; returns the bound port.
@@ -216,6 +245,9 @@ class MetarecServer:
             port = server.add_insecure_port(address)
         if not port:
             raise RuntimeError(f"could not bind {address}")
+        if config.metrics_port is not None:
+            self._metrics_endpoint = start_metrics_endpoint(config.host, config.metrics_port, self.metrics.registry)
+            log.info("metrics at http://%s/metrics", _address(config.host, self._metrics_endpoint.port))
         await self._refresh_health()
         await server.start()
         self._server = server
@@ -279,6 +311,8 @@ class MetarecServer:
             # Keras when the interpreter exits can abort the process.
             registry.stop(timeout=max(grace, 60.0))
         self.interaction_log.close()
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.close()
         log.info("metarec server stopped")
 
     async def serve(self, ready: Callable[[int], None] | None = None) -> None:

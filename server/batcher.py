@@ -90,6 +90,8 @@ class MicroBatcher(Generic[K, T, R]):
             worker thread.
         config: batching limits.
         name: used for the worker thread's name and log lines.
+        on_batch: ``on_batch(size, queue_seconds)``, called in the worker thread as each
+            batch call starts, with how long each of its items waited (metrics).
 
     The queue belongs to the worker thread: ``submit`` appends under a lock, and an idle
     worker is woken by a loop callback that runs after every handler ready in the same loop
@@ -103,8 +105,10 @@ class MicroBatcher(Generic[K, T, R]):
         process: Callable[[K, list[T]], Sequence[R | BaseException]],
         config: BatcherConfig | None = None,
         name: str = "batcher",
+        on_batch: Callable[[int, list[float]], None] | None = None,
     ) -> None:
         self._process = process
+        self._on_batch = on_batch
         self.config = config or BatcherConfig()
         self.name = name
         self._pending: deque[_Pending] = deque()
@@ -177,6 +181,7 @@ class MicroBatcher(Generic[K, T, R]):
                 if not batch:
                     return
                 for key, group in _group_by_key(batch):
+                    self._report_batch(group)
                     results = self._run_group(key, [p.item for p in group])
                     self.batches += 1
                     self.items += len(group)
@@ -191,6 +196,15 @@ class MicroBatcher(Generic[K, T, R]):
             if left:
                 self._to_loop(_deliver, left)
             self._to_loop(_resolve, self._stopped, None)
+
+    def _report_batch(self, group: list[_Pending]) -> None:
+        if self._on_batch is None:
+            return
+        now = time.monotonic()
+        try:
+            self._on_batch(len(group), [now - p.enqueued for p in group])
+        except Exception:  # noqa: BLE001 - metrics must never fail a batch
+            log.exception("%s: on_batch hook failed", self.name)
 
     def _next_batch(self) -> list[_Pending] | None:
         """Wait for work, let a batch fill for up to ``max_delay_s``, and take it; ``None``

@@ -13,7 +13,7 @@ import hashlib
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 
@@ -52,12 +52,18 @@ def interactions_digest(
 
 
 class AdaptedUserCache:
-    """Thread-safe LRU mapping :class:`CacheKey` → adapted user; ``max_entries=0`` disables it."""
+    """Thread-safe LRU mapping :class:`CacheKey` → adapted user; ``max_entries=0`` disables it.
 
-    def __init__(self, max_entries: int = 10_000) -> None:
+    Args:
+        max_entries: most adapted users kept.
+        on_lookup: ``on_lookup(hit)``, called after every :meth:`get` (metrics).
+    """
+
+    def __init__(self, max_entries: int = 10_000, on_lookup: Callable[[bool], None] | None = None) -> None:
         if max_entries < 0:
             raise ValueError(f"max_entries must be >= 0, got {max_entries}")
         self.max_entries = int(max_entries)
+        self._on_lookup = on_lookup
         self._entries: OrderedDict[Hashable, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -69,10 +75,12 @@ class AdaptedUserCache:
             value = self._entries.get(key)
             if value is None:
                 self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return value
+            else:
+                self._entries.move_to_end(key)
+                self.hits += 1
+        if self._on_lookup is not None:
+            self._on_lookup(value is not None)
+        return value
 
     def put(self, key: Hashable, value: Any) -> None:
         """Insert or refresh ``key``, evicting the least recently used beyond the bound."""

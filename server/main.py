@@ -6,6 +6,11 @@ Call :func:`serve_main` with the arguments after ``serve`` (``metarec.cli`` does
 tests wait for it), runs until SIGINT / SIGTERM, then drains gracefully. With ``--workers N``
 this process supervises N server processes sharing the port (``metarec_server.workers``).
 
+With ``--metrics-port N`` it serves Prometheus metrics at ``http://HOST:N/metrics`` (the metric
+names are listed in ``metarec_server.metrics``) and prints ``metarec metrics on
+http://HOST:N/metrics`` before the listening line; with ``--workers`` the supervisor serves the
+sum over its workers.
+
 The auth token is read from ``--token-file`` or the ``METAREC_AUTH_TOKEN`` environment
 variable, never from the command line, where other local users could read it in ``ps``.
 """
@@ -18,15 +23,41 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
-from metarec.interaction_log import InteractionLog
+from metarec.interaction_log import is_postgres_url, open_interaction_log
 from metarec_server.app import MetarecServer, ServerConfig
 from metarec_server.batcher import BatcherConfig
+from metarec_server.metrics import MULTIPROC_ENV, forget_worker, multiprocess_registry, start_metrics_endpoint
 from metarec_server.validation import Limits
 from metarec_server.workers import WorkerPool, reserve_port, watch_parent
 
 TOKEN_ENV = "METAREC_AUTH_TOKEN"
+METRICS_PREFIX = "metarec metrics on "
+
+EPILOG = """\
+interaction log (--log):
+  A file path selects the embedded SQLite store (one host). A postgresql:// URL selects
+  PostgreSQL, a log that several servers share: Recommend by user id then sees the
+  interactions logged through any of them, and `metarec retrain --logs URL` reads them all.
+  It needs `pip install 'metarec[postgres]'`. Keep the password out of the URL (the command
+  line shows in ps): libpq reads PGPASSWORD or ~/.pgpass.
+  LogInteractions calls with the same request_id store their rows once.
+
+metrics (--metrics-port):
+  Prometheus text format at http://HOST:PORT/metrics, on the --host address:
+    metarec_requests_total{method,code}, metarec_request_duration_seconds{method,code}
+    metarec_batch_size, metarec_batch_queue_seconds
+    metarec_adapted_user_cache_lookups_total{result="hit"|"miss"}
+    metarec_model_version{model}, metarec_model_version_refusals_total{model,version}
+    metarec_interaction_log_rows_written_total, metarec_interaction_log_replays_total
+  With --workers N the supervisor serves the sum over the workers.
+
+tracing (--tracing, off by default):
+  One OpenTelemetry server span per call, under the caller's W3C traceparent, sent to the
+  exporter of the process's OpenTelemetry SDK set-up (pip install 'metarec[tracing]').
+"""
 
 REQUEST_RULES = """\
 request rules (INVALID_ARGUMENT otherwise):
@@ -46,10 +77,9 @@ that it waits for one (naming the folder) and answers UNAVAILABLE.
 
 def build_parser(prog: str = "metarec serve") -> argparse.ArgumentParser:
     d_batch, d_limits = BatcherConfig(), Limits()
-    p = argparse.ArgumentParser(
-        prog=prog, description="Serve a meta-learned recommender over gRPC.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=REQUEST_RULES)
+    p = argparse.ArgumentParser(prog=prog, description="Serve a meta-learned recommender over gRPC.",
+                                epilog=EPILOG + "\n" + REQUEST_RULES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", required=True, type=Path, help="folder of numbered versions: DIR/1/model.keras, ...")
     p.add_argument("--model-name", default="default", help="the model's name in requests (default: %(default)s)")
     p.add_argument("--extra-model", action="append", default=[], metavar="NAME=DIR",
@@ -63,8 +93,16 @@ def build_parser(prog: str = "metarec serve") -> argparse.ArgumentParser:
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by --workers
     p.add_argument("--reuse-port", action="store_true",
                    help="share the port with other server processes (SO_REUSEPORT); --workers sets it")
-    p.add_argument("--log-db", type=Path, default=Path("metarec-interactions.sqlite"),
-                   help="SQLite interaction log (default: %(default)s)")
+    p.add_argument("--log", "--log-db", dest="log", default="metarec-interactions.sqlite", metavar="PATH_OR_URL",
+                   help="interaction log: a SQLite file, or a postgresql:// URL for a log that several "
+                        "servers share (default: %(default)s; see below)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port; "
+                        "default: no metrics endpoint; see below)")
+    p.add_argument("--metrics-in-supervisor", action="store_true", help=argparse.SUPPRESS)  # set by --workers
+    p.add_argument("--tracing", action="store_true",
+                   help="trace every call with OpenTelemetry (off by default; needs "
+                        "pip install 'metarec[tracing]' and a configured OpenTelemetry SDK)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain; enables TLS with --tls-key")
     p.add_argument("--tls-key", type=Path, help="PEM private key")
     p.add_argument("--token-file", type=Path, help=f"file holding the bearer token (or set ${TOKEN_ENV})")
@@ -136,7 +174,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         host=args.host,
         port=args.port,
         reuse_port=args.reuse_port,
-        log_path=args.log_db,
+        log_path=args.log if is_postgres_url(args.log) else Path(args.log),
+        metrics_port=None if args.metrics_in_supervisor else args.metrics_port,
+        tracing=args.tracing,
         tls_cert_file=args.tls_cert,
         tls_key_file=args.tls_key,
         auth_token=token,
@@ -174,8 +214,11 @@ def serve_main(argv: list[str] | None = None, prog: str = "metarec serve") -> in
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
 
-    def ready(port: int) -> None:
-        host = f"[{config.host}]" if ":" in config.host else config.host
+    host = f"[{config.host}]" if ":" in config.host else config.host
+
+    def ready(port: int, metrics_port: int | None = None) -> None:
+        if metrics_port is not None:
+            print(f"{METRICS_PREFIX}http://{host}:{metrics_port}/metrics", flush=True)
         print(f"metarec server listening on {host}:{port}", flush=True)
 
     if args.workers > 1:
@@ -184,41 +227,58 @@ def serve_main(argv: list[str] | None = None, prog: str = "metarec serve") -> in
         watch_parent(args.parent_pid)
     try:
         server = MetarecServer(config)
-    except ValueError as error:
+    except (ValueError, ImportError, OSError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
-    asyncio.run(server.serve(ready))
+    asyncio.run(server.serve(lambda port: ready(port, server.metrics_port)))
     return 0
 
 
 def serve_workers(argv: list[str], config: ServerConfig, workers: int, ready, prog: str) -> int:
-    """Supervise ``workers`` server processes on one port (see ``metarec_server.workers``)."""
+    """Supervise ``workers`` server processes on one port (see ``metarec_server.workers``).
+
+    With a metrics port, the workers write their metrics into a temporary folder
+    (prometheus-client's multiprocess mode) and this process serves their sum.
+    """
+    metrics_dir = endpoint = None
     try:
         hold = reserve_port(config.host, config.port)
-        # Created here, once: workers starting together would race to switch it to WAL mode.
-        InteractionLog(config.log_path).close()
-    except (ValueError, OSError, RuntimeError) as error:
+        # Created here, once: workers starting together would race to switch it to WAL mode
+        # (SQLite) or to create the tables (PostgreSQL).
+        open_interaction_log(config.log_path).close()
+        if config.metrics_port is not None:
+            metrics_dir = tempfile.TemporaryDirectory(prefix="metarec-metrics-")
+            endpoint = start_metrics_endpoint(config.host, config.metrics_port, multiprocess_registry(metrics_dir.name))
+    except (ValueError, OSError, RuntimeError, ImportError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     port = hold.getsockname()[1]
     # argparse keeps the last of repeated options: these override the user's own.
     command = [sys.executable, "-m", "metarec_server.main", *argv, "--workers", "1",
-               "--port", str(port), "--reuse-port", "--parent-pid", str(os.getpid())]
-    pool = WorkerPool(command, workers, stop_timeout_s=config.grace_s + 65)
+               "--port", str(port), "--reuse-port", "--parent-pid", str(os.getpid()), "--metrics-in-supervisor"]
+    env = None
+    on_exit = None
+    if metrics_dir is not None:
+        env = {**os.environ, MULTIPROC_ENV: metrics_dir.name}
+        on_exit = lambda pid: forget_worker(pid, metrics_dir.name)  # noqa: E731
+    pool = WorkerPool(command, workers, env=env, stop_timeout_s=config.grace_s + 65, on_exit=on_exit)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: pool.request_stop())
     try:
-        pool.start()
-    except RuntimeError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        try:
+            pool.start()
+        except RuntimeError as error:
+            print(f"{prog}: error: {error}", file=sys.stderr)
+            return 1
+        ready(port, endpoint.port if endpoint is not None else None)
+        pool.wait()
+        logging.getLogger(__name__).info("stopping %d workers", workers)
+        return pool.stop()
+    finally:
         hold.close()
-        return 1
-    ready(port)
-    pool.wait()
-    logging.getLogger(__name__).info("stopping %d workers", workers)
-    status = pool.stop()
-    hold.close()
-    return status
+        if endpoint is not None:
+            endpoint.close()
+            metrics_dir.cleanup()
 
 
 if __name__ == "__main__":

@@ -108,7 +108,9 @@ class ModelRegistry:
             SERVING sooner); a later version warms before its swap, while the old one serves.
             A failure is logged; it refuses a later version, and the first keeps serving.
         poll_interval_s: how often the watcher looks for new versions.
-        on_swap: called with the new :class:`ServedVersion` after each swap (cache eviction).
+        on_swap: called with the new :class:`ServedVersion` after each swap (cache eviction,
+            metrics).
+        on_refuse: called with the :class:`RefusedVersion` of each refused version (metrics).
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class ModelRegistry:
         poll_interval_s: float = 5.0,
         on_swap: Callable[[ServedVersion], None] | None = None,
         warm: Check | None = None,
+        on_refuse: Callable[[RefusedVersion], None] | None = None,
     ) -> None:
         self.name = name
         self.model_dir = Path(model_dir)
@@ -128,6 +131,7 @@ class ModelRegistry:
         self._warm = warm
         self.poll_interval_s = float(poll_interval_s)
         self._on_swap = on_swap
+        self._on_refuse = on_refuse
         self._current: ServedVersion | None = None
         self._refused: dict[int, RefusedVersion] = {}
         self._poll_lock = threading.Lock()  # one poll at a time (watcher vs explicit calls)
@@ -194,7 +198,7 @@ class ModelRegistry:
             except Exception as error:  # noqa: BLE001 - any failure refuses the version
                 reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 reason = f"{type(error).__name__}: {self._relative(reason)}"[:500]
-                self._refused[version] = RefusedVersion(version, reason, signature)
+                refusal = self._refused[version] = RefusedVersion(version, reason, signature)
                 log.error(
                     "model %r: refused version %d from %s (%s); %s",
                     self.name,
@@ -203,6 +207,11 @@ class ModelRegistry:
                     reason,
                     f"still serving version {current.version}" if current else "no version serving",
                 )
+                if self._on_refuse is not None:
+                    try:
+                        self._on_refuse(refusal)
+                    except Exception:  # noqa: BLE001 - a hook must not stop the scan
+                        log.exception("model %r: on_refuse hook failed", self.name)
                 continue
             served = ServedVersion(self.name, version, model, folder, time.time())
             self._current = served  # the atomic swap

@@ -6,7 +6,9 @@ the micro-batcher's worker, SQLite to the I/O pool. Failures map to precise stat
 ==========================  ===================================================================
 ``INVALID_ARGUMENT``        bad or empty values, unknown items, limits exceeded (validation)
 ``NOT_FOUND``               unknown model name, or a model version that is not being served
-``UNAVAILABLE``             no version loaded yet, or the server is draining for shutdown
+``UNAVAILABLE``             no version loaded yet, the server is draining for shutdown, or the
+                            interaction log's database cannot be reached
+``ALREADY_EXISTS``          a LogInteractions request id reused for other interactions
 ``RESOURCE_EXHAUSTED``      the micro-batch queue is full (also gRPC's own message-size limit)
 ``DEADLINE_EXCEEDED``       the deadline passed before the work started or finished
 ``INTERNAL``                the model produced a non-finite score for the request (never sent
@@ -22,6 +24,7 @@ answer ``UNKNOWN`` with the decoder's exception name).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -32,7 +35,7 @@ import grpc
 
 from metarec.api.v1 import recommender_pb2 as pb
 from metarec.api.v1 import recommender_pb2_grpc as pb_grpc
-from metarec.interaction_log import InteractionLog
+from metarec.interaction_log import InteractionStore, RequestIdConflictError
 from metarec_server.batcher import (
     BatcherClosedError,
     BatcherConfig,
@@ -42,6 +45,7 @@ from metarec_server.batcher import (
 )
 from metarec_server.cache import AdaptedUserCache, CacheKey, interactions_digest
 from metarec_server.inference import RECOMMEND, SCORE, Job, Result, candidate_bucket, run_batch
+from metarec_server.metrics import ServerMetrics
 from metarec_server.registry import ModelRegistry, ServedVersion
 from metarec_server.validation import (
     Limits,
@@ -114,16 +118,30 @@ def add_service(service: RecommenderService, server: grpc.aio.Server) -> None:
 
 
 class RecommenderService(pb_grpc.RecommenderServiceServicer):
-    """Serves the models of ``registries`` (name → registry) and the interaction log."""
+    """Serves the models of ``registries`` (name → registry) and the interaction log.
+
+    Args:
+        registries: model name → its registry.
+        default_model: the name requests without a model name use.
+        interaction_log: the store ``LogInteractions`` writes to (SQLite or PostgreSQL).
+        cache: adapted users (default: a new cache).
+        batching: micro-batching limits.
+        limits: per-request limits.
+        metrics: where calls, batches and log writes are counted (default: new collectors
+            in a private registry).
+        tracer: a ``metarec_server.tracing.RpcTracer`` to trace every call (default: none).
+    """
 
     def __init__(
         self,
         registries: Mapping[str, ModelRegistry],
         default_model: str,
-        interaction_log: InteractionLog,
+        interaction_log: InteractionStore,
         cache: AdaptedUserCache | None = None,
         batching: BatcherConfig | None = None,
         limits: Limits | None = None,
+        metrics: ServerMetrics | None = None,
+        tracer: Any = None,
     ) -> None:
         if default_model not in registries:
             raise ValueError(f"default model {default_model!r} is not among {sorted(registries)}")
@@ -132,7 +150,11 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):
         self.log = interaction_log
         self.cache = cache if cache is not None else AdaptedUserCache()
         self.limits = limits or Limits()
-        self.batcher: MicroBatcher = MicroBatcher(self._process_batch, batching, name="adapt")
+        self.metrics = metrics if metrics is not None else ServerMetrics()
+        self.tracer = tracer
+        self.batcher: MicroBatcher = MicroBatcher(
+            self._process_batch, batching, name="adapt", on_batch=self.metrics.observe_batch
+        )
         # SQLite reads and commits block on disk: a small pool keeps them off the event loop.
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="metarec-io")
         self.draining = False
@@ -158,31 +180,55 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):
         return await self._guard(context, "GetModelStatus", _unless_corrupt(request, self._model_status(request)))
 
     async def _guard(self, context: grpc.aio.ServicerContext, method: str, work):
-        """Run a handler body and turn failures into status codes."""
+        """Run a handler body, turn failures into status codes, count the call (and trace it)."""
+        if self.tracer is None:
+            return await self._answer(context, method, work, None)
+        with self.tracer.rpc(method, context.invocation_metadata()) as outcome:
+            return await self._answer(context, method, work, outcome)
+
+    async def _answer(self, context: grpc.aio.ServicerContext, method: str, work, outcome):
+        started = time.perf_counter()
+        code = grpc.StatusCode.CANCELLED  # unless an answer is reached
+        try:
+            reply, code, message = await self._outcome(method, work)
+            if code is grpc.StatusCode.OK:
+                return reply
+            await context.abort(code, message)
+        finally:
+            self.metrics.observe_request(method, code.name, time.perf_counter() - started)
+            if outcome is not None:
+                outcome.code = code
+
+    async def _outcome(self, method: str, work) -> tuple[Any, grpc.StatusCode, str]:
+        """``(reply, OK, "")``, or ``(None, code, message)`` for a failure."""
         if self.draining:
             work.close()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            return None, grpc.StatusCode.UNAVAILABLE, "server is shutting down"
         try:
-            return await work
+            return await work, grpc.StatusCode.OK, ""
         except RequestError as error:
-            code, message = error.code, error.message
+            return None, error.code, error.message
         except QueueFullError as error:
-            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {error}"
+            return None, grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {error}"
         except BatcherClosedError:
-            code, message = grpc.StatusCode.UNAVAILABLE, "server is shutting down"
+            return None, grpc.StatusCode.UNAVAILABLE, "server is shutting down"
         except DeadlineExpiredError as error:
-            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
+            return None, grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
+        except RequestIdConflictError as error:
+            return None, grpc.StatusCode.ALREADY_EXISTS, str(error)
+        except ConnectionError as error:  # a shared interaction log's database is away
+            log.warning("%s: %s", method, error)
+            return None, grpc.StatusCode.UNAVAILABLE, str(error)
         except ValueError as error:
             # The SDK raises ValueError only for inputs it cannot use; validation should have
             # caught them first, but the caller still deserves the reason, not INTERNAL. The
             # traceback is logged: it tells a gap in validation from a client's mistake.
             log.warning("%s: ValueError past request validation, answered INVALID_ARGUMENT: %s", method, error,
                         exc_info=True)
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(error)
+            return None, grpc.StatusCode.INVALID_ARGUMENT, str(error)
         except Exception:  # noqa: BLE001 - last resort: log it, do not leak internals
             log.exception("unexpected error in %s", method)
-            code, message = grpc.StatusCode.INTERNAL, "internal error (see the server log)"
-        await context.abort(code, message)
+            return None, grpc.StatusCode.INTERNAL, "internal error (see the server log)"
 
     # ------------------------------------------------------------------ model requests
     async def _recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendResponse:
@@ -300,11 +346,13 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):
             check_id(m.item_id, f"{where}.item_id", limits)
             check_rating(m.rating, model.model if model else None, where)
             rows.append((m.item_id, float(m.rating), check_timestamp(m, where)))
-        # The reply is built only after append() returns, i.e. after the COMMIT.
-        stored = await asyncio.get_running_loop().run_in_executor(
-            self._io, self.log.append, request.user_id, rows
+        request_id = check_id(request.request_id, "request_id", limits) if request.request_id else None
+        # The reply is built only after write() returns, i.e. after the COMMIT.
+        written = await asyncio.get_running_loop().run_in_executor(
+            self._io, functools.partial(self.log.write, request.user_id, rows, request_id=request_id)
         )
-        return pb.LogInteractionsResponse(stored=stored)
+        self.metrics.log_written(written.stored, written.replayed)
+        return pb.LogInteractionsResponse(stored=written.stored, replayed=written.replayed)
 
     async def _model_status(self, request: pb.GetModelStatusRequest) -> pb.GetModelStatusResponse:
         if request.name:

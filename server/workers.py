@@ -33,7 +33,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ class WorkerPool:
         stop_timeout_s: how long a worker may take to drain after SIGTERM before SIGKILL.
         max_restarts: restarts allowed within ``restart_window_s``; a worker dying more often
             than that stops the pool (exit status 1) instead of crash-looping.
+        on_exit: ``on_exit(pid)``, called once for each worker process seen to have exited
+            (the supervisor's metrics forget its live gauges).
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class WorkerPool:
         restart_delay_s: float = 1.0,
         max_restarts: int = 5,
         restart_window_s: float = 60.0,
+        on_exit: Callable[[int], None] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -109,6 +112,7 @@ class WorkerPool:
         self.restart_delay_s = restart_delay_s
         self.max_restarts = max_restarts
         self.restart_window_s = restart_window_s
+        self._on_exit = on_exit
         self.procs: list[subprocess.Popen | None] = [None] * workers
         self._restarts: deque[float] = deque()
         self._stop = threading.Event()
@@ -158,6 +162,7 @@ class WorkerPool:
                 if proc is None or proc.poll() is None or self._stop.is_set():
                     continue
                 log.warning("worker %d (pid %d) exited with status %s", index, proc.pid, proc.returncode)
+                self._exited(proc.pid)
                 now = time.monotonic()
                 while self._restarts and now - self._restarts[0] > self.restart_window_s:
                     self._restarts.popleft()
@@ -175,6 +180,14 @@ class WorkerPool:
                             self.procs[index] = self._spawn(index)
                 except RuntimeError as error:
                     log.error("%s", error)  # counted as a restart; the next pass tries again
+
+    def _exited(self, pid: int) -> None:
+        if self._on_exit is None:
+            return
+        try:
+            self._on_exit(pid)
+        except Exception:  # noqa: BLE001 - bookkeeping must not stop the pool
+            log.exception("on_exit hook failed for pid %d", pid)
 
     def pids(self) -> list[int]:
         """Process ids of the workers currently running."""
@@ -207,6 +220,7 @@ class WorkerPool:
                     log.error("worker pid %d did not stop in %.0f s: killing it", proc.pid, self.stop_timeout_s)
                     proc.kill()
                     proc.wait()
+                self._exited(proc.pid)
                 clean = clean and proc.returncode == 0
         return 1 if self.failed or not clean else 0
 

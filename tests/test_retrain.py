@@ -7,7 +7,8 @@ import pytest
 
 import metarec
 from metarec.cli import main
-from metarec.retrain import retrain
+from metarec.interaction_log import open_interaction_log
+from metarec.retrain import read_logs, retrain
 
 
 @pytest.fixture()
@@ -31,6 +32,16 @@ def setup(tmp_path):
     return model_dir, logs
 
 
+def log_through_the_store(logs, location):
+    """Write ``logs`` into the interaction log at ``location`` the way the server does: one
+    write per user and request (ids as strings, timestamps as given)."""
+    with open_interaction_log(location) as store:
+        for i, (user, rows) in enumerate(logs.groupby("user_id", sort=False)):
+            written = store.write(str(user), zip(rows["item_id"], rows["rating"], rows["timestamp"]),
+                                  request_id=f"call-{i}")
+            assert written.stored == len(rows)
+
+
 def test_retrain_promotes_a_better_model(setup, tmp_path):
     model_dir, logs = setup
     result = retrain(model_dir, logs, epochs=6, learning_rate=3e-3, report_dir=tmp_path / "report",
@@ -45,6 +56,39 @@ def test_retrain_promotes_a_better_model(setup, tmp_path):
     old = metarec.load(model_dir / "1" / "model.keras")
     support = pd.DataFrame({"item_id": [1, 2, 3], "rating": [5.0, 1.0, 4.0]})
     assert not np.allclose(new.adapt(support).score([4, 5, 6]), old.adapt(support).score([4, 5, 6]))
+
+
+def test_the_server_log_reads_back_as_logged_from_either_store(log_location):
+    """``read_logs`` (what ``metarec retrain --logs`` calls) takes the server's log, a SQLite
+    file or a PostgreSQL URL: the rows come back as logged, in log order."""
+    data = metarec.datasets.synthetic(num_users=60, num_items=40, seed=5)
+    logs = data.interactions.astype({"user_id": str, "item_id": str})
+    log_through_the_store(logs, log_location)
+    read = read_logs(log_location)
+    expected = pd.concat([rows for _, rows in logs.groupby("user_id", sort=False)])
+    assert read["user_id"].tolist() == expected["user_id"].tolist()
+    assert read["item_id"].tolist() == expected["item_id"].tolist()
+    np.testing.assert_array_equal(read["rating"], expected["rating"])
+    np.testing.assert_array_equal(read["timestamp"], expected["timestamp"])
+
+
+def test_retrain_from_a_postgres_log(setup):
+    """``metarec retrain --logs postgresql://...`` trains on a shared log and publishes version 2
+    (the same path from a SQLite log: tests/test_closed_loop.py). One epoch and a wide gate:
+    this checks the path from the log to a new version, not the gain."""
+    from tests.conftest import fresh_postgres_database
+
+    model_dir, logs = setup
+    databases = fresh_postgres_database()
+    url = next(databases)
+    try:
+        log_through_the_store(logs, url)
+        code = main(["retrain", "--model-dir", str(model_dir), "--logs", url, "--epochs", "1",
+                     "--margin", "100", "--quiet"])
+        assert code == 0
+        assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2"]
+    finally:
+        next(databases, None)
 
 
 def test_worse_model_is_refused(setup, tmp_path):

@@ -113,18 +113,22 @@ class ScoreResponse(_message.Message):
     def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., model: _Optional[_Union[ServedModel, _Mapping]] = ...) -> None: ...
 
 class LogInteractionsRequest(_message.Message):
-    __slots__ = ("user_id", "interactions")
+    __slots__ = ("user_id", "interactions", "request_id")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     interactions: _containers.RepeatedCompositeFieldContainer[Interaction]
-    def __init__(self, user_id: _Optional[str] = ..., interactions: _Optional[_Iterable[_Union[Interaction, _Mapping]]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, user_id: _Optional[str] = ..., interactions: _Optional[_Iterable[_Union[Interaction, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class LogInteractionsResponse(_message.Message):
-    __slots__ = ("stored",)
+    __slots__ = ("stored", "replayed")
     STORED_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     stored: int
-    def __init__(self, stored: _Optional[int] = ...) -> None: ...
+    replayed: bool
+    def __init__(self, stored: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class GetModelStatusRequest(_message.Message):
     __slots__ = ("name",)

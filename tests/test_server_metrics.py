@@ -1,0 +1,233 @@
+"""Prometheus metrics and client retries, through a real server on loopback: real calls, then a
+real HTTP scrape of /metrics, whose counts must match the calls made.
+
+One small MAML model is trained once for the module (a few seconds); the worker-pool test and
+the retry test need no model (logging and UNAVAILABLE answers work without one).
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pandas as pd
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import metarec
+from metarec.api.v1 import recommender_pb2 as pb
+from metarec.client import Client
+from metarec_server.app import ServerConfig
+from metarec_server.background import BackgroundServer
+from metarec_server.inference import make_check
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def scrape(port):
+    """``{(metric sample name, sorted labels): value}`` from a real HTTP GET of /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        assert reply.status == 200
+        text = reply.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "pid"))
+            samples[(sample.name, labels)] = samples.get((sample.name, labels), 0.0) + sample.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    import keras
+
+    data = metarec.datasets.synthetic(num_users=120, num_items=60, seed=0)
+    tasks = metarec.UserTasks(data, support_size=5)
+    model = metarec.models.rating_mlp(tasks.encoder, embedding_dim=8, hidden_units=(16,))
+    learner = metarec.MAML(model, inner_steps=1, inner_lr=0.05, adapt="decision_layers")
+    learner.compile(optimizer=keras.optimizers.Adam(1e-3))
+    learner.fit(tasks.train, epochs=1, batch_size=32, verbose=0)
+    path = tmp_path_factory.mktemp("trained") / "model.keras"
+    learner.save(path)
+    return path
+
+
+def test_a_scrape_counts_calls_batches_cache_hits_versions_and_log_rows(tmp_path, model_file):
+    (tmp_path / "models" / "1").mkdir(parents=True)
+    shutil.copy(model_file, tmp_path / "models" / "1" / "model.keras")
+    (tmp_path / "models" / "2").mkdir()
+    (tmp_path / "models" / "2" / "model.keras").write_bytes(b"not a model")  # refused
+    config = ServerConfig(model_dir=tmp_path / "models", port=0, log_path=tmp_path / "log.sqlite",
+                          metrics_port=0, check=make_check(batch_sizes=(1,), support_sizes=(5,)))
+    support = pd.DataFrame({"item_id": [1, 2, 3, 4], "rating": [5.0, 1.0, 4.0, 2.0]})
+    with BackgroundServer(config) as running, Client(running.address, timeout=60) as client:
+        assert running.serving and running.server.metrics_port
+        before = scrape(running.server.metrics_port)
+        assert value(before, "metarec_model_version", model="default") == 1
+        assert value(before, "metarec_model_version_refusals_total", model="default", version="2") == 1
+        assert value(before, "metarec_requests_total", method="Recommend", code="OK") == 0
+
+        # Sequential calls: each is its own batch of one. The first adapts (a cache miss),
+        # the four others reuse the adapted user (same interactions, same version).
+        for _ in range(3):
+            assert len(client.recommend(support, k=5)) == 5
+        for _ in range(2):
+            client.score(support, candidates=[5, 6, 7])
+        with pytest.raises(grpc.RpcError) as bad:
+            client.recommend(support, k=0)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert client.log_interactions("u1", [(1, 4.0), (2, 3.0), (3, 5.0), (4, 1.0)], request_id="r-1") == 4
+        assert client.log_interactions("u1", [(1, 4.0), (2, 3.0), (3, 5.0), (4, 1.0)], request_id="r-1") == 4
+
+        after = scrape(running.server.metrics_port)
+    assert value(after, "metarec_requests_total", method="Recommend", code="OK") == 3
+    assert value(after, "metarec_requests_total", method="Recommend", code="INVALID_ARGUMENT") == 1
+    assert value(after, "metarec_requests_total", method="Score", code="OK") == 2
+    assert value(after, "metarec_requests_total", method="LogInteractions", code="OK") == 2
+    # The client asked GetModelStatus once, for the catalogue's id type.
+    assert value(after, "metarec_requests_total", method="GetModelStatus", code="OK") == 1
+    assert value(after, "metarec_request_duration_seconds_count", method="Recommend", code="OK") == 3
+    assert 0 < value(after, "metarec_request_duration_seconds_sum", method="Recommend", code="OK") < 60
+    assert value(after, "metarec_request_duration_seconds_bucket", method="Score", code="OK", le="+Inf") == 2
+    # Five requests reached the model (the bad one was refused before), in five batches of one.
+    assert value(after, "metarec_batch_size_count") == 5
+    assert value(after, "metarec_batch_size_sum") == 5
+    assert value(after, "metarec_batch_queue_seconds_count") == 5
+    assert value(after, "metarec_adapted_user_cache_lookups_total", result="miss") == 1
+    assert value(after, "metarec_adapted_user_cache_lookups_total", result="hit") == 4
+    assert value(after, "metarec_interaction_log_rows_written_total") == 4
+    assert value(after, "metarec_interaction_log_replays_total") == 1
+
+
+def test_client_retries_unavailable_calls_and_not_when_told(tmp_path):
+    """No model version yet: Recommend and Score answer UNAVAILABLE. The client's default
+    retry policy sends each call several times (the server counts the attempts)."""
+    config = ServerConfig(model_dir=tmp_path / "models", port=0, log_path=tmp_path / "log.sqlite",
+                          metrics_port=0, poll_interval_s=60)
+    with BackgroundServer(config) as running:
+        assert not running.serving
+        port = running.server.metrics_port
+        with Client(running.address, timeout=30, retry_attempts=3) as client:
+            for call in (lambda: client.recommend({1: 5.0}, k=3), lambda: client.score({1: 5.0}, [1, 2])):
+                with pytest.raises(grpc.RpcError) as error:
+                    call()
+                assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        samples = scrape(port)
+        assert value(samples, "metarec_requests_total", method="Recommend", code="UNAVAILABLE") == 3
+        assert value(samples, "metarec_requests_total", method="Score", code="UNAVAILABLE") == 3
+        with Client(running.address, timeout=30, retry_attempts=1) as client:
+            with pytest.raises(grpc.RpcError):
+                client.recommend({1: 5.0}, k=3)
+        assert value(scrape(port), "metarec_requests_total", method="Recommend", code="UNAVAILABLE") == 4
+    with pytest.raises(ValueError, match="retry_attempts must be an integer in 1..5"):
+        Client("127.0.0.1:1", retry_attempts=6)
+
+
+def children(pid):
+    """Process ids of ``pid``'s live (not zombie) child processes, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process is gone
+            continue
+        if fields[1] == str(pid) and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def test_the_supervisor_serves_the_sum_over_its_workers(tmp_path):
+    """``--workers 2 --metrics-port``: calls spread over both workers (16 connections) and one
+    scrape of the supervisor counts them all; a worker killed and restarted keeps its counts."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metarec_server.main", "--model-dir", str(tmp_path / "models"),
+         "--log", str(tmp_path / "log.sqlite"), "--port", "0", "--workers", "2", "--metrics-port", "0",
+         "--log-level", "WARNING"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        metrics_line = proc.stdout.readline()
+        listening = proc.stdout.readline()
+        assert metrics_line.startswith("metarec metrics on http://127.0.0.1:"), metrics_line
+        assert listening.startswith("metarec server listening on"), listening
+        metrics_port = int(metrics_line.rsplit(":", 1)[1].split("/")[0])
+        address = f"127.0.0.1:{listening.strip().rsplit(':', 1)[1]}"
+        calls = 0
+        with Client(address, timeout=30, connections=16) as client:
+            for i in range(48):
+                client.log_interactions(f"user-{i}", [(f"item-{i}", 1.0), (f"other-{i}", 0.0)])
+                calls += 1
+            samples = scrape(metrics_port)
+            assert value(samples, "metarec_requests_total", method="LogInteractions", code="OK") == calls
+            assert value(samples, "metarec_interaction_log_rows_written_total") == 2 * calls
+
+            # kill -9 a worker: the supervisor starts another; the dead one's counts stay in
+            # the sum, and the client's retries carry its calls over to the other worker.
+            workers = children(proc.pid)
+            assert len(workers) == 2
+            os.kill(workers[0], signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while (len(children(proc.pid)) != 2 or workers[0] in children(proc.pid)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert workers[0] not in children(proc.pid) and len(children(proc.pid)) == 2
+            assert value(scrape(metrics_port), "metarec_requests_total", method="LogInteractions", code="OK") == calls
+            for i in range(48, 64):
+                client.log_interactions(f"user-{i}", [(f"item-{i}", 1.0), (f"other-{i}", 0.0)])
+                calls += 1
+        samples = scrape(metrics_port)
+        assert value(samples, "metarec_requests_total", method="LogInteractions", code="OK") == calls
+        assert value(samples, "metarec_interaction_log_rows_written_total") == 2 * calls
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+
+
+def test_tracing_makes_one_server_span_per_call_under_the_callers_trace(tmp_path):
+    """``tracing=True``: each call is a server span named after its method, the child of the
+    trace context the caller sent (W3C traceparent), with its status code."""
+    trace = pytest.importorskip("opentelemetry.trace")
+    sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = sdk_trace.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)  # the process's provider, as an SDK set-up would make it
+    if trace.get_tracer_provider() is not provider:
+        pytest.skip("another test already set this process's OpenTelemetry provider")
+
+    config = ServerConfig(model_dir=tmp_path / "models", port=0, log_path=tmp_path / "log.sqlite",
+                          poll_interval_s=60, tracing=True)
+    trace_id, parent_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    metadata = (("traceparent", f"00-{trace_id}-{parent_id}-01"),)
+    with BackgroundServer(config) as running, grpc.insecure_channel(running.address) as channel:
+        from metarec.api.v1 import recommender_pb2_grpc as pb_grpc
+
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        stub.GetModelStatus(pb.GetModelStatusRequest(), metadata=metadata, timeout=10)
+        with pytest.raises(grpc.RpcError):
+            stub.Recommend(pb.RecommendRequest(k=3), metadata=metadata, timeout=10)
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    status, recommend = (spans["metarec.v1.RecommenderService/GetModelStatus"],
+                         spans["metarec.v1.RecommenderService/Recommend"])
+    for span in (status, recommend):
+        assert span.kind == trace.SpanKind.SERVER
+        assert format(span.context.trace_id, "032x") == trace_id
+        assert format(span.parent.span_id, "016x") == parent_id
+        assert span.attributes["rpc.service"] == "metarec.v1.RecommenderService"
+    assert status.attributes["rpc.grpc.status_code"] == grpc.StatusCode.OK.value[0]
+    assert status.status.is_ok
+    assert recommend.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert recommend.status.status_code == trace.StatusCode.ERROR
