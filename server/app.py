@@ -162,7 +162,7 @@ class MetarecServer:
                 sizes.append(size)
                 size *= 2
             sizes.append(size)
-            check = make_check(batch_sizes=(1,), support_sizes=(5, 12, 20))
+            check = make_check(batch_sizes=(1,), support_sizes=(5, 12, 20), warm_up_follows=True)
             warm = make_warm(batch_sizes=sizes, support_sizes=(5, 12, 20, 32))
         folders = {config.model_name: Path(config.model_dir), **{n: Path(p) for n, p in config.extra_models.items()}}
         self.registries = {

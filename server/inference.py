@@ -193,6 +193,7 @@ def make_check(
     batch_sizes: Sequence[int] = (1,),
     support_sizes: Sequence[int] = (5,),
     num_candidates: int = 1000,
+    warm_up_follows: bool = False,
 ) -> Any:
     """A registry check: test predictions that must be finite and well shaped.
 
@@ -200,6 +201,8 @@ def make_check(
     catalogue) for every batch size x support size given. That also compiles the kernels for
     those padded shapes before the version takes traffic: JAX compiles once per shape, so
     without it the first requests of each new shape after a swap would wait for a compile.
+    With ``warm_up_follows`` (a :func:`make_warm` runs after it), batches use only these batch
+    sizes until the warm-up ends.
     """
 
     def check(model: ServingModel) -> None:
@@ -208,8 +211,8 @@ def make_check(
         for size in batch_sizes:
             for support_size in support_sizes:
                 _probe(model, size, support_size, num_candidates)
-        # Until a warm-up (make_warm) finishes, batches use only the sizes compiled here.
-        model.batch_sizes.start([bucket(size) for size in batch_sizes])
+        if warm_up_follows:  # until it finishes, batches use only the sizes compiled here
+            model.batch_sizes.start([bucket(size) for size in batch_sizes])
 
     return check
 

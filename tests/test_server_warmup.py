@@ -93,7 +93,7 @@ def test_split_batches_answer_like_one_call(learner):
 
 def test_check_then_warm_compile_every_size_and_end_the_restriction(learner):
     served = ServingModel.from_learner(learner)
-    make_check(batch_sizes=(1,), support_sizes=(3,), num_candidates=50)(served)
+    make_check(batch_sizes=(1,), support_sizes=(3,), num_candidates=50, warm_up_follows=True)(served)
     assert served.batch_sizes.pending and served.batch_sizes.chunk(4) == 1
     make_warm(batch_sizes=(1, 2, 4), support_sizes=(3,), num_candidates=50)(served)
     assert not served.batch_sizes.pending and served.batch_sizes.chunk(4) == 4
