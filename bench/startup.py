@@ -139,9 +139,16 @@ def bench_backend(backend: str, model_path: Path, workdir: Path, args) -> list[d
             loaded = [line.strip() for line in log.read_text().splitlines() if "loaded and checked" in line]
             run["load_log"] = re.sub(r"^.*?model ", "model ", loaded[0]) if loaded else None
             run.update(after_serving(address, args.requests))
+        except Exception:
+            print(f"{backend}: start {i + 1} failed; the server's log ends with:\n"
+                  + "\n".join(log.read_text().splitlines()[-20:]), file=sys.stderr)
+            raise
         finally:
             proc.terminate()
-            proc.wait(timeout=60)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         print(backend, json.dumps(run), flush=True)
         runs.append(run)
     return runs

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -227,11 +228,13 @@ def make_warm(
     registry runs it after the check: in the background for a server's first version (which
     serves meanwhile with the sizes the check compiled), before the swap for later ones."""
 
-    def warm(model: ServingModel) -> None:
+    def warm(model: ServingModel, stop: threading.Event | None = None) -> None:
         for size in sorted(batch_sizes):
             if model.batch_sizes.is_ready(bucket(size)):
                 continue
             for support_size in support_sizes:
+                if stop is not None and stop.is_set():
+                    return  # shutting down: the sizes not ready stay split
                 _probe(model, size, support_size, num_candidates)
             model.batch_sizes.mark_ready(bucket(size))
         model.batch_sizes.finish()

@@ -103,7 +103,8 @@ class ModelRegistry:
         loader: ``loader(version_dir) -> model``; raises on a broken version.
         check: ``check(model)``; raises when a loaded model must not serve (the test
             prediction). Runs before the swap.
-        warm: ``warm(model)``, more compilation after a passed check. The first version
+        warm: ``warm(model, stop)``, more compilation after a passed check, which returns
+            early once the ``threading.Event`` ``stop`` is set (the registry stops). The first version
             serves at once and warms on the watcher thread after its swap (a server becomes
             SERVING sooner); a later version warms before its swap, while the old one serves.
             A failure is logged; it refuses a later version, and the first keeps serving.
@@ -121,7 +122,7 @@ class ModelRegistry:
         check: Check | None = None,
         poll_interval_s: float = 5.0,
         on_swap: Callable[[ServedVersion], None] | None = None,
-        warm: Check | None = None,
+        warm: Callable[[Any, threading.Event], None] | None = None,
         on_refuse: Callable[[RefusedVersion], None] | None = None,
     ) -> None:
         self.name = name
@@ -194,7 +195,7 @@ class ModelRegistry:
                 if self._check is not None:
                     self._check(model)
                 if self._warm is not None and current is not None:
-                    self._warm(model)
+                    self._warm(model, self._stop)
             except Exception as error:  # noqa: BLE001 - any failure refuses the version
                 reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 reason = f"{type(error).__name__}: {self._relative(reason)}"[:500]
@@ -232,7 +233,7 @@ class ModelRegistry:
             if self._warm is not None and current is None:
                 started = time.monotonic()
                 try:
-                    self._warm(model)
+                    self._warm(model, self._stop)
                     log.info("model %r: version %d warmed up in %.1f s", self.name, version,
                              time.monotonic() - started)
                 except Exception:  # noqa: BLE001 - it serves already; the check passed

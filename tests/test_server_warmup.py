@@ -111,7 +111,8 @@ def json_loader(folder):
 def test_the_first_version_serves_before_its_warm_up_later_ones_after(tmp_path):
     seen = []
 
-    def warm(model):
+    def warm(model, stop):
+        assert not stop.is_set()
         seen.append((model["weight"], registry.current.model["weight"] if registry.current else None))
         if model["weight"] < 0:
             raise ValueError("warm-up failed")
@@ -130,7 +131,7 @@ def test_the_first_version_serves_before_its_warm_up_later_ones_after(tmp_path):
 
 
 def test_a_failed_warm_up_of_the_first_version_leaves_it_serving(tmp_path, caplog):
-    def warm(model):
+    def warm(model, stop):
         raise ValueError("warm-up failed")
 
     registry = ModelRegistry("m", tmp_path, json_loader, warm=warm)
