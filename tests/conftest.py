@@ -12,6 +12,24 @@ def synthetic_tasks():
     return metarec.UserTasks(data, support_size=10, split="time", user_split="time")
 
 
+@pytest.fixture(scope="module")
+def small_maml():
+    """(learner, tasks, data): a MAML rating model over 80 items, meta-trained for one epoch.
+    Module-scoped: a module may change the learner's settings without touching another's."""
+    import keras
+
+    import metarec
+
+    data = metarec.datasets.synthetic(num_users=120, num_items=80, seed=3)
+    tasks = metarec.UserTasks(data, support_size=10)
+    keras.utils.set_random_seed(0)
+    learner = metarec.MAML(metarec.models.rating_mlp(tasks.encoder, embedding_dim=8, hidden_units=(16,)),
+                           inner_steps=2, inner_lr=0.05)
+    learner.compile(optimizer=keras.optimizers.Adam(1e-3))
+    learner.fit(tasks.train, epochs=1, verbose=0)
+    return learner, tasks, data
+
+
 # ---------------------------------------------------------------------------- interaction logs
 #: A postgresql:// URL of a server where the tests may create and drop databases; .ci/run
 #: starts one and sets it (see .ci/postgres.sh).

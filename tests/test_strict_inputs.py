@@ -6,7 +6,6 @@ import subprocess
 import sys
 import warnings
 
-import keras
 import numpy as np
 import pandas as pd
 import pytest
@@ -27,15 +26,8 @@ SUPPORT = pd.DataFrame({"item_id": [5, 17, 42, 60], "rating": [5.0, 4.0, 1.0, 3.
 
 
 @pytest.fixture(scope="module")
-def trained():
-    data = metarec.datasets.synthetic(num_users=120, num_items=80, seed=3)
-    tasks = metarec.UserTasks(data, support_size=10)
-    keras.utils.set_random_seed(0)
-    learner = metarec.MAML(metarec.models.rating_mlp(tasks.encoder, embedding_dim=8, hidden_units=(16,)),
-                           inner_steps=2, inner_lr=0.05)
-    learner.compile(optimizer=keras.optimizers.Adam(1e-3))
-    learner.fit(tasks.train, epochs=1, verbose=0)
-    return learner, tasks, data
+def trained(small_maml):
+    return small_maml
 
 
 def server_message(call, *args):
