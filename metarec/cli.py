@@ -32,14 +32,22 @@ def _evaluate(args):
 def _score_batch(args):
     from metarec.batch_scoring import read_table, score_batch
 
-    interactions = read_table(args.interactions)
     candidates = None
     if args.candidates:
         candidates = read_table(args.candidates, columns=["item_id"])["item_id"].to_numpy()
     features = read_table(args.user_features).set_index("user_id") if args.user_features else None
-    out = score_batch(args.model, interactions, args.out, candidates=candidates, k=args.k,
-                      user_features=features, exclude_seen=not args.include_seen,
-                      chunk_users=args.chunk_users, verbose=0 if args.quiet else 1)
+    if args.engine == "ray":
+        from metarec.ray_scoring import score_batch_ray
+
+        out = score_batch_ray(args.model, args.interactions, args.out, candidates=candidates,
+                              k=args.k, user_features=features,
+                              exclude_seen=not args.include_seen, chunk_users=args.chunk_users,
+                              actors=args.actors, num_gpus=args.num_gpus,
+                              partitions=args.partitions, address=args.ray_address)
+    else:
+        out = score_batch(args.model, args.interactions, args.out, candidates=candidates, k=args.k,
+                          user_features=features, exclude_seen=not args.include_seen,
+                          chunk_users=args.chunk_users, verbose=0 if args.quiet else 1)
     print(f"Top-{args.k} written to {out}/")
     return 0
 
@@ -111,7 +119,8 @@ def build_parser():
 
     p = sub.add_parser("score-batch", help="adapt to every user of a file and write their top-k")
     p.add_argument("--model", required=True, help="a .keras file or a folder of numbered versions")
-    p.add_argument("--interactions", required=True, help="Parquet/CSV: user_id, item_id, rating")
+    p.add_argument("--interactions", required=True,
+                   help="Parquet file or folder, or CSV: user_id, item_id, rating (streamed)")
     p.add_argument("--candidates", help="Parquet/CSV with an item_id column (default: catalogue)")
     p.add_argument("--user-features", help="Parquet/CSV with user_id and feature columns")
     p.add_argument("--k", type=_positive_int, default=20)
@@ -119,6 +128,16 @@ def build_parser():
     p.add_argument("--chunk-users", type=_positive_int, default=1024)
     p.add_argument("--include-seen", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: one process, streamed; ray: Ray Data (pip install 'metarec[ray]')")
+    p.add_argument("--actors", type=_positive_int, default=1,
+                   help="--engine ray: scoring actors, each holding the model once")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="--engine ray: GPUs per actor")
+    p.add_argument("--partitions", type=_positive_int, default=None,
+                   help="--engine ray: hash partitions of users (default: from the input size)")
+    p.add_argument("--ray-address", default=None,
+                   help="--engine ray: a cluster to join, e.g. ray://head:10001 (default: "
+                        "RAY_ADDRESS, else a local Ray instance)")
     p.set_defaults(func=_score_batch)
 
     p = sub.add_parser("retrain", help="retrain on logged interactions behind a promotion gate")
