@@ -166,6 +166,12 @@ class UserFeatureLookup:
             dupes = user_features.index[user_features.index.duplicated()][:5].tolist()
             raise ValueError(f"user_features has users twice (e.g. {dupes}); give one row per user.")
         self.frame = user_features
+        self.names = list(user_features.columns)
+        # Plain numpy columns are gathered directly (``tolist`` gives Python scalars, as
+        # ``to_dict`` does); other dtypes (dates, extension types) go through pandas.
+        self.columns = [user_features[name].to_numpy() for name in self.names]
+        self.plain = all(isinstance(user_features[name].dtype, np.dtype)
+                         and user_features[name].dtype.kind in "biufOU" for name in self.names)
         self.frame.index.get_indexer(self.frame.index[:1])  # builds the index's hash table once
 
     def rows(self, users: np.ndarray) -> list[dict]:
@@ -178,12 +184,17 @@ class UserFeatureLookup:
             A list of ``len(users)`` dicts.
         """
         positions = self.frame.index.get_indexer(users)
-        found = positions >= 0
+        found = np.flatnonzero(positions >= 0)
         out = [{} for _ in range(len(users))]
-        if found.any():
+        if not len(found):
+            return out
+        if self.plain:
+            values = zip(*(column[positions[found]].tolist() for column in self.columns))
+            records = [dict(zip(self.names, row)) for row in values]
+        else:
             records = self.frame.iloc[positions[found]].to_dict("records")
-            for i, record in zip(np.flatnonzero(found), records):
-                out[i] = record
+        for i, record in zip(found, records):
+            out[i] = record
         return out
 
 

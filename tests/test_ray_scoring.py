@@ -5,14 +5,12 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+import ray
 
 import metarec
 from metarec.batch_scoring import score_batch
 from metarec.cli import main
-
-ray = pytest.importorskip("ray", reason="the Ray engine's tests need `pip install 'metarec[ray]'`")
-
-from metarec.ray_scoring import score_batch_ray  # noqa: E402
+from metarec.ray_scoring import score_batch_ray
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -48,7 +46,7 @@ def _sorted(frame):
     return frame.sort_values(["user_id", "rank"]).reset_index(drop=True)
 
 
-def test_ray_top_k_equals_the_single_process_job_and_resumes(local_ray, saved_model, tmp_path):
+def test_ray_top_k_equals_the_single_process_job_and_the_cli_resumes(local_ray, saved_model, tmp_path):
     folder, learner, interactions, path, data = saved_model
     candidates = data.items.index.to_numpy()[:50]
     users = sorted(interactions["user_id"].unique())
@@ -69,33 +67,24 @@ def test_ray_top_k_equals_the_single_process_job_and_resumes(local_ray, saved_mo
                                   _sorted(local)[["user_id", "rank", "item_id"]])
     np.testing.assert_allclose(_sorted(got)["score"], _sorted(local)["score"], rtol=1e-5, atol=1e-6)
     # A user's rows are in one part only (partitions hold whole users).
-    owners = pd.concat([pd.read_parquet(p, columns=["user_id"]).drop_duplicates().assign(part=p.name)
-                        for p in parts])
+    owners = pd.concat([pd.read_parquet(p, columns=["user_id"]).drop_duplicates() for p in parts])
     assert not owners["user_id"].duplicated().any()
 
-    # Interrupted job: two parts lost; the rerun writes those two and leaves the others alone.
+    # Interrupted job: two parts lost. The same job from the command line writes those two
+    # again and leaves the others alone.
+    cand_path, feat_path = tmp_path / "items.parquet", tmp_path / "features.parquet"
+    pd.DataFrame({"item_id": candidates}).to_parquet(cand_path)
+    features.rename_axis("user_id").reset_index().to_parquet(feat_path)
     kept = parts[0].stat().st_mtime_ns
     parts[1].unlink()
     parts[-1].unlink()
-    score_batch_ray(folder, path, tmp_path / "ray", k=5, candidates=candidates,
-                    user_features=features, chunk_users=16, actors=1, partitions=6)
+    args = ["score-batch", "--engine", "ray", "--model", str(folder), "--interactions", str(path),
+            "--candidates", str(cand_path), "--user-features", str(feat_path), "--k", "5",
+            "--chunk-users", "16", "--partitions", "6", "--out", str(out), "--quiet"]
+    assert main(args) == 0
     assert parts[0].stat().st_mtime_ns == kept and parts[1].exists() and parts[-1].exists()
     pd.testing.assert_frame_equal(_sorted(pd.read_parquet(out)), _sorted(got))
-    # Other settings into the same folder are refused.
-    with pytest.raises(ValueError, match="other settings"):
-        score_batch_ray(folder, path, tmp_path / "ray", k=4, partitions=6)
-
-
-def test_cli_engine_ray_matches_the_local_engine(local_ray, saved_model, tmp_path):
-    folder, learner, interactions, path, data = saved_model
-    csv = tmp_path / "interactions.csv"
-    interactions.to_csv(csv, index=False)
-    common = ["score-batch", "--model", str(folder), "--interactions", str(csv), "--k", "3",
-              "--chunk-users", "32", "--quiet"]
-    assert main(common + ["--out", str(tmp_path / "local")]) == 0
-    assert main(common + ["--out", str(tmp_path / "ray"), "--engine", "ray",
-                          "--partitions", "3"]) == 0
-    local = _sorted(pd.read_parquet(tmp_path / "local"))
-    got = _sorted(pd.read_parquet(tmp_path / "ray"))
-    pd.testing.assert_frame_equal(got[["user_id", "rank", "item_id"]],
-                                  local[["user_id", "rank", "item_id"]])
+    # Other settings into the same folder are refused, before any work.
+    other = list(args)
+    other[other.index("--partitions") + 1] = "5"
+    assert main(other) == 2
