@@ -193,7 +193,7 @@ def score_batch_ray(
         ds = ray.data.read_parquet(source).select_columns(columns)
     ds = ds.map_batches(_tag_partitions, batch_format="pandas",
                         fn_kwargs={"partitions": partitions, "done": done})
-    summary = ds.groupby(PARTITION_COLUMN).map_groups(
+    summary = ds.groupby(PARTITION_COLUMN, num_partitions=partitions).map_groups(
         TopKScorer, batch_format="pandas", concurrency=actors, num_cpus=num_cpus,
         num_gpus=num_gpus,
         fn_constructor_kwargs={
