@@ -31,6 +31,7 @@ _EXPORTS = {
     "MemoryLearner": "metarec.memory",
     "MetaLearner": "metarec.learner",
     "MetaSGD": "metarec.maml",
+    "ParquetTasks": "metarec.parquet_tasks",
     "Reptile": "metarec.reptile",
     "Schema": "metarec.schema",
     "TaskSet": "metarec.tasks",

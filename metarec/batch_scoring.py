@@ -1,10 +1,15 @@
 """Batch jobs: adapt to every user of an interactions file and write their top-k.
 
-Users are processed in fixed chunks, in sorted user-id order, each chunk vectorised through
-``learner.adapt_many`` / ``recommend_many``. Every chunk is written as its own Parquet part file
+Users are processed in fixed chunks of whole users, each chunk vectorised through
+``learner.adapt_flat`` / ``recommend_many``. Input given as a path is streamed in bounded
+memory (``metarec.user_chunks``: one record batch and one chunk at a time); a DataFrame is
+sorted by user id in memory. Each chunk's user features are found with one vectorised index
+lookup (:class:`UserFeatureLookup`). Every chunk is written as its own Parquet part file
 (``part-00000.parquet``, ...) inside the output folder, atomically (temporary file, then
 rename), so an interrupted job restarted with the same arguments skips the finished parts and
-never duplicates a user. A ``_manifest.json`` (ignored by Parquet readers, like every name starting with "_") records the settings a resumed run must share.
+never duplicates a user. A ``_manifest.json`` (ignored by Parquet readers, like every name
+starting with "_") records the settings a resumed run must share. ``metarec.ray_scoring``
+runs the same job on Ray Data.
 """
 
 import json
@@ -25,6 +30,7 @@ from metarec.unknown_ids import (
     unknown_features_message,
     unknown_items_message,
 )
+from metarec.user_chunks import chunks_of_frame, input_fingerprint, iter_user_chunks, open_dataset, user_bounds
 
 
 def resolve_model_path(path):
@@ -73,18 +79,31 @@ def score_batch(
 
     Args:
         learner: a ``MetaLearner`` (or a path to a ``.keras`` file / model folder).
-        interactions: DataFrame with ``user_id``, ``item_id``, ``rating``: every user's support.
+        interactions: every user's support, with ``user_id``, ``item_id``, ``rating``: a
+            DataFrame, or a path to a Parquet file, a folder of Parquet files or a CSV file.
+            A path is streamed in bounded memory (``metarec.user_chunks``): input sorted by
+            ``user_id`` in one pass, other input through temporary hash partitions of users.
+        out_dir: the output folder of Parquet parts (a rerun with the same arguments resumes).
         candidates: raw item ids to rank (None: the whole catalogue).
-        user_features: optional DataFrame indexed by ``user_id``.
+        k: items per user.
+        user_features: optional DataFrame indexed by ``user_id`` (unique); each chunk's users
+            are found in it with one vectorised index lookup.
+        exclude_seen: leave each user's support items out of their top-k.
         chunk_users: users per vectorised chunk (and per output part).
         verbose: 0 (silent), 1 (a progress bar), 2 (one line per chunk), or ``"auto"``: a bar
             on a terminal, lines otherwise.
-        unknown_ids: ``"warn"`` (default), ``"error"`` or ``"ignore"``: what to do, once for
-            the whole job, with item ids outside the model's catalogue (in the interactions or
-            the candidates) and user feature columns the model lacks (``metarec.unknown_ids``;
-            the messages count them, as the server's do). Unknown items are scored as the
-            unknown item, unknown columns dropped.
-    Output columns: ``user_id``, ``rank`` (1 = best), ``item_id``, ``score``.
+        unknown_ids: ``"warn"`` (default), ``"error"`` or ``"ignore"``: what to do with item
+            ids outside the model's catalogue (in the interactions or the candidates) and user
+            feature columns the model lacks (``metarec.unknown_ids``; the messages count them,
+            as the server's do). Candidates and feature columns are checked before any
+            scoring; the interactions of a DataFrame too, those of a streamed path chunk by
+            chunk ("error" stops at the first chunk holding one, "warn" warns once at the
+            end with the job's counts). Unknown items are scored as the unknown item, unknown
+            columns dropped.
+
+    Returns:
+        ``out_dir`` as a ``Path``. Output columns: ``user_id``, ``rank`` (1 = best),
+        ``item_id``, ``score``.
     """
     check_policy(unknown_ids)
     verbose = resolve_verbose(verbose)
@@ -92,78 +111,209 @@ def score_batch(
         learner = load(resolve_model_path(learner))
     if not isinstance(chunk_users, int) or chunk_users < 1:
         raise ValueError(f"chunk_users must be a positive integer; got {chunk_users!r}.")
-    missing = {"user_id", "item_id", "rating"} - set(interactions.columns)
-    if missing:
-        raise ValueError(f"interactions lack columns {sorted(missing)}; got {list(interactions.columns)}.")
-    if interactions.empty:
-        raise ValueError("interactions is empty: there is no user to score.")
+    settings = {"chunk_users": chunk_users, "k": int(k), "exclude_seen": bool(exclude_seen)}
+    if isinstance(interactions, pd.DataFrame):
+        _check_columns(interactions.columns)
+        if interactions.empty:
+            raise ValueError("interactions is empty: there is no user to score.")
+        settings["users"] = int(interactions["user_id"].nunique())
+        chunks = chunks_of_frame(interactions[list(INPUT_COLUMNS)], chunk_users)
+        total = settings["users"]
+    else:
+        dataset = open_dataset(interactions)
+        _check_columns(dataset.schema.names)
+        settings["input"] = input_fingerprint(interactions)
+        chunks = iter_user_chunks(interactions, chunk_users, INPUT_COLUMNS)
+        total = None
+    cand = None if candidates is None else np.asarray(candidates)
+    user_features = _check_candidates_and_features(learner.encoder, cand, user_features, unknown_ids)
+    unknown = UnknownInteractions(learner.encoder, unknown_ids)
+    if isinstance(interactions, pd.DataFrame):
+        unknown.add(interactions["item_id"].to_numpy(), interactions["user_id"].to_numpy())
+        unknown.report()
+        unknown = None  # checked whole: not again per chunk
+    features = UserFeatureLookup(user_features) if user_features is not None else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Users in sorted id order, each user's rows contiguous: a support is then a slice of two
-    # arrays (slicing DataFrames per user cost more than the adaptation itself).
-    ordered = interactions.sort_values("user_id", kind="stable")
-    user_col = ordered["user_id"].to_numpy()
-    item_col = ordered["item_id"].to_numpy()
-    rating_col = ordered["rating"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, user_col[1:] != user_col[:-1]])
-    bounds = dict(zip(user_col[starts], zip(starts, np.r_[starts[1:], len(user_col)])))
-    users = list(user_col[starts])
-    cand = None if candidates is None else np.asarray(candidates)
-    user_features = _check_unknown(learner.encoder, item_col, user_col, cand, user_features, unknown_ids)
-    _check_manifest(out_dir, {"users": len(users), "chunk_users": chunk_users, "k": int(k),
-                              "exclude_seen": bool(exclude_seen)})
-    chunks = range(0, len(users), chunk_users)
+    _check_manifest(out_dir, settings)
     progbar = None
     if verbose == 1:
-        progbar = keras.utils.Progbar(len(users), unit_name="user")
+        progbar = keras.utils.Progbar(total, unit_name="user")
     elif verbose:
-        progbar = _ChunkLines(len(users))
+        progbar = _ChunkLines(total)
+    done = 0
     # One writer thread: chunk c's DataFrame and Parquet file are built while the model adapts
     # and scores chunk c + 1. At most one part is pending (bounded memory), and a write error
     # surfaces at the next chunk or at the end.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="metarec-parts") as writer:
         pending = None
-        for c, start in enumerate(chunks):
+        for c, chunk in enumerate(chunks):
             part = out_dir / f"part-{c:05d}.parquet"
-            chunk = users[start:start + chunk_users]
+            users, lengths = _users_of(chunk)
+            if unknown is not None:
+                unknown.add(chunk["item_id"].to_numpy(), chunk["user_id"].to_numpy())
             if not part.exists():
-                first, last = bounds[chunk[0]][0], bounds[chunk[-1]][1]
-                lengths = [b - a for a, b in (bounds[u] for u in chunk)]
-                features = None
-                if user_features is not None:
-                    known = user_features.index.isin(chunk)
-                    rows = dict(zip(user_features.index[known], user_features[known].to_dict("records")))
-                    features = [rows.get(u, {}) for u in chunk]
-                # Unknown ids were counted once for the whole job above.
-                adapted = learner.adapt_flat(item_col[first:last], rating_col[first:last], lengths, features,
-                                             unknown_ids="ignore")
-                recs = learner.recommend_many(
-                    adapted, k=k, exclude_seen=exclude_seen,
-                    candidates=None if cand is None else [cand] * len(chunk), unknown_ids="ignore",
-                )
+                recs = score_chunk(learner, chunk, users, lengths, cand, k, exclude_seen, features)
                 if pending is not None:
                     pending.result()
-                pending = writer.submit(_write_part, part, chunk, recs)
+                pending = writer.submit(_write_part, part, users, recs)
+            done += len(users)
             if progbar:
-                progbar.update(min(start + chunk_users, len(users)))
+                progbar.update(done)
         if pending is not None:
             pending.result()
+    if done == 0:
+        raise ValueError(f"interactions is empty: there is no user to score; got {interactions!r}.")
+    if unknown is not None:
+        unknown.report()
     return out_dir
 
 
-def _check_unknown(encoder, item_col, user_col, candidates, user_features, policy):
-    """The ``unknown_ids`` policy applied once to the whole job, with counts; returns the user
-    features without columns the model lacks."""
+INPUT_COLUMNS = ("user_id", "item_id", "rating")
+
+
+def _check_columns(columns):
+    missing = set(INPUT_COLUMNS) - set(columns)
+    if missing:
+        raise ValueError(f"interactions lack columns {sorted(missing)}; got {list(columns)}.")
+
+
+def _users_of(chunk):
+    """The users of a user-sorted chunk, in order, and their row counts."""
+    user_col = chunk["user_id"].to_numpy()
+    starts, lengths = user_bounds(user_col)
+    return user_col[starts], lengths
+
+
+class UserFeatureLookup:
+    """User features found per chunk with one vectorised join on an index built once.
+
+    Args:
+        user_features: a DataFrame indexed by ``user_id`` (unique), one column per feature.
+    """
+
+    def __init__(self, user_features: pd.DataFrame) -> None:
+        if not isinstance(user_features, pd.DataFrame):
+            raise ValueError(f"user_features must be a DataFrame indexed by user_id; got "
+                             f"{type(user_features).__name__}.")
+        if not user_features.index.is_unique:
+            dupes = user_features.index[user_features.index.duplicated()][:5].tolist()
+            raise ValueError(f"user_features has users twice (e.g. {dupes}); give one row per user.")
+        self.frame = user_features
+        self.names = list(user_features.columns)
+        # Plain numpy columns are gathered directly (``tolist`` gives Python scalars, as
+        # ``to_dict`` does); other dtypes (dates, extension types) go through pandas.
+        self.columns = [user_features[name].to_numpy() for name in self.names]
+        self.plain = all(isinstance(user_features[name].dtype, np.dtype)
+                         and user_features[name].dtype.kind in "biufOU" for name in self.names)
+        self.frame.index.get_indexer(self.frame.index[:1])  # builds the index's hash table once
+
+    def rows(self, users: np.ndarray) -> list[dict]:
+        """One feature dict per user of ``users`` (``{}`` for a user without a row).
+
+        Args:
+            users: raw user ids.
+
+        Returns:
+            A list of ``len(users)`` dicts.
+        """
+        positions = self.frame.index.get_indexer(users)
+        found = np.flatnonzero(positions >= 0)
+        out = [{} for _ in range(len(users))]
+        if not len(found):
+            return out
+        if self.plain:
+            values = zip(*(column[positions[found]].tolist() for column in self.columns))
+            records = [dict(zip(self.names, row)) for row in values]
+        else:
+            records = self.frame.iloc[positions[found]].to_dict("records")
+        for i, record in zip(found, records):
+            out[i] = record
+        return out
+
+
+def score_chunk(learner, chunk, users, lengths, candidates, k, exclude_seen, features):
+    """Adapt to and rank the items of the users of one user-sorted chunk.
+
+    Args:
+        learner: the ``MetaLearner``.
+        chunk: DataFrame with ``user_id``, ``item_id``, ``rating``, each user's rows contiguous.
+        users, lengths: the chunk's users in order and their row counts.
+        candidates: raw item ids shared by every user, or None (the catalogue).
+        k: items per user.
+        exclude_seen: leave each user's support items out.
+        features: a :class:`UserFeatureLookup` or None.
+
+    Returns:
+        One ``(item ids, scores)`` pair per user.
+    """
+    rows = None if features is None else features.rows(users)
+    # Unknown ids are counted for the whole job by the caller (score_batch), not per call.
+    adapted = learner.adapt_flat(chunk["item_id"].to_numpy(), chunk["rating"].to_numpy(),
+                                 lengths, rows, unknown_ids="ignore")
+    return learner.recommend_many(
+        adapted, k=k, exclude_seen=exclude_seen,
+        candidates=None if candidates is None else [candidates] * len(users), unknown_ids="ignore",
+    )
+
+
+def top_k_frame(users, recs):
+    """The output rows of scored users: ``user_id``, ``rank``, ``item_id``, ``score``."""
+    sizes = [len(ids) for ids, _ in recs]
+    return pd.DataFrame({
+        "user_id": np.repeat(np.asarray(users, dtype=object), sizes).tolist(),
+        "rank": np.concatenate([np.arange(1, n + 1) for n in sizes]),
+        "item_id": np.concatenate([ids for ids, _ in recs]),
+        "score": np.concatenate([scores for _, scores in recs]),
+    })
+
+
+def _write_part(part, users, recs):
+    """One chunk's top-k as a Parquet part, atomically (temporary file, then rename)."""
+    write_atomically(top_k_frame(users, recs), part)
+
+
+def write_atomically(frame, part):
+    """``frame`` as the Parquet file ``part``: a temporary file, then a rename, so that a part
+    is either complete or absent."""
+    tmp = part.with_name(f".{part.name}.tmp")  # hidden from Parquet dataset readers
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, part)
+
+
+class UnknownInteractions:
+    """The ``unknown_ids`` policy over a job's interaction item ids, seen a chunk at a time:
+    "error" raises at the first unknown id, "warn" counts them for one warning at the end."""
+
+    def __init__(self, encoder, policy):
+        self.encoder, self.policy = encoder, policy
+        self.ids, self.rows, self.users, self.all_users = {}, 0, set(), set()
+
+    def add(self, item_col, user_col):
+        if self.policy == "ignore":
+            return
+        self.all_users.update(pd.unique(user_col).tolist())
+        unknown = self.encoder.item_index(item_col) == 0
+        if unknown.any():
+            self.ids.update(dict.fromkeys(item_col[unknown].tolist()))
+            self.rows += int(unknown.sum())
+            self.users.update(pd.unique(user_col[unknown]).tolist())
+            if self.policy == "error":
+                self.report()
+
+    def report(self):
+        if self.rows:
+            ids = list(self.ids)
+            apply_policy(self.policy, unknown_items_message("interaction", ids, self.rows, self.encoder.item_ids[1:])
+                         + f" (in the supports of {len(self.users)} of {len(self.all_users)} users: "
+                           f"distinct unknown ids {len(ids)})")
+
+
+def _check_candidates_and_features(encoder, candidates, user_features, policy):
+    """The ``unknown_ids`` policy applied to the candidates and the user-feature columns;
+    returns the user features without columns the model lacks."""
     if policy == "ignore":
         return user_features
-    index = encoder.item_index(item_col)
-    unknown = index == 0
-    if unknown.any():
-        ids = list(dict.fromkeys(item_col[unknown].tolist()))
-        users = len(pd.unique(user_col[unknown]))
-        total = len(pd.unique(user_col))
-        apply_policy(policy, unknown_items_message("interaction", ids, int(unknown.sum()), encoder.item_ids[1:])
-                     + f" (in the supports of {users} of {total} users: distinct unknown ids {len(ids)})")
     if candidates is not None:
         cand_index = encoder.item_index(candidates)
         if not cand_index.all():
@@ -183,26 +333,15 @@ class _ChunkLines:
     """``Progbar.update`` as one plain line per chunk (for output that is not a terminal)."""
 
     def __init__(self, total):
-        self.bar = ProgressBar(total, stream=sys.stdout)
+        self.bar = ProgressBar(total, stream=sys.stdout) if total is not None else None
         self.done = 0
 
     def update(self, done):
-        self.bar.update("users scored", advance=done - self.done)
+        if self.bar is not None:
+            self.bar.update("users scored", advance=done - self.done)
+        else:
+            print(f"{done} users scored", flush=True)
         self.done = done
-
-
-def _write_part(part, chunk, recs):
-    """One chunk's top-k as a Parquet part, atomically (temporary file, then rename)."""
-    sizes = [len(ids) for ids, _ in recs]
-    frame = pd.DataFrame({
-        "user_id": np.repeat(np.asarray(chunk, dtype=object), sizes).tolist(),
-        "rank": np.concatenate([np.arange(1, n + 1) for n in sizes]),
-        "item_id": np.concatenate([ids for ids, _ in recs]),
-        "score": np.concatenate([scores for _, scores in recs]),
-    })
-    tmp = part.with_name(f".{part.name}.tmp")  # hidden from Parquet dataset readers
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, part)  # a part is either complete or absent
 
 
 def _check_manifest(out_dir, settings):

@@ -40,25 +40,31 @@ def _score_batch(args):
     from metarec.batch_scoring import read_table, score_batch
     from metarec.unknown_ids import UnknownIdsWarning
 
-    interactions = read_table(args.interactions)
     candidates = None
     if args.candidates:
         candidates = read_table(args.candidates, columns=["item_id"])["item_id"].to_numpy()
     features = read_table(args.user_features).set_index("user_id") if args.user_features else None
     with warnings.catch_warnings(record=True) as recorded:
         warnings.simplefilter("always", UnknownIdsWarning)
-        out = score_batch(args.model, interactions, args.out, candidates=candidates, k=args.k,
-                          user_features=features, exclude_seen=not args.include_seen,
-                          chunk_users=args.chunk_users, verbose=_verbose(args),
-                          unknown_ids=args.unknown_ids)
+        if args.engine == "ray":
+            from metarec.ray_scoring import score_batch_ray
+
+            out = score_batch_ray(args.model, args.interactions, args.out, candidates=candidates,
+                                  k=args.k, user_features=features,
+                                  exclude_seen=not args.include_seen, chunk_users=args.chunk_users,
+                                  actors=args.actors, num_gpus=args.num_gpus,
+                                  partitions=args.partitions, address=args.ray_address)
+        else:
+            out = score_batch(args.model, args.interactions, args.out, candidates=candidates, k=args.k,
+                              user_features=features, exclude_seen=not args.include_seen,
+                              chunk_users=args.chunk_users, verbose=_verbose(args),
+                              unknown_ids=args.unknown_ids)
     caught = [w for w in recorded if issubclass(w.category, UnknownIdsWarning)]
     for other in recorded:
         if other not in caught:  # anyone else's warnings, shown as Python shows them
             warnings.showwarning(other.message, other.category, other.filename, other.lineno)
     _print_warnings(caught)
-    users = interactions["user_id"].nunique()
-    print(f"Top-{args.k} of {users} users written to {out}/"
-          + (f" ({len(caught)} warning(s) above)" if caught else ""))
+    print(f"Top-{args.k} written to {out}/" + (f" ({len(caught)} warning(s) above)" if caught else ""))
     return 0
 
 
@@ -146,7 +152,8 @@ def build_parser():
     p.add_argument("--model", required=True,
                    help="a .keras file, a version folder, or a folder of numbered versions (the newest is used)")
     p.add_argument("--interactions", required=True,
-                   help="Parquet/CSV with user_id, item_id, rating: every user's support set")
+                   help="Parquet file or folder, or CSV, with user_id, item_id, rating: every user's "
+                        "support set (streamed in bounded memory)")
     p.add_argument("--candidates", help="Parquet/CSV with an item_id column: the items to rank "
                                         "(default: the whole catalogue)")
     p.add_argument("--user-features", help="Parquet/CSV with user_id and the model's user feature columns")
@@ -162,6 +169,17 @@ def build_parser():
                         "say nothing")
     p.add_argument("--quiet", action="store_true",
                    help="no progress output (otherwise a bar on a terminal, one line per chunk when piped)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: one process, streamed (default); ray: Ray Data (pip install "
+                        "'metarec[ray]'; --unknown-ids is not checked there)")
+    p.add_argument("--actors", type=_positive_int, default=1,
+                   help="--engine ray: scoring actors, each holding the model once")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="--engine ray: GPUs per actor")
+    p.add_argument("--partitions", type=_positive_int, default=None,
+                   help="--engine ray: hash partitions of users (default: from the input size)")
+    p.add_argument("--ray-address", default=None,
+                   help="--engine ray: a cluster to join, e.g. ray://head:10001 (default: "
+                        "RAY_ADDRESS, else a local Ray instance)")
     p.set_defaults(func=_score_batch)
 
     p = sub.add_parser(

@@ -117,3 +117,83 @@ def test_a_failed_part_write_stops_the_job_and_a_rerun_completes(saved_model, tm
     recs = pd.read_parquet(out)
     n_users = interactions["user_id"].nunique()
     assert len(recs) == 3 * n_users and not recs.duplicated(["user_id", "rank"]).any()
+
+
+def _user_rows(frame):
+    """Each user's (item, rating) rows, as a comparable dict."""
+    return {u: list(zip(g["item_id"], g["rating"])) for u, g in frame.groupby("user_id", sort=False)}
+
+
+@pytest.mark.parametrize("layout", ["sorted-parquet-folder", "unsorted-csv"])
+def test_streamed_chunks_hold_whole_users(saved_model, tmp_path, monkeypatch, layout):
+    """Record batches of 7 rows cut users in two; files cut them too. Every chunk must still
+    hold every row of its users, each user once, in the input's row order."""
+    from metarec import user_chunks
+
+    _, _, interactions, _ = saved_model
+    monkeypatch.setattr(user_chunks, "BATCH_ROWS", 7)
+    if layout == "sorted-parquet-folder":
+        ordered = interactions.sort_values("user_id", kind="stable").reset_index(drop=True)
+        path = tmp_path / "folder"
+        path.mkdir()
+        half = len(ordered) // 2 + 3  # mid-user: the user's rows go on in the next file
+        ordered.iloc[:half].to_parquet(path / "a.parquet")
+        ordered.iloc[half:].to_parquet(path / "b.parquet")
+        assert user_chunks.is_sorted_by_user(user_chunks.open_dataset(path))
+        chunks = list(user_chunks.iter_user_chunks(path, 16))
+    else:
+        ordered = interactions.sample(frac=1.0, random_state=0).reset_index(drop=True)
+        path = tmp_path / "input.csv"
+        ordered.to_csv(path, index=False)
+        assert not user_chunks.is_sorted_by_user(user_chunks.open_dataset(path))
+        chunks = list(user_chunks.iter_user_chunks(path, 16, partition_rows=300))
+    seen = [c["user_id"].unique() for c in chunks]
+    assert all(len(s) <= 16 for s in seen)
+    flat = np.concatenate(seen)
+    assert len(flat) == len(set(flat)) == interactions["user_id"].nunique()
+    assert _user_rows(pd.concat(chunks)) == _user_rows(ordered)
+
+
+def test_a_streamed_unsorted_file_gives_the_in_memory_job_s_top_k(saved_model, tmp_path, monkeypatch):
+    from metarec import user_chunks
+
+    folder, learner, interactions, data = saved_model
+    monkeypatch.setattr(user_chunks, "BATCH_ROWS", 50)
+    shuffled = interactions.sample(frac=1.0, random_state=2)
+    path = tmp_path / "users.parquet"
+    shuffled.to_parquet(path)
+    features = data.users.loc[sorted(interactions["user_id"].unique())[::3]]
+    kwargs = dict(k=4, user_features=features, chunk_users=16, verbose=0)
+    memory = pd.read_parquet(score_batch(learner, shuffled, tmp_path / "a", **kwargs))
+    streamed = pd.read_parquet(score_batch(learner, path, tmp_path / "b", **kwargs))
+    key = ["user_id", "rank"]
+    pd.testing.assert_frame_equal(streamed.sort_values(key).reset_index(drop=True),
+                                  memory.sort_values(key).reset_index(drop=True))
+
+
+def test_user_feature_lookup(saved_model):
+    from metarec.batch_scoring import UserFeatureLookup
+
+    _, _, _, data = saved_model
+    users = data.users.iloc[:5]
+    lookup = UserFeatureLookup(users)
+    got = lookup.rows(np.asarray([users.index[3], "nobody", users.index[0]], dtype=object))
+    assert got == [users.iloc[3].to_dict(), {}, users.iloc[0].to_dict()]
+    with pytest.raises(ValueError, match="users twice"):
+        UserFeatureLookup(pd.concat([users, users.iloc[:1]]))
+
+
+def test_the_sdk_works_without_ray_and_the_ray_engine_says_how_to_install_it():
+    """Ray is imported only by the Ray engine; without it, the engine says what to install."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['ray'] = None\n"  # as if Ray were not installed
+        "import metarec, metarec.cli, metarec.batch_scoring, metarec.ray_scoring\n"
+        "from metarec.ray_scoring import require_ray\n"
+        "try:\n    require_ray()\nexcept ImportError as e:\n    print('MSG', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'metarec[ray]'" in out.stdout
