@@ -117,7 +117,7 @@ def time_step(tasks, method, adapt, batch, calls, mesh=None):
     if mesh is None:
         episode = jax.device_put(_episode(tasks, batch))  # the data already on the device
     else:  # the users split over the mesh's devices
-        episode = learner._placed_batch(_episode(tasks, batch), mesh)
+        episode = learner.placed_batch(_episode(tasks, batch), mesh)
     step = backend.TrainStep(learner.meta_gradients, learner.optimizer, learner.meta_variables,
                              learner.model.non_trainable_variables, mesh=mesh)
     t0 = time.perf_counter()

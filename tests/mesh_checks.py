@@ -79,9 +79,9 @@ def test_one_meta_step_gives_the_meta_gradient_of_one_device(tasks, kind):
         learner = make_catalogue(tasks)
     else:
         learner = make(tasks, metarec.Reptile if kind == "reptile" else metarec.MAML)
-    learner._check_ready(tasks.train)
+    learner.prepare(tasks.train)
     episode = next(tasks.train.episodes(BATCH, shuffle=True, seed=0, max_query=32))
-    batch = learner._train_batch(episode, 0)
+    batch = learner.train_batch(episode, 0)
     params, non_trainable = learner.snapshot()
 
     single = jax.jit(learner.meta_gradients)
@@ -89,7 +89,7 @@ def test_one_meta_step_gives_the_meta_gradient_of_one_device(tasks, kind):
 
     mesh = backend.user_mesh(keras.distribution.DataParallel())
     assert mesh.size == DEVICES
-    placed = learner._placed_batch(batch, mesh)
+    placed = learner.placed_batch(batch, mesh)
     placed_episode, negatives = learner.split_batch(placed)
     for leaf in jax.tree.leaves(placed_episode):  # each device holds its own four users
         assert leaf.sharding == mesh.users
