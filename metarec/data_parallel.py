@@ -12,7 +12,7 @@ import keras
 from metarec import backend
 
 
-def user_mesh_for(distribution, batch_size):
+def user_mesh_for(distribution: "keras.distribution.Distribution | None", batch_size: int):
     """The mesh a ``fit`` places its meta-batches on, or None for a single device.
 
     Args:

@@ -64,7 +64,6 @@ class UserMesh:
         mesh = distribution.device_mesh.backend_mesh
         self.axis = distribution.batch_dim_name
         self.size = int(mesh.shape[self.axis])
-        self.devices = tuple(mesh.devices.flat)
         self.users = NamedSharding(mesh, PartitionSpec(self.axis))
         self.replicated = NamedSharding(mesh, PartitionSpec())
 
