@@ -39,7 +39,7 @@ import keras
 import metarec
 
 
-def run(data_path=None, epochs=2, batch_size=64, out=None, num_users=200):
+def run(data_path=None, epochs=2, batch_size=64, out=None, num_users=200, inner_steps=3):
     """Meta-train MAML data-parallel over every device; returns the learner.
 
     Args:
@@ -48,6 +48,7 @@ def run(data_path=None, epochs=2, batch_size=64, out=None, num_users=200):
         batch_size: users per meta-batch, a multiple of the number of devices.
         out: where process 0 saves the ``.keras`` file (None: not saved).
         num_users: users of the synthetic data.
+        inner_steps: MAML's inner gradient steps.
 
     Returns:
         The trained learner (its weights replicated on every device).
@@ -63,7 +64,8 @@ def run(data_path=None, epochs=2, batch_size=64, out=None, num_users=200):
                               fractions=(1.0, 0.0, 0.0))
     distribution = keras.distribution.DataParallel()  # every device of every process
     keras.utils.set_random_seed(0)  # the same initial weights in every process
-    learner = metarec.MAML(metarec.models.rating_mlp(tasks.encoder), inner_steps=3, inner_lr=0.05)
+    learner = metarec.MAML(metarec.models.rating_mlp(tasks.encoder), inner_steps=inner_steps,
+                           inner_lr=0.05)
     learner.compile(optimizer=keras.optimizers.Adam(1e-3))
     history = learner.fit(tasks.train, epochs=epochs, batch_size=batch_size, seed=0, verbose=0,
                           distribution=distribution)

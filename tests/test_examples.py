@@ -140,10 +140,11 @@ def test_data_parallel_training_example(tmp_path):
 
     if keras.backend.backend() != "jax":
         with pytest.raises(ValueError, match="KERAS_BACKEND=jax"):
-            data_parallel_training.run(epochs=1, batch_size=16, num_users=40)
+            data_parallel_training.run(epochs=1, batch_size=16, num_users=40, inner_steps=1)
         return
     path = tmp_path / "meta.keras"
-    learner = data_parallel_training.run(epochs=1, batch_size=16, out=str(path), num_users=40)
+    learner = data_parallel_training.run(epochs=1, batch_size=16, out=str(path), num_users=40,
+                                             inner_steps=1)
     loaded = metarec.load(path)
     for a, b in zip(learner.get_weights(), loaded.get_weights()):
         np.testing.assert_array_equal(a, b)
