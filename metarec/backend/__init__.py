@@ -1,7 +1,7 @@
 """The only place where metarec touches a specific Keras backend.
 
 Keras 3 has no backend-neutral ``grad``, ``vmap`` or ``jit``. Each supported backend gets one
-small module with the same six functions and one class; everything else in metarec is written
+small module with the same seven functions and one class; everything else in metarec is written
 with ``keras.ops`` and ``Model.stateless_call`` and calls them through this package:
 
 * ``value_and_grad(fn, has_aux=False)``: ``fn(params, *args)`` -> ``(value, grads)`` with the
