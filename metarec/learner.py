@@ -30,6 +30,7 @@ from keras import ops
 
 from metarec import backend
 from metarec.catalogue_objective import CatalogueObjective
+from metarec.data_parallel import user_mesh_for
 from metarec.inner_loop import Forward, inner_loop, masked_loss, real_users
 from metarec.progress import resolve_verbose
 from metarec.runtime import EncodedCandidates, EncodedSupports, FlatSupports, Personalizer
@@ -434,6 +435,25 @@ class MetaLearner(keras.Model):
             ])
         return episode, self.negative_inputs(self.objective.sampler.draw(step, items))
 
+    def placed_batch(self, batch, mesh):
+        """A train batch on the devices of ``mesh`` (a ``backend.user_mesh``; None: the batch as
+        it is): the episode's users split over the devices, a catalogue objective's negatives
+        (shared by all users) replicated.
+
+        Args:
+            batch: what ``train_batch`` returns.
+            mesh: the user mesh of a data-parallel ``fit``, or None.
+
+        Returns:
+            The batch, placed.
+        """
+        if mesh is None:
+            return batch
+        episode, negatives = self.split_batch(batch)
+        if negatives is None:
+            return mesh.shard_users(episode)
+        return mesh.shard_users(episode), mesh.replicate(negatives)
+
     def eval_batch(self, episode):
         """What the test step takes: the episode, with the fixed inference negatives when the
         objective is catalogue-aware."""
@@ -454,23 +474,32 @@ class MetaLearner(keras.Model):
         max_query=128,
         initial_epoch=0,
         validation_freq=1,
+        distribution=None,
     ):
         """Meta-train over the users of the ``TaskSet`` ``x``; returns a ``History``.
 
         One step is one meta-batch of ``batch_size`` users. ``validation_data`` (a ``TaskSet``)
         is scored after each epoch as ``val_loss``: the query loss after adapting to each
         validation user's support set, which is what callbacks such as EarlyStopping watch.
+
+        ``distribution``: a ``keras.distribution.DataParallel`` to meta-train data-parallel
+        over its devices (JAX backend): each meta-batch's users are split over the devices,
+        the weights replicated, the meta-gradient averaged across devices. None (default):
+        Keras's global distribution (``keras.distribution.set_distribution``), if one is set.
+        ``batch_size`` must then be a multiple of the number of devices. See
+        ``metarec.data_parallel``.
         """
         _check_task_set(x, "the training set x")
         self.prepare(x)
         _check_not_empty(x, "the training set x")
         if validation_data is not None:
             _check_not_empty(validation_data, "validation_data")
+        mesh = user_mesh_for(distribution, batch_size)
         verbose = resolve_verbose(verbose)  # piped output: one line per epoch, no bar frames
         steps = x.num_batches(batch_size)
         train_step = backend.TrainStep(
             self.meta_gradients, self.optimizer, self.meta_variables,
-            self.model.non_trainable_variables,
+            self.model.non_trainable_variables, mesh=mesh,
         )
         if not isinstance(callbacks, keras.callbacks.CallbackList):
             callbacks = keras.callbacks.CallbackList(
@@ -497,7 +526,8 @@ class MetaLearner(keras.Model):
                 for step, episode in enumerate(batches):
                     callbacks.on_train_batch_begin(step)
                     self._before_train_step()
-                    step_logs = train_step(self.train_batch(episode, global_step))
+                    step_logs = train_step(self.placed_batch(self.train_batch(episode, global_step),
+                                                             mesh))
                     global_step += 1
                     self._fit_state["synced"] = False
                     for k, v in step_logs.items():

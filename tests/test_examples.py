@@ -129,3 +129,22 @@ def test_grpc_client_tutorial(tmp_path):
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "server stopped" in (tmp_path / "server.log").read_text()
+
+
+def test_data_parallel_training_example(tmp_path):
+    """One process: a mesh of every device this process sees (one, here); saves and loads."""
+    import data_parallel_training
+    import keras
+
+    import metarec
+
+    if keras.backend.backend() != "jax":
+        with pytest.raises(ValueError, match="KERAS_BACKEND=jax"):
+            data_parallel_training.run(epochs=1, batch_size=16, num_users=40, inner_steps=1)
+        return
+    path = tmp_path / "meta.keras"
+    learner = data_parallel_training.run(epochs=1, batch_size=16, out=str(path), num_users=40,
+                                             inner_steps=1)
+    loaded = metarec.load(path)
+    for a, b in zip(learner.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)

@@ -156,14 +156,28 @@ def kernel_weights(values):
     return list(values)
 
 
+def user_mesh(distribution):
+    """Multi-device meta-training is JAX-only: a ``ValueError`` naming the fix.
+
+    The meta-step (``tf.vectorized_map`` over users of nested gradient tapes, then the Keras
+    optimizer, in one ``tf.function``) is not written for ``tf.distribute``'s per-replica
+    calls and cross-replica reductions, and Keras 3's ``keras.distribution`` has no
+    TensorFlow implementation."""
+    raise ValueError(
+        "Data-parallel meta-training over a device mesh needs the JAX backend: run with "
+        f"KERAS_BACKEND=jax (or train without a distribution); got distribution={distribution!r} "
+        "on the TensorFlow backend."
+    )
+
+
 class TrainStep:
     """One compiled meta-update: ``loss, grads = grad_fn(params, batch)``, then the optimizer.
 
     On TensorFlow the optimizer updates the Keras variables in place inside the ``tf.function``,
-    as Keras's own TensorFlow trainer does.
+    as Keras's own TensorFlow trainer does. (``mesh`` is always None here: see ``user_mesh``.)
     """
 
-    def __init__(self, grad_fn, optimizer, variables, non_trainable_variables):
+    def __init__(self, grad_fn, optimizer, variables, non_trainable_variables, mesh=None):
         self.optimizer = optimizer
         self.variables = list(variables)
         self.non_trainable_variables = list(non_trainable_variables)
