@@ -155,7 +155,7 @@ def test_an_unusual_inferred_rating_range_warns_and_rating_range_fixes_it():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert metarec.InteractionData(frame.assign(rating=[1, 5, 4, 3])).schema.rating_range == (1.0, 5.0)
-        with pytest.raises(ValueError, match="rating 50.0 at row 3 is outside"):
+        with pytest.raises(ValueError, match=r"rating 50.0 is outside the rating range \[1.0, 5.0\] at row 3"):
             metarec.InteractionData(frame, rating_range=(1, 5))
 
 
