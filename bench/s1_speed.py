@@ -21,7 +21,7 @@ Figures:
   that again with the supports given as flat arrays (``adapt_flat``, what ``score-batch``
   runs) instead of one DataFrame per user.
 * ``lstm``: the LSTM meta-learner's adapt+score of one user (as ``adapt_score``, decision layers,
-  5 steps of the learned rule, hidden size ``--lstm-hidden``, default 4; both forms) against MAML's 5 gradient steps,
+  5 steps of the learned rule, hidden size ``--lstm-hidden``, default 16 as the learner; both forms) against MAML's 5 gradient steps,
   the learners called in turn in each round: median ms and the ratio to MAML (target 1.5x).
 * ``train``: one meta-train step (``backend.TrainStep`` around ``meta_gradients`` and Adam, as
   ``fit`` runs it) on a fixed Episode of 32 users, support 20, query 20, 1 and 5 inner steps,
@@ -165,7 +165,7 @@ def bench_adapt_score(adapt, calls, warmup, learner=None):
             "ratio_median": sdk_s["median_ms"] / plain_s["median_ms"]}
 
 
-def bench_lstm_vs_maml(calls, warmup, hidden_size=4):
+def bench_lstm_vs_maml(calls, warmup, hidden_size=16):
     """adapt+score of one user (the SDK path of ``bench_adapt_score``) by MAML and by the LSTM
     meta-learner in both forms, at equal inner steps, interleaved in rounds."""
     learners = {
@@ -443,7 +443,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="smoke run: fewer calls and users")
     p.add_argument("--only", default="", help="comma list of adapt,lstm,batch,train")
     p.add_argument("--calls", type=int, default=400, help="timed adapt+score calls (>= 200)")
-    p.add_argument("--lstm-hidden", type=int, default=4, help="hidden size of the LSTM meta-learner (lstm)")
+    p.add_argument("--lstm-hidden", type=int, default=16,
+                   help="hidden size of the LSTM meta-learner (lstm; 16 is its default)")
     p.add_argument("--batch-total", type=int, default=10000)
     p.add_argument("--batch-users", type=int, default=1024)
     p.add_argument("--train-calls", type=int, default=30)

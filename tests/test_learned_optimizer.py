@@ -71,11 +71,17 @@ def test_untrained_rule_is_its_documented_start(data_and_tasks, form):
     stepped, start = gradient_step(learner, tasks, 0.05)
     for a, w0, w1 in zip(adapted, start, stepped):
         grad = (w0 - w1) / 0.05
+        a = np.asarray(a)
         if form == "andrychowicz":
-            expected = w0 - 0.05 * np.clip(grad * np.exp(10.0), -1.0, 1.0)
+            # Where |g| > 1.5 e^-10 the step is exactly -inner_lr * sign(g); below, the sign
+            # feature is e^10 g, which a gradient read back from float32 weights cannot pin down.
+            signed = np.abs(grad) * np.exp(10.0) > 1.5
+            assert signed.mean() > 0.5
+            np.testing.assert_allclose(a[signed], (w0 - 0.05 * np.sign(grad))[signed], rtol=1e-5, atol=1e-6)
+            assert np.all(np.abs(a - w0) <= 0.05 + 1e-6)
         else:
             expected = w0 / (1.0 + np.exp(-5.0)) - 0.05 * grad
-        np.testing.assert_allclose(np.asarray(a), expected, rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(a, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_meta_training_lowers_the_adapted_loss(data_and_tasks, trained):
