@@ -20,6 +20,10 @@ compares, on held-out tasks, the query loss after 0..10 inner steps of every fam
   another and call it meta-learning. It never differentiates through an adaptation, so it only
   learns an average function, like pre-training; the plot shows it does not adapt as MAML does.
 
+Progress is printed as each of the ten methods finishes, and the total time at the end.
+``--tasks 500 --epochs 5`` ran in about 38 minutes on a 2-core VM shared with other jobs (the
+per-method times are printed); the defaults (2,000 tasks, 20 epochs) take several times longer.
+
 The functions are importable (``tests/test_examples.py`` runs a tiny version).
 """
 
