@@ -2,7 +2,8 @@
 
 ``build_methods("baselines,melu-1", data, epochs=...)`` returns the methods in order, with
 the groups ``baselines`` (the nine of BENCHMARK.md: rating baselines 1-5 and catalogue-ranking
-baselines 6-9), ``ranking-baselines`` (6-9 only) and ``learners`` expanded.
+baselines 6-9), ``ranking-baselines`` (6-9 only), ``learners`` and ``learned-optimizers``
+(the LSTM meta-learner's rows) expanded.
 """
 
 from __future__ import annotations
