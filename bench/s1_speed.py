@@ -20,6 +20,9 @@ Figures:
   same with one candidate list shared by every user (a candidate file, the catalogue); and
   that again with the supports given as flat arrays (``adapt_flat``, what ``score-batch``
   runs) instead of one DataFrame per user.
+* ``lstm``: the LSTM meta-learner's adapt+score of one user (as ``adapt_score``, decision layers,
+  5 steps of the learned rule, hidden size ``--lstm-hidden``, default 16 as the learner; both forms) against MAML's 5 gradient steps,
+  the learners called in turn in each round: median ms and the ratio to MAML (target 1.5x).
 * ``train``: one meta-train step (``backend.TrainStep`` around ``meta_gradients`` and Adam, as
   ``fit`` runs it) on a fixed Episode of 32 users, support 20, query 20, 1 and 5 inner steps,
   for second-order MAML, first-order MAML and Reptile: user-tasks/s.
@@ -162,6 +165,39 @@ def bench_adapt_score(adapt, calls, warmup, learner=None):
             "ratio_median": sdk_s["median_ms"] / plain_s["median_ms"]}
 
 
+def bench_lstm_vs_maml(calls, warmup, hidden_size=16):
+    """adapt+score of one user (the SDK path of ``bench_adapt_score``) by MAML and by the LSTM
+    meta-learner in both forms, at equal inner steps, interleaved in rounds."""
+    learners = {
+        "MAML": _setup("decision_layers"),
+        "LSTM, andrychowicz": _setup("decision_layers", "LSTMMetaLearner", hidden_size=hidden_size),
+        "LSTM, ravi_larochelle": _setup("decision_layers", "LSTMMetaLearner", hidden_size=hidden_size,
+                                        form="ravi_larochelle"),
+    }
+    users = _users(64, seed=2)
+    state = {"i": 0}
+
+    def call(learner):
+        frame, features, cands = users[state["i"] % len(users)]
+        state["i"] += 1
+        adapted = learner.adapt_many([frame], [features])
+        learner.recommend_many(adapted, TOP_K, True, [cands])
+
+    for learner in learners.values():
+        _time_calls(lambda: call(learner), 0, warmup)
+    rounds = 4
+    res = {name: [] for name in learners}
+    for _ in range(rounds):
+        for name, learner in learners.items():
+            res[name] += _time_calls(lambda: call(learner), calls // rounds, 2)
+    out = {name: _stats(times) for name, times in res.items()}
+    maml = out["MAML"]["median_ms"]
+    return {"inner_steps": INNER_STEPS, "hidden_size": hidden_size,
+            "coordinates": int(sum(np.prod(learners["MAML"].model.trainable_variables[i].shape)
+                                   for i in learners["MAML"].forward.adapt_index)),
+            "learners": out, "ratio_to_maml": {name: o["median_ms"] / maml for name, o in out.items()}}
+
+
 def bench_batch(adapt, n_users, batch_users, warmup_batches=1, learner=None, shared=False, flat=False):
     learner = learner or _setup(adapt)
     users = _users(n_users, seed=3)
@@ -267,13 +303,16 @@ def worker(args):
         import tensorflow as tf
 
         out["tensorflow"] = tf.__version__
-    only = set(args.only.split(",")) if args.only else {"adapt", "batch", "train"}
+    only = set(args.only.split(",")) if args.only else {"adapt", "lstm", "batch", "train"}
     quick = args.quick
     calls = 40 if quick else args.calls
     if "adapt" in only:
         out["adapt_score"] = [bench_adapt_score(a, calls, 5 if quick else 20)
                               for a in (["decision_layers"] if quick else ["decision_layers", "all"])]
         _log(out["adapt_score"])
+    if "lstm" in only:
+        out["lstm"] = bench_lstm_vs_maml(calls, 5 if quick else 20, args.lstm_hidden)
+        _log(out["lstm"])
     if "batch" in only:
         n = 1024 if quick else args.batch_total
         # adapt="all" copies the 2,000-item embedding table per user: smaller batches.
@@ -328,6 +367,17 @@ def markdown(results):
             lines.append(f"| plain predict_items, same run ({name}) median / p99 | " + " | ".join(cells) + " |")
             cells = [f"{by[b]['adapt_score'][i]['ratio_median']:.1f}x" for b in backends]
             lines.append(f"| ratio adaptive / plain (median, {name}) | " + " | ".join(cells) + " |")
+        lines.append("")
+    if all("lstm" in r for r in results):
+        first = results[0]["lstm"]
+        lines += [f"### adapt + score one user: the LSTM meta-learner against MAML ({first['inner_steps']} "
+                  f"inner steps, hidden size {first['hidden_size']}, {first['coordinates']:,} adapted "
+                  "coordinates)", "", head, sep]
+        for name in first["learners"]:
+            cells = [f"{by[b]['lstm']['learners'][name]['median_ms']:.2f} / "
+                     f"{by[b]['lstm']['learners'][name]['p99_ms']:.2f} ms "
+                     f"({by[b]['lstm']['ratio_to_maml'][name]:.2f}x MAML)" for b in backends]
+            lines.append(f"| {name} median / p99 | " + " | ".join(cells) + " |")
         lines.append("")
     if all("batch" in r for r in results):
         lines += ["### batch adapt + score (1,000 candidates per user, top 10)", "", head, sep]
@@ -391,8 +441,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", default="tensorflow,jax")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer calls and users")
-    p.add_argument("--only", default="", help="comma list of adapt,batch,train")
+    p.add_argument("--only", default="", help="comma list of adapt,lstm,batch,train")
     p.add_argument("--calls", type=int, default=400, help="timed adapt+score calls (>= 200)")
+    p.add_argument("--lstm-hidden", type=int, default=16,
+                   help="hidden size of the LSTM meta-learner (lstm; 16 is its default)")
     p.add_argument("--batch-total", type=int, default=10000)
     p.add_argument("--batch-users", type=int, default=1024)
     p.add_argument("--train-calls", type=int, default=30)

@@ -2,7 +2,8 @@
 
 Users are meta-learning tasks; MAML (second and first order), Meta-SGD and Reptile meta-train
 any Keras 3 model so that a few gradient steps on a new user's first interactions give a good
-personal model.
+personal model; ``LSTMMetaLearner`` learns the update rule itself, ``MemoryLearner`` reads the
+support set with a recurrent network.
 
 Names are imported lazily: ``import metarec.client`` or ``metarec.metrics`` does not
 pay for importing Keras and TensorFlow; ``metarec.MAML`` and friends load them on first use.
@@ -27,6 +28,7 @@ _EXPORTS = {
     "FeatureEncoder": "metarec.encoding",
     "FeatureSpec": "metarec.schema",
     "InteractionData": "metarec.interactions",
+    "LSTMMetaLearner": "metarec.learned_optimizer",
     "MAML": "metarec.maml",
     "MemoryLearner": "metarec.memory",
     "MetaLearner": "metarec.learner",

@@ -117,6 +117,37 @@ def _input_names(model):
     return None
 
 
+def inner_objective(forward, start, fixed, non_trainable, inputs, target, mask, *, feedback,
+                    proximal=0.0, user_loss=None):
+    """The loss one user's inner loop descends, as a function of the adapted weights.
+
+    Args:
+        forward: the learner's :class:`Forward`.
+        start: the adapted weights the loop starts from (the proximal term pulls toward them).
+        fixed, non_trainable: the weights that do not adapt, and the model's non-trainable values.
+        inputs, target, mask: the user's rows.
+        feedback: "explicit" or "implicit" (which rating loss).
+        proximal: strength of ``proximal / 2 * ||w - start||^2`` (0 for none).
+        user_loss: ``user_loss(weights)`` replacing the rating loss (a catalogue objective), or None.
+
+    Returns:
+        ``loss_fn(weights) -> scalar``.
+    """
+
+    def loss_fn(weights):
+        if user_loss is not None:
+            loss = user_loss(weights)
+        else:
+            loss = masked_loss(forward(weights, fixed, non_trainable, inputs), target, mask, feedback)
+        if proximal:
+            loss = loss + 0.5 * proximal * sum(
+                ops.sum(ops.square(w - w0)) for w, w0 in zip(weights, start)
+            )
+        return loss
+
+    return loss_fn
+
+
 def inner_loop(
     forward,
     adapted,
@@ -144,19 +175,8 @@ def inner_loop(
     effect on the first step, where ``w = w_start``). ``user_loss(weights)``, when given,
     replaces the rating loss of the user's rows (a catalogue-aware objective, say).
     """
-    start = list(adapted)
-
-    def loss_fn(weights):
-        if user_loss is not None:
-            loss = user_loss(weights)
-        else:
-            loss = masked_loss(forward(weights, fixed, non_trainable, inputs), target, mask, feedback)
-        if proximal:
-            loss = loss + 0.5 * proximal * sum(
-                ops.sum(ops.square(w - w0)) for w, w0 in zip(weights, start)
-            )
-        return loss
-
+    loss_fn = inner_objective(forward, list(adapted), fixed, non_trainable, inputs, target, mask,
+                              feedback=feedback, proximal=proximal, user_loss=user_loss)
     grad_fn = backend.value_and_grad(loss_fn)
     for _ in range(steps):
         _, grads = grad_fn(adapted)

@@ -1,7 +1,8 @@
 """The memory-based meta-learner: a recurrent network reads a user's support set.
 
-A GRU reads the user's support interactions, one row per interaction (the item's
-representation and the user's rating), and its final state conditions the scorer. Adaptation is
+A recurrent network (a GRU, or an LSTM with ``cell="lstm"``) reads the user's support
+interactions, one row per interaction (the item's representation and the user's rating), and its
+final state conditions the scorer. Adaptation is
 one forward pass: no gradient steps. With ``inner_steps > 0`` the conditioned weights are the
 starting point of a few gradient steps (the combination of the two families), meta-trained end
 to end like MAML.
@@ -28,29 +29,35 @@ from metarec.learner import positions_in, untracked
 from metarec.maml import MAML
 
 CONDITIONING = ("film", "concat")
+CELLS = ("gru", "lstm")
 
 
 class SupportReader(keras.layers.Layer):
-    """GRU over support rows ``[B, S, d]`` (masked) -> one head output per conditioned layer."""
+    """A GRU or LSTM over support rows ``[B, S, d]`` (masked) -> one head output per
+    conditioned layer."""
 
-    def __init__(self, units, head_sizes, **kwargs):
+    def __init__(self, units, head_sizes, cell="gru", **kwargs):
         super().__init__(**kwargs)
         self.units = units
         self.head_sizes = list(head_sizes)
-        self.gru = keras.layers.GRU(units, name="gru")
+        if cell == "lstm":
+            self.lstm = keras.layers.LSTM(units, name="lstm")
+        else:
+            self.gru = keras.layers.GRU(units, name="gru")
+        untracked(self, "recurrent", self.lstm if cell == "lstm" else self.gru)
         self.heads = [
             keras.layers.Dense(n, kernel_initializer="zeros", name=f"head_{i}")
             for i, n in enumerate(self.head_sizes)
         ]
 
     def build(self, input_shape):
-        self.gru.build(input_shape)
+        self.recurrent.build(input_shape)
         for head in self.heads:
             head.build((None, self.units))
         self.built = True
 
     def call(self, rows, mask):
-        state = self.gru(rows, mask=mask)
+        state = self.recurrent(rows, mask=mask)
         return [head(state) for head in self.heads]
 
 
@@ -85,7 +92,8 @@ class MemoryLearner(MAML):
     Args:
         model: the scorer, as for ``MAML``; ``adapt`` picks the layers the state conditions.
         inner_steps: gradient steps after conditioning; 0 (default) is purely memory-based.
-        units: width of the GRU state.
+        units: width of the recurrent state.
+        cell: the recurrent reader, "gru" (default) or "lstm".
         conditioning: "film" or "concat".
         reader: optional Keras model over the feature dict returning ``[n, d]``, one vector per
             interaction; by default the reader shares the model's own representation (the input
@@ -94,17 +102,20 @@ class MemoryLearner(MAML):
     """
 
     reads_support = True
-    TRACED_SETTINGS = MAML.TRACED_SETTINGS + ("conditioning",)
+    TRACED_SETTINGS = MAML.TRACED_SETTINGS + ("conditioning", "cell")
 
     def __init__(self, model, inner_steps=0, inner_lr=0.01, adapt="decision_layers", units=64,
-                 conditioning="film", reader=None, **kwargs):
+                 conditioning="film", reader=None, cell="gru", **kwargs):
         if conditioning not in CONDITIONING:
             raise ValueError(f"conditioning must be one of {CONDITIONING}; got {conditioning!r}.")
+        if cell not in CELLS:
+            raise ValueError(f"cell must be one of {CELLS}; got cell={cell!r}.")
         if not isinstance(units, int) or units < 1:
             raise ValueError(f"units must be a positive integer; got units={units!r}.")
         super().__init__(model, inner_steps=inner_steps, inner_lr=inner_lr, adapt=adapt, **kwargs)
         self.units = units
         self.conditioning = conditioning
+        self.cell = cell
         if reader is not None:
             if not isinstance(reader, keras.Model) or not reader.built:
                 raise ValueError(f"reader must be a built keras.Model; got reader={reader!r}.")
@@ -118,7 +129,8 @@ class MemoryLearner(MAML):
         untracked(self, "_representation", representation)
         untracked(self, "_groups", self._conditioned_groups())
         width = representation.output.shape[-1]
-        self.support_reader = SupportReader(units, [size for _, size in self._groups], name="support_reader")
+        self.support_reader = SupportReader(units, [size for _, size in self._groups], cell=cell,
+                                            name="support_reader")
         self.support_reader.build((None, None, width + 1))
 
     def _conditioned_groups(self):
@@ -199,6 +211,7 @@ class MemoryLearner(MAML):
         config.update({
             "units": self.units,
             "conditioning": self.conditioning,
+            "cell": self.cell,
             "reader": None if self.reader is None else keras.saving.serialize_keras_object(self.reader),
         })
         return config

@@ -5,7 +5,7 @@ import zipfile
 
 import keras
 
-from metarec import maml, memory, models, reptile  # noqa: F401  (registers the classes a file may name)
+from metarec import learned_optimizer, maml, memory, models, reptile  # noqa: F401  (registers the classes a file may name)
 from metarec.learner import MetaLearner
 
 

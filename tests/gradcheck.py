@@ -12,6 +12,7 @@ import keras
 import numpy as np
 
 from metarec import backend  # noqa: E402
+from metarec.learned_optimizer import FORMS, LSTMMetaLearner  # noqa: E402
 from metarec.maml import MAML  # noqa: E402
 from metarec.memory import MemoryLearner  # noqa: E402
 from metarec.reptile import Reptile  # noqa: E402
@@ -176,6 +177,30 @@ def main(out_path):
                                     if id(v) in reader)
     results["memory_finite_difference"] = finite_difference(
         mem_fn, [backend.to_numpy(p) for p in mem_params], mem_non_trainable, ep)
+    # The LSTM meta-learner, both forms, reading the parameters too: the meta-gradient flows
+    # through two steps of the learned rule, the inner gradients and loss it reads (second
+    # order) and into the rule's own weights. Rule weights are drawn at random so that every
+    # path is active.
+    for form in FORMS:
+        rule_rng = np.random.default_rng(9)
+        for name, first_order in ((f"lstm_{form}", False), (f"lstm_{form}_first_order", True)):
+            lstm = LSTMMetaLearner(tiny_model(), inner_steps=2, inner_lr=0.3, adapt="all", hidden_size=3,
+                                   form=form, read_parameters=True, first_order=first_order,
+                                   clipnorm=None, feedback="explicit")
+            if not first_order:
+                draws = [rule_rng.normal(scale=0.5, size=v.shape)
+                         for v in lstm.update_rule.trainable_variables]
+            for v, value in zip(lstm.update_rule.trainable_variables, draws):
+                v.assign(value)
+            lstm_params, lstm_non_trainable = lstm.snapshot()
+            lstm_fn = backend.jit(lstm.meta_gradients)
+            _, grads = lstm_fn(lstm_params, lstm_non_trainable, ep)
+            results[name] = flat(backend.to_numpy(g) for g in grads)
+            rule = {id(v) for v in lstm.update_rule.trainable_variables}
+            results[name + "_rule"] = flat(backend.to_numpy(g) for g, v in zip(grads, lstm.meta_variables)
+                                           if id(v) in rule)
+        results[f"lstm_{form}_finite_difference"] = finite_difference(
+            lstm_fn, [backend.to_numpy(p) for p in lstm_params], lstm_non_trainable, ep)
     # The catalogue objective (softmax of each liked item against sampled negatives, plus the
     # rating head's squared error) in both loops, second order.
     for name, first_order in (("catalogue", False), ("catalogue_first_order", True)):

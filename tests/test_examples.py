@@ -15,9 +15,12 @@ sys.path.insert(0, EXAMPLES)
 def test_linear_tasks_tutorial(tmp_path):
     import linear_tasks
 
-    curves = linear_tasks.run(num_train=96, num_test=32, epochs=2, out=str(tmp_path), max_steps=2)
+    lines = []
+    curves = linear_tasks.run(num_train=96, num_test=32, epochs=2, out=str(tmp_path), max_steps=2,
+                              print_fn=lines.append)
     assert (tmp_path / "loss_vs_inner_steps.png").stat().st_size > 1000
-    assert len(curves) == 7
+    assert len(curves) == 10 and len(lines) == 10  # every family, with progress
+    assert {"LSTM meta-learner (learned update)", "memory-based (LSTM, no steps)"} <= set(curves)
     for name, curve in curves.items():
         assert list(curve) == [0, 1, 2]
         assert all(np.isfinite(v) for v in curve.values()), name

@@ -78,15 +78,20 @@ def test_combination_with_gradient_steps(tasks, trained):
     assert np.abs(stepped - memory_only).max() > 1e-4
 
 
-@pytest.mark.parametrize("conditioning", ["film", "concat"])
-def test_save_load_round_trip(tasks, tmp_path, conditioning):
-    learner = make(tasks, conditioning=conditioning, inner_steps=1)
+@pytest.mark.parametrize("conditioning,cell", [("film", "gru"), ("concat", "gru"), ("film", "lstm")])
+def test_save_load_round_trip(tasks, tmp_path, conditioning, cell):
+    learner = make(tasks, conditioning=conditioning, inner_steps=1, cell=cell)
+    recurrent = {"gru": keras.layers.GRU, "lstm": keras.layers.LSTM}[cell]
+    assert isinstance(learner.support_reader.recurrent, recurrent)
+    reader = {id(v) for v in learner.support_reader.recurrent.trainable_variables}
+    assert reader and reader <= {id(v) for v in learner.meta_variables}
     learner.fit(tasks.train, epochs=1, verbose=0, seed=0)
     path = str(tmp_path / "memory.keras")
     learner.save(path)
     loaded = metarec.load(path)
     assert isinstance(loaded, MemoryLearner)
-    assert (loaded.conditioning, loaded.units, loaded.inner_steps) == (conditioning, 16, 1)
+    assert (loaded.conditioning, loaded.units, loaded.inner_steps, loaded.cell) == (conditioning, 16, 1, cell)
+    assert isinstance(loaded.support_reader.recurrent, recurrent)
     support = support_of(tasks)
     items = tasks.encoder.item_ids[1:30]
     np.testing.assert_allclose(loaded.adapt(support).score(items), learner.adapt(support).score(items),
@@ -115,6 +120,8 @@ def test_bad_settings(tasks):
         MemoryLearner(model, conditioning="attention")
     with pytest.raises(ValueError, match="units"):
         MemoryLearner(model, units=0)
+    with pytest.raises(ValueError, match="got cell='transformer'"):
+        MemoryLearner(model, cell="transformer")
     # Adapting the embeddings: the first adapted layer reads raw ids, so a reader is needed.
     with pytest.raises(ValueError, match="reader="):
         MemoryLearner(model, adapt="all")

@@ -62,8 +62,21 @@ def test_first_order_differs_from_exact(gradients, name):
     assert gap > 1e-3, "first-order MAML should drop the second-order terms"
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("form", ["andrychowicz", "ravi_larochelle"])
+def test_lstm_meta_learner_matches_finite_differences(gradients, name, form):
+    # Through two steps of the learned rule, into the initialisation and the rule's weights.
+    g = gradients[name]
+    key = f"lstm_{form}"
+    assert np.abs(g[key + "_rule"]).max() > 1e-3  # the rule itself is meta-trained
+    np.testing.assert_allclose(g[key], g[key + "_finite_difference"], rtol=1e-5, atol=1e-7)
+    # First order: what the rule reads is a constant, so the second-order terms are gone.
+    assert np.abs(g[key + "_first_order"] - g[key + "_finite_difference"]).max() > 1e-4
+
+
 def test_backends_agree(gradients):
-    for key in ("second_order", "first_order", "reptile_after", "catalogue"):
+    for key in ("second_order", "first_order", "reptile_after", "catalogue", "lstm_andrychowicz",
+                "lstm_ravi_larochelle"):
         np.testing.assert_allclose(
             gradients["tensorflow"][key], gradients["jax"][key], rtol=1e-9, atol=1e-10
         )

@@ -40,7 +40,7 @@ __all__ = [
 DEFAULT_STEPS_GRID = (1, 3, 5, 10)
 DEFAULT_LR_GRID = (0.003, 0.01, 0.03, 0.1)
 DEFAULT_ADAPT_GRID = ("decision_layers", "all")
-LEARNER_KINDS = ("maml", "fomaml", "meta-sgd", "reptile", "memory")
+LEARNER_KINDS = ("maml", "fomaml", "meta-sgd", "reptile", "memory", "lstm-optimizer")
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -278,10 +278,14 @@ def meta_learner_method(
     patience: int = 3,
     max_query: int = 128,
     clipnorm: float | None = 5.0,
+    learner_options: Mapping[str, Any] | None = None,
 ) -> LearnerMethod:
-    """A meta-learner of ``kind`` ("maml", "fomaml", "meta-sgd", "reptile", "memory") as a
-    method ("memory" is ``MemoryLearner``: a GRU reads the support set; ``inner_steps`` gradient
-    steps follow, 0 for the purely memory-based form).
+    """A meta-learner of ``kind`` ("maml", "fomaml", "meta-sgd", "reptile", "memory",
+    "lstm-optimizer") as a method ("memory" is ``MemoryLearner``: a GRU reads the support set;
+    ``inner_steps`` gradient steps follow, 0 for the purely memory-based form;
+    "lstm-optimizer" is ``LSTMMetaLearner``: ``inner_steps`` of a learned, coordinate-wise LSTM
+    update rule). ``learner_options``: further arguments of the learner's class (``form=``,
+    ``hidden_size=`` ...).
 
     Meta-training runs at most ``epochs`` epochs and stops when the validation users'
     post-adaptation query loss has not improved for ``patience`` epochs, restoring the best
@@ -296,6 +300,7 @@ def meta_learner_method(
     def build(train_tasks, seed):
         import keras
 
+        from metarec.learned_optimizer import LSTMMetaLearner
         from metarec.maml import MAML, MetaSGD
         from metarec.memory import MemoryLearner
         from metarec.reptile import Reptile
@@ -303,11 +308,14 @@ def meta_learner_method(
         keras.utils.set_random_seed(int(seed))
         model = model_fn(train_tasks.encoder)
         common = dict(inner_steps=inner_steps, inner_lr=inner_lr, adapt=adapt, clipnorm=clipnorm,
-                      encoder=train_tasks.encoder, feedback=train_tasks.encoder.schema.feedback)
+                      encoder=train_tasks.encoder, feedback=train_tasks.encoder.schema.feedback,
+                      **dict(learner_options or {}))
         if kind == "reptile":
             learner = Reptile(model, **common)
         elif kind == "memory":
             learner = MemoryLearner(model, learn_inner_lr=learn_inner_lr, **common)
+        elif kind == "lstm-optimizer":
+            learner = LSTMMetaLearner(model, **common)
         elif kind == "meta-sgd":
             learner = MetaSGD(model, learn_inner_lr=learn_inner_lr or "per_parameter", **common)
         else:
@@ -320,7 +328,8 @@ def meta_learner_method(
     method.patience = patience
     method.settings = {"kind": kind, "inner_steps": inner_steps, "inner_lr": inner_lr,
                        "adapt": adapt if isinstance(adapt, str) else "custom",
-                       "learn_inner_lr": learn_inner_lr, "outer_lr": outer_lr}
+                       "learn_inner_lr": learn_inner_lr, "outer_lr": outer_lr,
+                       **dict(learner_options or {})}
     return method
 
 

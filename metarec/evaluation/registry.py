@@ -2,7 +2,8 @@
 
 ``build_methods("baselines,melu-1", data, epochs=...)`` returns the methods in order, with
 the groups ``baselines`` (the nine of BENCHMARK.md: rating baselines 1-5 and catalogue-ranking
-baselines 6-9), ``ranking-baselines`` (6-9 only) and ``learners`` expanded.
+baselines 6-9), ``ranking-baselines`` (6-9 only), ``learners`` and ``learned-optimizers``
+(the LSTM meta-learner's rows) expanded.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ METHOD_HELP = {
     "residual-maml": "second-order MAML on top of the damped item mean, per-user offset adapts (1 step)",
     "memory": "memory-based: a GRU reads the support set and FiLM-conditions the decision layers (no steps)",
     "memory-maml": "memory-based conditioning followed by 1 second-order MAML step",
+    "lstm-optimizer": "learned update rule: a coordinate-wise LSTM (16) writes the decision layers' update "
+                      "(Andrychowicz form, inner_lr 0.01 output scale), 1 step, meta-trained second order",
+    "lstm-optimizer-5": "lstm-optimizer with 5 steps of the learned rule",
+    "lstm-ravi-larochelle": "learned update rule, Ravi-Larochelle form: the weights are the cell state, input "
+                            "gate = learned rate, forget gate = learned decay (LSTM 16), 1 step",
     "residual-maml-proximal": "residual-maml with 5 inner steps and a proximal pull (1.0) toward the initialisation "
                               "(= presets.residual_maml_tuned, the winner of --search residual-maml)",
     "residual-maml-ranking": "residual-maml with a sampled pairwise ranking term (weight 0.5) in the meta-loss",
@@ -55,6 +61,7 @@ GROUPS = {
     "learners": ("melu-1", "melu-5", "fomaml", "reptile", "meta-sgd", "residual-maml", "memory", "memory-maml"),
     "ideas": ("residual-maml-proximal", "residual-maml-ranking", "residual-memory"),
     "catalogue": ("catalogue-two-tower",),
+    "learned-optimizers": ("lstm-optimizer", "lstm-optimizer-5", "lstm-ravi-larochelle"),
 }
 
 
@@ -112,6 +119,13 @@ def build_methods(spec: str, data, epochs: int | None = None) -> list[Method]:
         "meta-sgd": lambda: meta_learner_method("meta-sgd", "meta-sgd", inner_steps=1, epochs=epochs),
         "memory": lambda: meta_learner_method("memory", "memory", inner_steps=0, epochs=epochs),
         "memory-maml": lambda: meta_learner_method("memory-maml", "memory", inner_steps=1, epochs=epochs),
+        "lstm-optimizer": lambda: meta_learner_method("lstm-optimizer", "lstm-optimizer", inner_steps=1,
+                                                      epochs=epochs),
+        "lstm-optimizer-5": lambda: meta_learner_method("lstm-optimizer-5", "lstm-optimizer", inner_steps=5,
+                                                        epochs=epochs),
+        "lstm-ravi-larochelle": lambda: meta_learner_method(
+            "lstm-ravi-larochelle", "lstm-optimizer", inner_steps=1, epochs=epochs,
+            learner_options={"form": "ravi_larochelle"}),
         "residual-maml-proximal": lambda: residual_method(
             "residual-maml-proximal", inner_steps=5, epochs=epochs, proximal=1.0),
         "residual-maml-ranking": lambda: residual_method(
