@@ -105,7 +105,7 @@ def test_adapts_only_the_selected_weights(data_and_tasks):
     assert paths and all("decision_output" in p for p in paths)
     assert [tuple(a.shape) for a in adapted] == [tuple(learner.model.trainable_variables[i].shape)
                                                 for i in learner.forward.adapt_index]
-    start, _ = learner.forward.split(learner._split_meta(params)[0])
+    start, _ = learner.forward.split(learner.split_meta(params)[0])
     assert max(np.abs(np.asarray(a) - np.asarray(w)).max() for a, w in zip(adapted, start)) > 1e-4
 
 
