@@ -84,5 +84,5 @@ def test_explicit_ratings_are_refused(trained):
     support.loc[support.index[0], "rating"] = 3.0
     with pytest.raises(ValueError, match="needs a 0 or 1 label"):
         learner.adapt(support)
-    with pytest.raises(ValueError, match="0/1"):
+    with pytest.raises(ValueError, match="needs a 0 or 1 label"):
         learner.adapt_flat(support["item_id"].to_numpy(), support["rating"].to_numpy(), [len(support)])
