@@ -1,24 +1,16 @@
 """`metarec score-batch`: vectorised top-k for many users, resumable without duplicates."""
 
-import keras
 import numpy as np
 import pandas as pd
 import pytest
 
-import metarec
 from metarec.batch_scoring import score_batch
 from metarec.cli import main
 
 
 @pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    data = metarec.datasets.synthetic(num_users=120, num_items=80, seed=3)
-    tasks = metarec.UserTasks(data, support_size=10)
-    keras.utils.set_random_seed(0)
-    learner = metarec.MAML(metarec.models.rating_mlp(tasks.encoder, embedding_dim=8,
-                                                     hidden_units=(16,)), inner_steps=2, inner_lr=0.05)
-    learner.compile(optimizer=keras.optimizers.Adam(1e-3))
-    learner.fit(tasks.train, epochs=1, verbose=0)
+def saved_model(small_maml, tmp_path_factory):
+    learner, _, data = small_maml
     folder = tmp_path_factory.mktemp("models")
     (folder / "1").mkdir()
     learner.save(folder / "1" / "model.keras")
