@@ -156,7 +156,19 @@ class WorkerPool:
         threading.Thread(target=self._watch, name="metarec-worker-watch", daemon=True).start()
 
     def _watch(self) -> None:
-        """Restart workers that exit while the pool is running."""
+        """Restart workers that exit while the pool is running.
+
+        Should the watcher meet an error it does not expect, the pool fails and stops (the
+        supervisor exits non-zero) rather than running on with fewer workers and no watcher.
+        """
+        try:
+            self._watch_loop()
+        except Exception:  # noqa: BLE001 - reported, then the pool stops
+            log.exception("the worker watcher failed: stopping")
+            self.failed = True
+            self._stop.set()
+
+    def _watch_loop(self) -> None:
         while not self._stop.wait(0.2):
             for index, proc in enumerate(self.procs):
                 if proc is None or proc.poll() is None or self._stop.is_set():
@@ -178,8 +190,13 @@ class WorkerPool:
                     with self._lock:
                         if not self._stop.is_set():
                             self.procs[index] = self._spawn(index)
-                except RuntimeError as error:
-                    log.error("%s", error)  # counted as a restart; the next pass tries again
+                except (RuntimeError, OSError) as error:
+                    if self._stop.is_set():
+                        return  # the pool is stopping: the starting worker was ended on purpose
+                    # RuntimeError: it exited or timed out before listening; OSError: fork or
+                    # exec failed (no memory, too many processes). Either way it counts as a
+                    # restart and the next pass tries again, so the watcher itself never dies.
+                    log.error("worker %d could not be restarted: %s", index, error)
 
     def _exited(self, pid: int) -> None:
         if self._on_exit is None:

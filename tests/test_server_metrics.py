@@ -150,11 +150,13 @@ def children(pid):
 def test_the_supervisor_serves_the_sum_over_its_workers(tmp_path):
     """``--workers 2 --metrics-port``: calls spread over both workers (16 connections) and one
     scrape of the supervisor counts them all; a worker killed and restarted keeps its counts."""
+    # The supervisor's and its workers' log, quoted when the restart does not happen.
+    stderr = (tmp_path / "stderr.txt").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "metarec_server.main", "--model-dir", str(tmp_path / "models"),
          "--log", str(tmp_path / "log.sqlite"), "--port", "0", "--workers", "2", "--metrics-port", "0",
          "--log-level", "WARNING"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True,
     )
     try:
         metrics_line = proc.stdout.readline()
@@ -180,7 +182,9 @@ def test_the_supervisor_serves_the_sum_over_its_workers(tmp_path):
             deadline = time.monotonic() + 60
             while (len(children(proc.pid)) != 2 or workers[0] in children(proc.pid)) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert workers[0] not in children(proc.pid) and len(children(proc.pid)) == 2
+            assert workers[0] not in children(proc.pid) and len(children(proc.pid)) == 2, (
+                f"workers {workers}, now {children(proc.pid)}; log:\n"
+                + (tmp_path / "stderr.txt").read_text()[-4000:])
             assert value(scrape(metrics_port), "metarec_requests_total", method="LogInteractions", code="OK") == calls
             for i in range(48, 64):
                 client.log_interactions(f"user-{i}", [(f"item-{i}", 1.0), (f"other-{i}", 0.0)])
@@ -191,6 +195,7 @@ def test_the_supervisor_serves_the_sum_over_its_workers(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+        stderr.close()
 
 
 def test_tracing_makes_one_server_span_per_call_under_the_callers_trace(tmp_path):

@@ -97,6 +97,21 @@ def test_a_crash_looping_worker_stops_the_pool_with_an_error():
     assert pool.stop() == 1
 
 
+def test_a_restart_that_cannot_even_exec_counts_as_a_failed_restart():
+    # An OSError from fork/exec (here: the program is gone) must not end the watcher silently,
+    # which would leave the pool running one worker short for good.
+    pool = WorkerPool([sys.executable, "-c", FAKE_WORKER.format(60)], 1,
+                      restart_delay_s=0.01, max_restarts=3, restart_window_s=60)
+    pool.start()
+    pool.command = ["/nonexistent/metarec-python"]
+    pool.procs[0].kill()
+    deadline = time.monotonic() + 30
+    while not pool.failed and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pool.failed  # three failed restarts, then the pool gives up and says so
+    assert pool.stop() == 1
+
+
 def test_stop_ends_every_worker_and_a_failed_start_stops_the_started_ones(tmp_path):
     pool = WorkerPool([sys.executable, "-c", FAKE_WORKER.format(60)], 2)
     pool.start()
