@@ -179,12 +179,16 @@ def test_the_supervisor_serves_the_sum_over_its_workers(tmp_path):
             workers = children(proc.pid)
             assert len(workers) == 2
             os.kill(workers[0], signal.SIGKILL)
+            # One snapshot per look: the killed worker lives on for a moment after the signal,
+            # so two reads of /proc could see "two workers" and then "the killed one gone"
+            # before the new one exists.
             deadline = time.monotonic() + 60
-            while (len(children(proc.pid)) != 2 or workers[0] in children(proc.pid)) and time.monotonic() < deadline:
+            now = children(proc.pid)
+            while (len(now) != 2 or workers[0] in now) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert workers[0] not in children(proc.pid) and len(children(proc.pid)) == 2, (
-                f"workers {workers}, now {children(proc.pid)}; log:\n"
-                + (tmp_path / "stderr.txt").read_text()[-4000:])
+                now = children(proc.pid)
+            assert workers[0] not in now and len(now) == 2, (
+                f"workers {workers}, now {now}; log:\n" + (tmp_path / "stderr.txt").read_text()[-4000:])
             assert value(scrape(metrics_port), "metarec_requests_total", method="LogInteractions", code="OK") == calls
             for i in range(48, 64):
                 client.log_interactions(f"user-{i}", [(f"item-{i}", 1.0), (f"other-{i}", 0.0)])
