@@ -3,11 +3,10 @@
 :class:`ServingModel` wraps a ``metarec`` meta-learner with what request handling needs
 (a string → index catalogue for validation, the user-feature specs, the rating range).
 :func:`run_batch` runs in the batcher's worker thread, on the requests' validated item indices:
-when no user of the batch is cached it adapts and scores them all in one compiled call
-(``learner.adapt_score_indices``); otherwise it adapts the missing users in one vectorised
-``adapt_indices`` call and scores every user in one ``score_indices`` (or, for the whole
-catalogue, ``score_many``) call. Then it takes each request's top k. Nothing here runs on the
-event loop.
+the users not in the adapted-user cache are adapted and scored in one compiled call
+(``learner.adapt_score_indices``), the cached ones scored in one ``score_indices`` (or, for the
+whole catalogue, ``score_many``) call. Then it takes each request's top k. Nothing here runs on
+the event loop.
 
 Scores are those of the SDK: a predicted rating for explicit feedback, a probability for
 implicit feedback; ``Recommend`` ranks exactly like ``AdaptedUser.recommend``.
@@ -17,14 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from metarec.ranking import bucket, is_seen, top_k
+from metarec.ranking import bucket, is_seen, support_bucket, top_k
 from metarec_server.cache import AdaptedUserCache, CacheKey
 from metarec_server.registry import model_file
 
@@ -88,7 +88,7 @@ class ServingModel:
     # Catalogues up to this many items are scored whole for every request, and each request's
     # candidates gathered from those scores: one compiled shape whatever the candidate count.
     whole_catalogue_up_to: int = 4096
-    batch_sizes: WarmBatchSizes = dataclasses.field(default_factory=lambda: WarmBatchSizes())
+    shapes: WarmShapes = dataclasses.field(default_factory=lambda: WarmShapes())
 
     @classmethod
     def from_learner(cls, learner) -> ServingModel:
@@ -119,40 +119,52 @@ def load_serving_model(version_dir: Path) -> ServingModel:
     return ServingModel.from_learner(metarec.load(model_file(Path(version_dir)), safe_mode=True))
 
 
-class WarmBatchSizes:
-    """Which padded batch sizes (users per compiled call) a version may use while it warms up.
+class WarmShapes:
+    """Which padded shapes a version may use while it warms up: (users per compiled call,
+    support rows), both as padded (``metarec.ranking.bucket`` and ``support_bucket``).
 
-    A version can serve as soon as its batch-size-1 programs are compiled (the check); the
-    larger batch sizes then compile in the background. Until a size is ready, :func:`run_batch`
-    runs a larger batch as several calls of the largest ready size, so no request waits for a
-    compilation. ``pending`` is False once every size is ready (or when nothing warms up in the
-    background): then any size is used.
+    A version can serve as soon as the check has compiled one-user calls for a few support
+    lengths; the other shapes then compile in the background. Until a batch's own shape is
+    ready, :meth:`plan` maps it onto ready ones: a short support pads up to a longer compiled
+    support (the padded rows are masked out: the same scores), and a batch of more users runs as
+    several calls of a ready size. So no request waits for a compilation, as long as its
+    support is no longer than the longest warmed one. ``pending`` is False once every shape is
+    ready (or when nothing warms up in the background): then any shape is used.
     """
 
     def __init__(self) -> None:
         self.pending = False
-        self._ready: set[int] = set()
+        self._ready: frozenset[tuple[int, int]] = frozenset()
 
-    def start(self, ready: Sequence[int]) -> None:
-        """Warming begins: only ``ready`` sizes (padded user counts) may be used."""
-        self._ready = set(ready)
+    def start(self, ready: Iterable[tuple[int, int]]) -> None:
+        """Warming begins: only the ``ready`` (users, support rows) shapes may be used."""
+        self._ready = frozenset(ready)
         self.pending = True
 
-    def mark_ready(self, size: int) -> None:
-        self._ready = self._ready | {size}  # a new set: readers on other threads see old or new
+    def mark_ready(self, users: int, support: int) -> None:
+        # A new set: readers on other threads see the old one or the new one.
+        self._ready = self._ready | {(users, support)}
 
-    def is_ready(self, size: int) -> bool:
-        return size in self._ready
+    def is_ready(self, users: int, support: int) -> bool:
+        return (users, support) in self._ready
 
     def finish(self) -> None:
         self.pending = False
 
-    def chunk(self, n: int) -> int:
-        """How many of ``n`` jobs to run in one call (``n`` unless warming is under way)."""
-        if not self.pending or bucket(n) in self._ready:
-            return n
-        usable = [size for size in self._ready if size <= n]
-        return max(usable) if usable else n
+    def plan(self, n_users: int, longest_support: int) -> tuple[int, int]:
+        """(users per call, minimum support padding) for a batch of ``n_users`` whose longest
+        support holds ``longest_support`` interactions; ``(n_users, 0)`` runs it as it is."""
+        if not self.pending:
+            return n_users, 0
+        users, support = bucket(n_users), support_bucket(longest_support)
+        if (users, support) in self._ready:
+            return n_users, 0
+        usable = [(u, s) for u, s in self._ready if u <= users and s >= support]
+        if not usable:
+            return n_users, 0  # longer than every warmed support: it compiles its own shape
+        most = max(u for u, _ in usable)
+        pad = min(s for u, s in usable if u == most)
+        return min(most, n_users), (pad if pad > support else 0)
 
 
 def _probe(model: ServingModel, size: int, support_size: int, num_candidates: int) -> None:
@@ -170,22 +182,23 @@ def _probe(model: ServingModel, size: int, support_size: int, num_candidates: in
     # Each job its own order of the candidates: concurrent requests carry different lists,
     # and equal lists would compile the shared-list kernel instead.
     jobs = [dataclasses.replace(job, candidates=np.roll(candidates, j)) for j in range(size)]
-    for result in run_batch(model, jobs, None):
+    for result in run_batch(model, jobs, None, exact_shapes=True):
         if not result.finite or not np.all(np.isfinite(result.scores)):
             raise ValueError("test prediction produced non-finite scores")
         expected = min(10, len(candidates) - len(np.intersect1d(candidates, support)))
         if len(result.item_idx) != expected:
             raise ValueError(f"test recommendation returned {len(result.item_idx)} items, not {expected}")
-    whole = run_batch(model, [dataclasses.replace(job, candidates=None, mode=SCORE)] * size, None)
+    whole = run_batch(model, [dataclasses.replace(job, candidates=None, mode=SCORE)] * size, None,
+                      exact_shapes=True)
     if any(not r.finite or len(r.scores) != n_items or not np.all(np.isfinite(r.scores)) for r in whole):
         raise ValueError(f"test scoring of the catalogue did not return {n_items} finite scores")
-    # The adapted-user cache's paths: some users cached (adapt the others, then score all),
-    # and all cached (score only).
+    # The adapted-user cache's paths: some users cached (adapt and score the others, score the
+    # cached ones), and all cached (score only).
     keyed = [dataclasses.replace(job, cache_key=CacheKey(f"probe{j}", b"", "probe", 0)) for j in range(size)]
-    for cached in sorted({1, size // 2, size - 1, size} - {0}):  # adapt batches of every size
+    for cached in sorted({1, size // 2, size - 1, size} - {0}):
         cache = AdaptedUserCache(max_entries=size)
-        run_batch(model, keyed[:cached], cache)
-        for result in run_batch(model, keyed, cache):
+        run_batch(model, keyed[:cached], cache, exact_shapes=True)
+        for result in run_batch(model, keyed, cache, exact_shapes=True):
             if not result.finite or not np.all(np.isfinite(result.scores)):
                 raise ValueError("test prediction with cached users produced non-finite scores")
 
@@ -202,8 +215,8 @@ def make_check(
     catalogue) for every batch size x support size given. That also compiles the kernels for
     those padded shapes before the version takes traffic: JAX compiles once per shape, so
     without it the first requests of each new shape after a swap would wait for a compile.
-    With ``warm_up_follows`` (a :func:`make_warm` runs after it), batches use only these batch
-    sizes until the warm-up ends.
+    With ``warm_up_follows`` (a :func:`make_warm` runs after it), batches use only these
+    shapes until the warm-up ends (:class:`WarmShapes`).
     """
 
     def check(model: ServingModel) -> None:
@@ -212,8 +225,9 @@ def make_check(
         for size in batch_sizes:
             for support_size in support_sizes:
                 _probe(model, size, support_size, num_candidates)
-        if warm_up_follows:  # until it finishes, batches use only the sizes compiled here
-            model.batch_sizes.start([bucket(size) for size in batch_sizes])
+        if warm_up_follows:  # until it finishes, batches use only the shapes compiled here
+            model.shapes.start((bucket(size), support_bucket(support_size))
+                               for size in batch_sizes for support_size in support_sizes)
 
     return check
 
@@ -222,24 +236,51 @@ def make_warm(
     batch_sizes: Sequence[int],
     support_sizes: Sequence[int] = (5,),
     num_candidates: int = 1000,
+    low_priority: bool = True,
 ) -> Any:
-    """A registry warm-up: compiles the programs of ``batch_sizes`` (ascending) for each
-    support size, marking each batch size ready for :func:`run_batch` once compiled. The
-    registry runs it after the check: in the background for a server's first version (which
-    serves meanwhile with the sizes the check compiled), before the swap for later ones."""
+    """A registry warm-up: compiles the programs of every batch size x support size, marking
+    each shape ready for :func:`run_batch` once compiled. The registry runs it after the check:
+    in the background for a server's first version (which serves meanwhile with the shapes the
+    check compiled), before the swap for later ones.
+
+    Order: first every batch size (ascending) with the longest support, so that any batch
+    soon runs in one call (its supports padded up); then the other supports. Each shape is
+    marked only once the smaller batch sizes of its support are ready, which the adapted-user
+    cache's path (adapt the users not cached) relies on. With ``low_priority`` the warm-up
+    runs at the lowest CPU priority (:func:`lower_thread_priority` of the calling thread, for
+    good: the registry's watcher thread does only background work), so that on a busy machine
+    requests come first.
+    """
+    longest = max(support_sizes)
+    order = [(size, longest) for size in sorted(batch_sizes)]
+    order += [(size, s) for size in sorted(batch_sizes) for s in sorted(support_sizes) if s != longest]
 
     def warm(model: ServingModel, stop: threading.Event | None = None) -> None:
-        for size in sorted(batch_sizes):
-            if model.batch_sizes.is_ready(bucket(size)):
+        if low_priority:
+            lower_thread_priority()
+        for size, support_size in order:
+            shape = (bucket(size), support_bucket(support_size))
+            if model.shapes.is_ready(*shape):
                 continue
-            for support_size in support_sizes:
-                if stop is not None and stop.is_set():
-                    return  # shutting down: the sizes not ready stay split
-                _probe(model, size, support_size, num_candidates)
-            model.batch_sizes.mark_ready(bucket(size))
-        model.batch_sizes.finish()
+            if stop is not None and stop.is_set():
+                return  # shutting down: batches keep to the shapes ready so far
+            _probe(model, size, support_size, num_candidates)
+            model.shapes.mark_ready(*shape)
+        model.shapes.finish()
 
     return warm
+
+
+def lower_thread_priority() -> None:
+    """Give the calling thread the lowest CPU priority (nice 19), where the OS allows it.
+
+    On Linux ``setpriority`` of a thread id sets that thread's nice value only; elsewhere (or
+    without permission) nothing changes.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux-like, or not permitted
+        pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,12 +320,19 @@ def candidate_bucket(job: Job) -> int:
     return bucket(len(job.candidates), minimum=8)
 
 
-def run_batch(model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache | None) -> list[Result]:
-    """Adapt (cache misses only), score and rank a batch of jobs for one model version."""
-    chunk = model.batch_sizes.chunk(len(jobs))
-    if chunk < len(jobs):  # warming up: only smaller batch sizes are compiled yet
-        return [result for start in range(0, len(jobs), chunk)
-                for result in run_batch(model, jobs[start:start + chunk], cache)]
+def run_batch(
+    model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache | None, exact_shapes: bool = False,
+) -> list[Result]:
+    """Adapt (cache misses only), score and rank a batch of jobs for one model version.
+
+    While the version warms up, the batch runs on shapes already compiled (``model.shapes``);
+    ``exact_shapes=True`` (the warm-up's own probes) runs it on its own shapes, compiling them.
+    """
+    users, support_pad = (len(jobs), 0) if exact_shapes else model.shapes.plan(
+        len(jobs), max(len(job.support_idx) for job in jobs))
+    if users < len(jobs):  # warming up: only smaller batch sizes are compiled yet
+        return [result for start in range(0, len(jobs), users)
+                for result in run_batch(model, jobs[start:start + users], cache)]
     learner, catalog = model.learner, model.catalog
     adapted: list[Any] = [None] * len(jobs)
     if cache is not None:
@@ -292,6 +340,7 @@ def run_batch(model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache 
             if job.cache_key is not None:
                 adapted[i] = cache.get(job.cache_key)
     missing = [i for i, a in enumerate(adapted) if a is None]
+    cached = [i for i, a in enumerate(adapted) if a is not None]
     cand_idx = [catalog.all_indices if j.candidates is None else j.candidates for j in jobs]
     all_catalogue = all(job.candidates is None for job in jobs)
     # A small catalogue is scored whole and each job's candidates gathered from it (below).
@@ -301,10 +350,12 @@ def run_batch(model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache 
     two_heads = learner.has_ranking_head()
     heads = [RANKING_HEAD if job.mode == RECOMMEND and two_heads else RATING_HEAD for job in jobs]
     head = heads[0] if len(set(heads)) == 1 else RANKING_HEAD
-    scores = None
+    scores: list[Any] = [None] * len(jobs)
     if missing:
         # The jobs hold validated item indices: adapt on them directly (no DataFrames, no
-        # second lookup of the ids).
+        # second lookup of the ids), and score in the same compiled call. With some users
+        # cached this is the same program on fewer users, so the cache adds no compiled shape
+        # that depends on the support length.
         todo = [jobs[i] for i in missing]
         support = (
             np.concatenate([job.support_idx for job in todo]).astype(np.int32, copy=False),
@@ -312,22 +363,22 @@ def run_batch(model: ServingModel, jobs: Sequence[Job], cache: AdaptedUserCache 
             [len(job.support_idx) for job in todo],
         )
         # Their ratings were checked by request validation (metarec.ratings): not again here.
-        extra = dict(user_features=[job.user_features or None for job in todo],
-                     seen_items=[catalog.raw(job.support_idx) for job in todo], ratings_checked=True)
-        if len(missing) == len(jobs):
-            # Nothing cached: adapt and score in one compiled call.
-            new, scores = learner.adapt_score_indices(
-                *support, None if whole else cand_idx, head=head, **extra)
-        else:
-            new = learner.adapt_indices(*support, **extra)
-        for i, user in zip(missing, new):
-            adapted[i] = user
+        new, new_scores = learner.adapt_score_indices(
+            *support, None if whole else [cand_idx[i] for i in missing], head=head,
+            user_features=[job.user_features or None for job in todo],
+            seen_items=[catalog.raw(job.support_idx) for job in todo], ratings_checked=True,
+            min_support_pad=support_pad)
+        for i, user, user_scores in zip(missing, new, new_scores):
+            adapted[i], scores[i] = user, user_scores
             if cache is not None and jobs[i].cache_key is not None:
                 cache.put(jobs[i].cache_key, user)
+    if cached:
+        users_cached = [adapted[i] for i in cached]
+        again = (learner.score_many(users_cached, None, head=head) if whole  # one shared array
+                 else learner.score_indices(users_cached, [cand_idx[i] for i in cached], head=head))
+        for i, user_scores in zip(cached, again):
+            scores[i] = user_scores
 
-    if scores is None:
-        scores = (learner.score_many(adapted, None, head=head) if whole  # one shared array
-                  else learner.score_indices(adapted, cand_idx, head=head))
     if any(h != head for h in heads):
         # A batch mixing Score and Recommend on a two-headed model: Score's jobs get ratings.
         rated = [i for i, h in enumerate(heads) if h != head]

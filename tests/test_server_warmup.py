@@ -1,6 +1,7 @@
 """Start-up of a served version: few compiled shapes (a small catalogue is scored whole), a
-check that compiles one-user batches, a warm-up of the larger batch sizes that runs after the
-first version already serves, and batches split into ready sizes meanwhile. In process, on
+check that compiles one-user calls, a warm-up of the other shapes that runs after the first
+version already serves, and batches run on ready shapes meanwhile (supports padded up, batches
+split). In process, on
 a real (untrained) Keras model; the compilation cache in a subprocess."""
 
 import dataclasses
@@ -9,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ metarec = pytest.importorskip("metarec")
 
 from metarec_server.cache import AdaptedUserCache, CacheKey  # noqa: E402
 from metarec_server.inference import (  # noqa: E402
-    RECOMMEND, SCORE, Job, ServingModel, WarmBatchSizes, make_check, make_warm, run_batch)
+    RECOMMEND, SCORE, Job, ServingModel, WarmShapes, lower_thread_priority, make_check, make_warm, run_batch)
 from metarec_server.registry import ModelRegistry  # noqa: E402
 
 
@@ -70,33 +72,71 @@ def test_a_small_catalogue_scored_whole_gives_each_request_its_candidates_scores
     assert_same(partly, run_batch(whole, keyed, AdaptedUserCache(10)))
 
 
-def test_while_warming_a_batch_runs_as_calls_of_ready_sizes():
-    sizes = WarmBatchSizes()
-    assert sizes.chunk(5) == 5  # nothing warming: any size
-    sizes.start([1])
-    assert sizes.pending and sizes.chunk(1) == 1 and sizes.chunk(5) == 1
-    sizes.mark_ready(4)
-    assert sizes.chunk(3) == 3  # pads to 4, which is ready
-    assert sizes.chunk(5) == 4  # pads to 8, which is not: calls of 4
-    sizes.finish()
-    assert sizes.chunk(5) == 5
+def test_while_warming_a_batch_runs_on_ready_shapes():
+    shapes = WarmShapes()
+    assert shapes.plan(5, 3) == (5, 0)  # nothing warming: any shape
+    shapes.start([(1, 8), (1, 64)])
+    assert shapes.pending
+    assert shapes.plan(1, 3) == (1, 0)  # its own shape (1 user, 8 rows) is ready
+    assert shapes.plan(1, 20) == (1, 64)  # 24 rows are not: padded up to 64
+    assert shapes.plan(5, 3) == (1, 0)  # 8 users are not: calls of one user
+    shapes.mark_ready(4, 64)
+    assert shapes.plan(3, 3) == (3, 64)  # 4 users ready at 64 rows: one call, padded
+    assert shapes.plan(5, 30) == (4, 64)  # 8 users are not: calls of 4
+    assert shapes.plan(1, 70) == (1, 0)  # longer than every warmed support: its own shape
+    shapes.finish()
+    assert shapes.plan(5, 30) == (5, 0)
 
 
-def test_split_batches_answer_like_one_call(learner):
+def test_padded_and_split_batches_answer_like_one_call(learner):
     served = ServingModel.from_learner(learner)
     jobs = jobs_of(served, 7, seed=3)
     expected = run_batch(served, jobs, None)
-    served.batch_sizes.start([1, 2])
-    assert served.batch_sizes.chunk(7) == 2
+    served.shapes.start([(1, 8), (2, 64)])
+    assert served.shapes.plan(7, 8) == (2, 64)
     assert_same(run_batch(served, jobs, None), expected)
+    keyed = jobs_of(served, 7, seed=3, cached=True)
+    cache = AdaptedUserCache(10)
+    run_batch(served, keyed[:3], cache)  # the cache path too: adapt the others, score all
+    assert_same(run_batch(served, keyed, cache), expected)
 
 
-def test_check_then_warm_compile_every_size_and_end_the_restriction(learner):
+def test_check_then_warm_compile_every_shape_and_end_the_restriction(learner):
     served = ServingModel.from_learner(learner)
-    make_check(batch_sizes=(1,), support_sizes=(3,), num_candidates=50, warm_up_follows=True)(served)
-    assert served.batch_sizes.pending and served.batch_sizes.chunk(4) == 1
-    make_warm(batch_sizes=(1, 2, 4), support_sizes=(3,), num_candidates=50)(served)
-    assert not served.batch_sizes.pending and served.batch_sizes.chunk(4) == 4
+    make_check(batch_sizes=(1,), support_sizes=(3, 24), num_candidates=50, warm_up_follows=True)(served)
+    assert served.shapes.pending and served.shapes.plan(4, 3) == (1, 0)
+    assert served.shapes.plan(1, 20) == (1, 0) and served.shapes.plan(1, 12) == (1, 24)
+    make_warm(batch_sizes=(1, 2, 4), support_sizes=(8, 16, 24), num_candidates=50, low_priority=False)(served)
+    assert all(served.shapes.is_ready(u, s) for u in (1, 2, 4) for s in (8, 16, 24))
+    assert not served.shapes.pending and served.shapes.plan(4, 12) == (4, 0)
+
+
+def test_a_support_padded_up_adapts_the_same_user(learner):
+    # The padded rows are masked: adapting with 64 rows instead of 8 gives the same scores.
+    rng = np.random.default_rng(5)
+    items = rng.choice(np.arange(1, 301), size=6, replace=False).astype(np.int32)
+    ratings = rng.integers(1, 6, 6).astype(np.float32)
+    _, tight = learner.adapt_score_indices(items, ratings, [6], None)
+    _, padded = learner.adapt_score_indices(items, ratings, [6], None, min_support_pad=64)
+    np.testing.assert_allclose(padded[0], tight[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"min_support_pad must be an integer >= 0; got min_support_pad=-1"):
+        learner.adapt_score_indices(items, ratings, [6], None, min_support_pad=-1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_the_warm_up_thread_alone_gets_the_lowest_priority():
+    seen = {}
+
+    def worker():
+        lower_thread_priority()
+        seen["worker"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["worker"] == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # the caller's is kept
 
 
 def publish(model_dir, version, weight):

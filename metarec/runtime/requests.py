@@ -48,6 +48,10 @@ class EncodedSupports:
     ``seen_items``: each user's raw ids (what ``recommend`` excludes); by default the raw ids
     of ``item_index``. ``ratings_checked=True``: the caller has already checked the ratings by
     ``metarec.ratings`` (as the server's request validation does): they are not checked again.
+    ``min_support_pad``: pad the support axis to at least this many rows (the padded rows are
+    masked out, so the adapted users are the same): a caller that keeps a set of compiled
+    shapes, such as the server while it warms up, pads a short support up to a compiled one
+    instead of compiling a new shape.
     """
 
     item_index: Any
@@ -55,6 +59,7 @@ class EncodedSupports:
     lengths: Any
     seen_items: Any = None
     ratings_checked: bool = False
+    min_support_pad: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +215,8 @@ def support_batch(encoder, features, supports, user_features=None, unknown_ids="
         seen = supports.seen_items
         if seen is None:
             seen = np.split(encoder.item_ids[item_index], np.cumsum(lengths)[:-1])
-        return pad_supports(encoder, features, item_index, y, lengths, user_features, seen)
+        return pad_supports(encoder, features, item_index, y, lengths, user_features, seen,
+                            supports.min_support_pad)
     frames = [supports] if isinstance(supports, pd.DataFrame) else frame_list(supports)
     user_features = check_user_features(user_features, len(frames), encoder, unknown_ids)
     seen = []
@@ -228,13 +234,16 @@ def support_batch(encoder, features, supports, user_features=None, unknown_ids="
     )
 
 
-def pad_supports(encoder, features, idx, y, lengths, user_features, seen):
+def pad_supports(encoder, features, idx, y, lengths, user_features, seen, min_support_pad=0):
     """Encoded interactions of many users, flat (user ``u``'s are the next ``lengths[u]``
-    rows), padded into arrays ``[B_bucket, S_bucket]`` in one scatter."""
+    rows), padded into arrays ``[B_bucket, S_bucket]`` in one scatter (``S_bucket`` at least
+    ``min_support_pad``)."""
+    if isinstance(min_support_pad, bool) or not isinstance(min_support_pad, (int, np.integer)) or min_support_pad < 0:
+        raise ValueError(f"min_support_pad must be an integer >= 0; got min_support_pad={min_support_pad!r}.")
     lengths = np.asarray(lengths, dtype=np.int64)
     n_users = len(lengths)
     b = bucket(n_users)
-    s = support_bucket(int(lengths.max()))
+    s = max(support_bucket(int(lengths.max())), int(min_support_pad))
     rows = np.repeat(np.arange(n_users), lengths)
     cols = np.arange(len(idx)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     item_idx = np.zeros((b, s), np.int32)
