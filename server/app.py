@@ -153,18 +153,18 @@ class MetarecServer:
                             "processes; ignored", backend.BACKEND)
         check, warm = config.check, None
         if check is None:
-            # A version serves once one-user calls are compiled for supports padded to 8, 24
-            # and 64 interactions (any support up to 64 pads up to one of them meanwhile);
-            # every other shape a request can land in (powers of two up to the largest batch
-            # x supports padded to a multiple of 8 up to 64) compiles after that, in the
+            # The server runs on a fixed set of shapes: batch sizes in powers of two up to the
+            # largest batch x supports padded to 16, 32 or 64 interactions (few shapes, so the
+            # warm-up is short; a support pads by at most 2x). A version serves once one-user
+            # calls are compiled for 16 and 64; the other shapes compile after that, in the
             # background for the first version (inference.make_warm, inference.WarmShapes).
             sizes, size = [], 1
             while size < config.batching.max_batch_size:
                 sizes.append(size)
                 size *= 2
             sizes.append(size)
-            check = make_check(batch_sizes=(1,), support_sizes=(8, 24, 64), warm_up_follows=True)
-            warm = make_warm(batch_sizes=sizes, support_sizes=tuple(range(8, 65, 8)))
+            check = make_check(batch_sizes=(1,), support_sizes=(16, 64), warm_up_follows=True)
+            warm = make_warm(batch_sizes=sizes, support_sizes=(16, 32, 64))
         folders = {config.model_name: Path(config.model_dir), **{n: Path(p) for n, p in config.extra_models.items()}}
         self.registries = {
             name: ModelRegistry(

@@ -14,11 +14,13 @@ implicit feedback; ``Recommend`` ranks exactly like ``AdaptedUser.recommend``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
+import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,16 +122,17 @@ def load_serving_model(version_dir: Path) -> ServingModel:
 
 
 class WarmShapes:
-    """Which padded shapes a version may use while it warms up: (users per compiled call,
-    support rows), both as padded (``metarec.ranking.bucket`` and ``support_bucket``).
+    """The padded shapes a version runs on: (users per compiled call, support rows), both as
+    padded (``metarec.ranking.bucket`` and ``support_bucket``).
 
-    A version can serve as soon as the check has compiled one-user calls for a few support
-    lengths; the other shapes then compile in the background. Until a batch's own shape is
-    ready, :meth:`plan` maps it onto ready ones: a short support pads up to a longer compiled
-    support (the padded rows are masked out: the same scores), and a batch of more users runs as
-    several calls of a ready size. So no request waits for a compilation, as long as its
-    support is no longer than the longest warmed one. ``pending`` is False once every shape is
-    ready (or when nothing warms up in the background): then any shape is used.
+    The server compiles a fixed set of shapes (batch sizes in powers of two x a few support
+    lengths). A version serves as soon as the check has compiled one-user calls for some of
+    them; the others then compile in the background (``pending`` until the warm-up ends).
+    :meth:`plan` maps every batch onto a compiled shape: a short support pads up to a longer
+    compiled support (the padded rows are masked out: the same scores), and a batch of more
+    users than any compiled size runs as several calls. So no request waits for a compilation,
+    as long as its support is no longer than the longest compiled one. With no shape compiled
+    this way (a custom check), every batch runs on its own shape.
     """
 
     def __init__(self) -> None:
@@ -137,7 +140,7 @@ class WarmShapes:
         self._ready: frozenset[tuple[int, int]] = frozenset()
 
     def start(self, ready: Iterable[tuple[int, int]]) -> None:
-        """Warming begins: only the ``ready`` (users, support rows) shapes may be used."""
+        """Warming begins with the ``ready`` (users, support rows) shapes compiled."""
         self._ready = frozenset(ready)
         self.pending = True
 
@@ -149,19 +152,19 @@ class WarmShapes:
         return (users, support) in self._ready
 
     def finish(self) -> None:
+        """Every shape of the set is compiled."""
         self.pending = False
 
     def plan(self, n_users: int, longest_support: int) -> tuple[int, int]:
         """(users per call, minimum support padding) for a batch of ``n_users`` whose longest
         support holds ``longest_support`` interactions; ``(n_users, 0)`` runs it as it is."""
-        if not self.pending:
-            return n_users, 0
         users, support = bucket(n_users), support_bucket(longest_support)
-        if (users, support) in self._ready:
+        ready = self._ready
+        if (users, support) in ready:
             return n_users, 0
-        usable = [(u, s) for u, s in self._ready if u <= users and s >= support]
+        usable = [(u, s) for u, s in ready if u <= users and s >= support]
         if not usable:
-            return n_users, 0  # longer than every warmed support: it compiles its own shape
+            return n_users, 0  # longer than every compiled support: it compiles its own shape
         most = max(u for u, _ in usable)
         pad = min(s for u, s in usable if u == most)
         return min(most, n_users), (pad if pad > support else 0)
@@ -215,8 +218,8 @@ def make_check(
     catalogue) for every batch size x support size given. That also compiles the kernels for
     those padded shapes before the version takes traffic: JAX compiles once per shape, so
     without it the first requests of each new shape after a swap would wait for a compile.
-    With ``warm_up_follows`` (a :func:`make_warm` runs after it), batches use only these
-    shapes until the warm-up ends (:class:`WarmShapes`).
+    With ``warm_up_follows`` (a :func:`make_warm` compiles the rest of the server's shapes
+    after it), batches run on these shapes and those the warm-up adds (:class:`WarmShapes`).
     """
 
     def check(model: ServingModel) -> None:
@@ -225,7 +228,7 @@ def make_check(
         for size in batch_sizes:
             for support_size in support_sizes:
                 _probe(model, size, support_size, num_candidates)
-        if warm_up_follows:  # until it finishes, batches use only the shapes compiled here
+        if warm_up_follows:  # from now on batches run on the shapes compiled so far
             model.shapes.start((bucket(size), support_bucket(support_size))
                                for size in batch_sizes for support_size in support_sizes)
 
@@ -258,17 +261,47 @@ def make_warm(
     def warm(model: ServingModel, stop: threading.Event | None = None) -> None:
         if low_priority:
             lower_thread_priority()
-        for size, support_size in order:
-            shape = (bucket(size), support_bucket(support_size))
-            if model.shapes.is_ready(*shape):
-                continue
-            if stop is not None and stop.is_set():
-                return  # shutting down: batches keep to the shapes ready so far
-            _probe(model, size, support_size, num_candidates)
-            model.shapes.mark_ready(*shape)
+        with short_gil_turns():
+            for size, support_size in order:
+                shape = (bucket(size), support_bucket(support_size))
+                if model.shapes.is_ready(*shape):
+                    continue
+                if stop is not None and stop.is_set():
+                    return  # shutting down: batches keep to the shapes ready so far
+                _probe(model, size, support_size, num_candidates)
+                model.shapes.mark_ready(*shape)
         model.shapes.finish()
 
     return warm
+
+
+_gil_lock = threading.Lock()
+_gil_users = 0
+_gil_interval = 0.005
+
+
+@contextlib.contextmanager
+def short_gil_turns(interval_s: float = 0.0005) -> Iterator[None]:
+    """While inside, Python threads take turns on the GIL every ``interval_s`` (default 5 ms).
+
+    Compiling traces Python code that holds the GIL; each time the request thread comes back
+    from the compiled maths it may wait a whole turn for it. Shorter turns while a warm-up
+    compiles keep those waits short. Nested and concurrent uses (several models warming) share
+    it: the interval is restored when the last one leaves.
+    """
+    global _gil_users, _gil_interval
+    with _gil_lock:
+        if _gil_users == 0:
+            _gil_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(interval_s, _gil_interval))
+        _gil_users += 1
+    try:
+        yield
+    finally:
+        with _gil_lock:
+            _gil_users -= 1
+            if _gil_users == 0:
+                sys.setswitchinterval(_gil_interval)
 
 
 def lower_thread_priority() -> None:

@@ -20,7 +20,8 @@ metarec = pytest.importorskip("metarec")
 
 from metarec_server.cache import AdaptedUserCache, CacheKey  # noqa: E402
 from metarec_server.inference import (  # noqa: E402
-    RECOMMEND, SCORE, Job, ServingModel, WarmShapes, lower_thread_priority, make_check, make_warm, run_batch)
+    RECOMMEND, SCORE, Job, ServingModel, WarmShapes, lower_thread_priority, make_check, make_warm, run_batch,
+    short_gil_turns)
 from metarec_server.registry import ModelRegistry  # noqa: E402
 
 
@@ -74,7 +75,7 @@ def test_a_small_catalogue_scored_whole_gives_each_request_its_candidates_scores
 
 def test_while_warming_a_batch_runs_on_ready_shapes():
     shapes = WarmShapes()
-    assert shapes.plan(5, 3) == (5, 0)  # nothing warming: any shape
+    assert shapes.plan(5, 3) == (5, 0)  # no shape set: each batch its own shape
     shapes.start([(1, 8), (1, 64)])
     assert shapes.pending
     assert shapes.plan(1, 3) == (1, 0)  # its own shape (1 user, 8 rows) is ready
@@ -85,7 +86,7 @@ def test_while_warming_a_batch_runs_on_ready_shapes():
     assert shapes.plan(5, 30) == (4, 64)  # 8 users are not: calls of 4
     assert shapes.plan(1, 70) == (1, 0)  # longer than every warmed support: its own shape
     shapes.finish()
-    assert shapes.plan(5, 30) == (5, 0)
+    assert not shapes.pending and shapes.plan(5, 30) == (4, 64)  # the set stays the server's
 
 
 def test_padded_and_split_batches_answer_like_one_call(learner):
@@ -121,6 +122,16 @@ def test_a_support_padded_up_adapts_the_same_user(learner):
     np.testing.assert_allclose(padded[0], tight[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"min_support_pad must be an integer >= 0; got min_support_pad=-1"):
         learner.adapt_score_indices(items, ratings, [6], None, min_support_pad=-1)
+
+
+def test_short_gil_turns_last_while_any_warm_up_runs():
+    default = sys.getswitchinterval()
+    with short_gil_turns():
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        with short_gil_turns():  # a second model warming at the same time
+            assert sys.getswitchinterval() == pytest.approx(0.0005)
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    assert sys.getswitchinterval() == default
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
