@@ -12,7 +12,9 @@ empty, the later ones find what the first compiled), and for each start reports:
 * after SERVING, ``--requests`` Recommend / Score calls over a mix that reaches many compiled
   shapes (1-32 concurrent clients, supports of 1-40 interactions, 10-2,000 candidates, and the
   whole catalogue): the first call's latency, the median, the p99, the maximum and how many took
-  over 100 ms.
+  over 100 ms (in all, and at 1, 4 and 32 clients);
+* ``warmed_s``: process start -> the server's log says the background warm-up ended;
+* ``steady``: the same mix again after that, the machine's steady state for comparison.
 
     python bench/startup.py                          # both backends
     python bench/startup.py --backends jax --starts 2 --json bench/results/startup.json
@@ -119,9 +121,23 @@ def after_serving(address: str, n: int) -> dict:
     for clients, part in ((1, rest[:third]), (4, rest[third:2 * third]), (32, rest[2 * third:])):
         latencies += asyncio.run(timed_calls(address, part, clients))
     ms = np.asarray(latencies) * 1e3
+    levels = np.cumsum([1, third, third])  # where the 4- and 32-client parts start
     return {"first_call_ms": round(float(ms[0]), 1), "median_ms": round(float(np.median(ms)), 2),
             "p99_ms": round(float(np.percentile(ms, 99)), 1), "max_ms": round(float(ms.max()), 1),
-            "over_100ms": int((ms > 100).sum()), "calls": int(len(ms))}
+            "over_100ms": int((ms > 100).sum()), "calls": int(len(ms)),
+            # over 100 ms at 1, 4 and 32 concurrent clients
+            "over_100ms_by_clients": [int((part > 100).sum()) for part in np.split(ms, levels[1:])]}
+
+
+def wait_warmed(log: Path, t0: float, timeout: float = 900) -> float | None:
+    """Seconds from process start until the server logs that its background warm-up ended
+    (None if it never says so within ``timeout``)."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if "warmed up in" in log.read_text():
+            return time.perf_counter() - t0
+        time.sleep(0.5)
+    return None
 
 
 def bench_backend(backend: str, model_path: Path, workdir: Path, args) -> list[dict]:
@@ -139,6 +155,11 @@ def bench_backend(backend: str, model_path: Path, workdir: Path, args) -> list[d
             loaded = [line.strip() for line in log.read_text().splitlines() if "loaded and checked" in line]
             run["load_log"] = re.sub(r"^.*?model ", "model ", loaded[0]) if loaded else None
             run.update(after_serving(address, args.requests))
+            # The same mix again once every shape is compiled: what the machine gives at
+            # steady state, so that calls slow from load are told from calls slow from start-up.
+            warmed = wait_warmed(log, t0)
+            run["warmed_s"] = None if warmed is None else round(warmed, 1)
+            run["steady"] = after_serving(address, args.requests)
         except Exception:
             print(f"{backend}: start {i + 1} failed; the server's log ends with:\n"
                   + "\n".join(log.read_text().splitlines()[-20:]), file=sys.stderr)
