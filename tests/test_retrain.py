@@ -183,3 +183,33 @@ def test_retrain_and_score_batch_a_two_headed_catalogue_model(tmp_path):
     want = new.adapt(frame[frame.user_id == first_user][["item_id", "rating"]]).recommend(k=5)
     got = out[out["user_id"] == first_user].sort_values("rank")
     assert got["item_id"].astype(np.int64).tolist() == want["item_id"].tolist()
+
+
+def test_retrain_promotes_and_serves_a_learned_update_rule(setup, tmp_path):
+    """``LSTMMetaLearner``: retraining warm-starts the update rule too, and the promoted
+    version loads and adapts like any other."""
+    from metarec.learned_optimizer import LSTMMetaLearner
+
+    _, logs = setup
+    data = metarec.datasets.synthetic(num_users=400, num_items=120, seed=5)
+    early = np.sort(data.interactions["user_id"].unique())[:150]
+    tasks = metarec.UserTasks(metarec.InteractionData(
+        data.interactions[data.interactions.user_id.isin(early)], data.users.loc[early], data.items),
+        support_size=10)
+    keras.utils.set_random_seed(0)
+    model = metarec.models.rating_mlp(tasks.encoder, embedding_dim=8, hidden_units=(16,))
+    learner = LSTMMetaLearner(model, inner_steps=2, hidden_size=4, feedback="explicit")
+    learner.compile(optimizer=keras.optimizers.Adam(1e-3))
+    learner.fit(tasks.train, epochs=1, verbose=0)
+    lstm_dir = tmp_path / "lstm-models"
+    (lstm_dir / "1").mkdir(parents=True)
+    learner.save(lstm_dir / "1" / "model.keras")
+    result = retrain(lstm_dir, logs, epochs=2, learning_rate=3e-3, margin=10.0, verbose=0)
+    assert result.promoted and result.new_version == 2 and np.isfinite(result.new_metrics["mae"])
+    new = metarec.load(lstm_dir / "2" / "model.keras")
+    assert isinstance(new, LSTMMetaLearner) and new.hidden_size == 4
+    moved = [not np.allclose(a, b) for a, b in zip(new.update_rule.get_weights(), learner.update_rule.get_weights())]
+    assert any(moved)  # the rule itself was meta-trained again
+    support = pd.DataFrame({"item_id": [1, 2, 3], "rating": [5.0, 1.0, 4.0]})
+    scores = new.adapt(support).score([4, 5, 6])
+    assert np.all(np.isfinite(scores)) and not np.allclose(scores, new.predict_items([4, 5, 6]))
