@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,28 @@ class ServerConfig:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s!r}")
 
 
+def _with_compilation_cache(loader: Callable[[Path], Any], folder: Path) -> Callable[[Path], Any]:
+    """``loader``, enabling the backend's persistent compilation cache in ``folder`` once,
+    before the first model loads (every registry shares it)."""
+    once = threading.Lock()
+    enabled = []
+
+    def load(version_dir: Path) -> Any:
+        with once:
+            if not enabled:
+                from metarec import backend  # imported here: Keras takes seconds to import
+
+                if backend.enable_compilation_cache(folder):
+                    log.info("compiled programs are kept in %s", folder)
+                else:
+                    log.warning("--compile-cache: the %s backend keeps no compiled programs across "
+                                "processes; ignored", backend.BACKEND)
+                enabled.append(True)
+        return loader(version_dir)
+
+    return load
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -143,14 +166,11 @@ class MetarecServer:
         self.config = config
         self.metrics = ServerMetrics()
         self.cache = AdaptedUserCache(config.cache_entries, on_lookup=self.metrics.observe_cache_lookup)
+        loader = config.loader
         if config.compile_cache is not None:
-            from metarec import backend  # imported here: Keras takes seconds to import
-
-            if backend.enable_compilation_cache(Path(config.compile_cache)):
-                log.info("compiled programs are kept in %s", config.compile_cache)
-            else:
-                log.warning("--compile-cache: the %s backend keeps no compiled programs across "
-                            "processes; ignored", backend.BACKEND)
+            # Enabled on the watcher thread just before the first load: importing Keras takes
+            # seconds, and the port is bound (and health answers) before that.
+            loader = _with_compilation_cache(loader, Path(config.compile_cache))
         check, warm = config.check, None
         if check is None:
             # The server runs on a fixed set of shapes: batch sizes in powers of two up to the
@@ -170,7 +190,7 @@ class MetarecServer:
             name: ModelRegistry(
                 name,
                 folder,
-                loader=config.loader,
+                loader=loader,
                 check=check,
                 warm=warm,
                 poll_interval_s=config.poll_interval_s,

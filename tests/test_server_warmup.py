@@ -212,3 +212,35 @@ def test_compilation_cache_keeps_compiled_programs_on_jax_only(tmp_path):
         assert enabled == "True" and any(f.is_file() for f in files)
     else:
         assert enabled == "False" and not files
+
+
+@pytest.mark.slow
+def test_the_server_enables_its_compile_cache_on_the_first_load_not_before(tmp_path):
+    # In a subprocess: the cache setting is process-wide. Keras is not imported until the first
+    # version loads (so the port binds at once), then the cache is on for every program after.
+    program = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from metarec_server.app import _with_compilation_cache
+
+        def loader(folder):
+            import numpy as np
+            from keras import ops
+            from metarec import backend
+            f = backend.jit(lambda x: ops.sum(x * 3.0))
+            return float(backend.to_numpy(f(np.ones((4, 4), np.float32))))
+
+        load = _with_compilation_cache(loader, Path({str(tmp_path / "cache")!r}))
+        print("keras" in sys.modules)
+        print(load(Path(".")), load(Path(".")))
+    """)
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ), check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, first, second = out.stdout.split()[-3:]
+    assert before == "False" and float(first) == float(second) == 48.0
+    files = list((tmp_path / "cache").rglob("*")) if (tmp_path / "cache").exists() else []
+    if keras.backend.backend() == "jax":
+        assert any(f.is_file() for f in files)
+    else:
+        assert "keeps no compiled programs" in out.stderr and not files
