@@ -175,9 +175,10 @@ class MetarecServer:
         if check is None:
             # The server runs on a fixed set of shapes: batch sizes in powers of two up to the
             # largest batch x supports padded to 16, 32 or 64 interactions (few shapes, so the
-            # warm-up is short; a support pads by at most 2x). A version serves once one-user
-            # calls are compiled for 16 and 64; the other shapes compile after that, in the
-            # background for the first version (inference.make_warm, inference.WarmShapes).
+            # warm-up is short; past 16 interactions a support pads by less than 2x). A version
+            # serves once one-user calls are compiled for 16 and 64; the other shapes compile
+            # after that, in the background for the first version (inference.make_warm,
+            # inference.WarmShapes).
             sizes, size = [], 1
             while size < config.batching.max_batch_size:
                 sizes.append(size)
