@@ -221,15 +221,29 @@ def start_server(model_dir: Path, workdir: Path, backend: str, args) -> tuple[su
             "--model-dir", str(model_dir), "--port", "0",
             "--log-db", str(workdir / f"log-{backend}.sqlite"), "--cache-size", "0",
             "--max-batch-size", str(args.max_batch_size), "--max-batch-delay-ms", str(args.max_delay_ms),
-            "--log-level", "WARNING", "--workers", str(args.workers),
+            "--log-level", "INFO", "--workers", str(args.workers),
         ],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=server_log(workdir, backend).open("w"), text=True,
     )
     line = proc.stdout.readline()
     if not line.startswith("metarec server listening on"):
         proc.kill()
         raise RuntimeError(f"server did not start ({backend}): {line!r}")
     return proc, line.strip().rsplit(" ", 1)[1]
+
+
+def server_log(workdir: Path, backend: str) -> Path:
+    return workdir / f"server-{backend}.log"
+
+
+def wait_warmed(log: Path, workers: int, timeout: float = 900) -> None:
+    """Wait until each worker's log says its background warm-up ended: measuring before that
+    would time calls that share the CPU with the compiler (see bench/startup.py for those)."""
+    deadline = time.monotonic() + timeout
+    while log.read_text().count("warmed up in") < workers:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server's warm-up did not end within {timeout:.0f} s (log: {log})")
+        time.sleep(0.5)
 
 
 def wait_serving(address: str, timeout: float = 300, connections: int = 1) -> None:
@@ -270,6 +284,7 @@ def bench_backend(backend: str, model_path: Path, workdir: Path, args) -> dict:
     proc, address = start_server(model_dir, workdir, backend, args)
     try:
         wait_serving(address, connections=1 if args.workers == 1 else 16 * args.workers)
+        wait_warmed(server_log(workdir, backend), args.workers)
         import metarec.client  # noqa: F401 - only to fail early if the client is broken
 
         num_items = 2000
