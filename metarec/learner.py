@@ -643,29 +643,30 @@ class MetaLearner(keras.Model):
         return self.runtime.adapt(FlatSupports(item_ids, ratings, lengths), user_features, unknown_ids)
 
     def adapt_indices(self, item_index, ratings, lengths, user_features=None, seen_items=None,
-                      ratings_checked=False, min_support_pad=0):
+                      ratings_checked=False, min_support_pad=0, min_users_pad=0):
         """``adapt_flat`` for items already encoded (``encoder.item_index``), as a server that
         validated them holds them. ``seen_items``: each user's raw ids (what ``recommend``
         excludes); by default the raw ids of ``item_index``. ``ratings_checked=True``: the
         caller has already checked the ratings by ``metarec.ratings`` (as the server's request
-        validation does), and they are not checked again. ``min_support_pad``: pad the
-        supports to at least this length, to reuse a shape already compiled (the result is
-        the same)."""
+        validation does), and they are not checked again. ``min_support_pad`` and
+        ``min_users_pad``: pad the supports to at least this length and the users axis to at
+        least this many rows, to reuse a shape already compiled (the result is the same)."""
         return self.runtime.adapt(EncodedSupports(item_index, ratings, lengths, seen_items, ratings_checked,
-                                                  min_support_pad), user_features)
+                                                  min_support_pad, min_users_pad), user_features)
 
     def adapt_score_indices(self, item_index, ratings, lengths, candidate_index,
                             user_features=None, seen_items=None, head="rating",
-                            ratings_checked=False, min_support_pad=0):
+                            ratings_checked=False, min_support_pad=0, min_users_pad=0):
         """``adapt_indices`` and then ``score_indices`` in one compiled call: one dispatch,
         and the adapted weights stay on the device between the two (the server's path).
 
         ``candidate_index``: one encoded array shared by every user, one per user, or None
-        (the whole catalogue). ``ratings_checked`` and ``min_support_pad``: as in
-        ``adapt_indices``. Returns (adapted users, one score array per user).
+        (the whole catalogue). ``ratings_checked``, ``min_support_pad`` and ``min_users_pad``:
+        as in ``adapt_indices``. Returns (adapted users, one score array per user).
         """
         return self.runtime.adapt_and_score(
-            EncodedSupports(item_index, ratings, lengths, seen_items, ratings_checked, min_support_pad),
+            EncodedSupports(item_index, ratings, lengths, seen_items, ratings_checked, min_support_pad,
+                            min_users_pad),
             EncodedCandidates(candidate_index), user_features, head)
 
     def adapt_recommend_many(self, supports, k=10, exclude_seen=True, candidates=None,
@@ -686,10 +687,12 @@ class MetaLearner(keras.Model):
         are unnormalised logits over the catalogue."""
         return self.runtime.score(list(adapted_users), candidates, head, unknown_ids)
 
-    def score_indices(self, adapted_users, item_index, head="rating"):
+    def score_indices(self, adapted_users, item_index, head="rating", min_users_pad=0):
         """``score_many`` for candidates already encoded (``encoder.item_index``): one int array
-        shared by every user, or a list of one array per user."""
-        return self.runtime.score(list(adapted_users), EncodedCandidates(item_index), head)
+        shared by every user, a list of one array per user, or None (the whole catalogue).
+        ``min_users_pad``: as in ``adapt_indices``."""
+        return self.runtime.score(list(adapted_users), EncodedCandidates(item_index), head,
+                                  min_users_pad=min_users_pad)
 
     def recommend_many(self, adapted_users, k=10, exclude_seen=True, candidates=None, unknown_ids=None):
         """Top-``k`` (item ids, scores) per user, best first; seen items excluded by default."""

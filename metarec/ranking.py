@@ -17,6 +17,8 @@ import numpy as np
 __all__ = [
     "bucket",
     "support_bucket",
+    "check_min_pad",
+    "padded_users",
     "mask_padding",
     "mask_seen",
     "mask_seen_lists",
@@ -41,6 +43,31 @@ def bucket(n: int, minimum: int = 1) -> int:
     if n <= 1024:
         return 1 << (n - 1).bit_length()
     return -(-n // 1024) * 1024
+
+
+def check_min_pad(name: str, value: int) -> int:
+    """A minimum padding argument (``min_support_pad``, ``min_users_pad``) as an int.
+
+    Raises:
+        ValueError: ``value`` is not an integer >= 0.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0; got {name}={value!r}.")
+    return int(value)
+
+
+def padded_users(n_users: int, min_users_pad: int = 0) -> int:
+    """Rows of the users axis of a compiled call.
+
+    Args:
+        n_users: the number of real users.
+        min_users_pad: pad to at least this many rows (a caller that keeps a set of
+            compiled shapes runs a batch on one of them; the padded users are dropped).
+
+    Returns:
+        ``max(bucket(n_users), min_users_pad)``.
+    """
+    return max(bucket(n_users), check_min_pad("min_users_pad", min_users_pad))
 
 
 def support_bucket(n: int) -> int:

@@ -4,8 +4,7 @@
 (a string → index catalogue for validation, the user-feature specs, the rating range).
 :func:`run_batch` runs in the batcher's worker thread, on the requests' validated item indices:
 the users not in the adapted-user cache are adapted and scored in one compiled call
-(``learner.adapt_score_indices``), the cached ones scored in one ``score_indices`` (or, for the
-whole catalogue, ``score_many``) call. Then it takes each request's top k. Nothing here runs on
+(``learner.adapt_score_indices``), the cached ones scored in one ``score_indices`` call. Then it takes each request's top k. Nothing here runs on
 the event loop.
 
 Scores are those of the SDK: a predicted rating for explicit feedback, a probability for
@@ -22,7 +21,7 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -121,18 +120,33 @@ def load_serving_model(version_dir: Path) -> ServingModel:
     return ServingModel.from_learner(metarec.load(model_file(Path(version_dir)), safe_mode=True))
 
 
+class CallShape(NamedTuple):
+    """How one batch runs: ``users_per_call`` of its users per compiled call (fewer than the
+    batch: it runs as several calls), on ``user_rows`` x ``support_rows`` padded arrays."""
+
+    users_per_call: int
+    user_rows: int
+    support_rows: int
+
+
+# The cost of one compiled call, in users: a call of u users costs about u + CALL_OVERHEAD
+# users' worth of time. Measured on the quickstart-sized model (adapt + score of 2,000 items
+# on 2 CPU cores): 2.0 ms for 1 user, 8.5 ms for 8, 24 ms for 32.
+CALL_OVERHEAD = 2
+
+
 class WarmShapes:
-    """The padded shapes a version runs on: (users per compiled call, support rows), both as
-    padded (``metarec.ranking.bucket`` and ``support_bucket``).
+    """The padded shapes a version runs on: (user rows, support rows) of a compiled call.
 
     The server compiles a fixed set of shapes (batch sizes in powers of two x a few support
     lengths). A version serves as soon as the check has compiled one-user calls for some of
     them; the others then compile in the background (``pending`` until the warm-up ends).
     :meth:`plan` maps every batch onto a compiled shape: a short support pads up to a longer
-    compiled support (the padded rows are masked out: the same scores), and a batch of more
-    users than any compiled size runs as several calls. So no request waits for a compilation,
-    as long as its support is no longer than the longest compiled one. With no shape compiled
-    this way (a custom check), every batch runs on its own shape.
+    compiled support and a batch pads up to a larger compiled batch size (the padded rows are
+    masked out or dropped: the same scores), or the batch runs as several calls of a smaller
+    compiled size, whichever costs less. So no request waits for a compilation, as long as its
+    support is no longer than the longest compiled one. With no shape compiled this way (a
+    custom check), every batch runs on its own shape.
     """
 
     def __init__(self) -> None:
@@ -140,7 +154,7 @@ class WarmShapes:
         self._ready: frozenset[tuple[int, int]] = frozenset()
 
     def start(self, ready: Iterable[tuple[int, int]]) -> None:
-        """Warming begins with the ``ready`` (users, support rows) shapes compiled."""
+        """Warming begins with the ``ready`` (user rows, support rows) shapes compiled."""
         self._ready = frozenset(ready)
         self.pending = True
 
@@ -155,26 +169,31 @@ class WarmShapes:
         """Every shape of the set is compiled."""
         self.pending = False
 
-    def plan(self, n_users: int, longest_support: int) -> tuple[int, int]:
-        """(users per call, minimum support padding) for a batch of ``n_users`` whose longest
-        support holds ``longest_support`` interactions; ``(n_users, 0)`` runs it as it is."""
+    def plan(self, n_users: int, longest_support: int) -> CallShape:
+        """How a batch of ``n_users`` whose longest support holds ``longest_support``
+        interactions runs: on its own padded shape when that is compiled (or when no compiled
+        support is long enough), else on the cheapest compiled one (see ``CALL_OVERHEAD``)."""
         users, support = bucket(n_users), support_bucket(longest_support)
         ready = self._ready
-        if (users, support) in ready:
-            return n_users, 0
-        usable = [(u, s) for u, s in ready if u <= users and s >= support]
-        if not usable:
-            return n_users, 0  # longer than every compiled support: it compiles its own shape
-        most = max(u for u, _ in usable)
-        pad = min(s for u, s in usable if u == most)
-        return min(most, n_users), (pad if pad > support else 0)
+        fits: dict[int, int] = {}  # user rows -> the shortest compiled support that holds it
+        for u, s in ready:
+            if s >= support:
+                fits[u] = min(s, fits.get(u, s))
+        if (users, support) in ready or not fits:
+            return CallShape(n_users, users, support)
+
+        def cost(u: int) -> int:  # of the whole batch, in calls of u user rows
+            return -(-n_users // u) * (u + CALL_OVERHEAD)
+
+        u = min(fits, key=lambda u: (cost(u), u))
+        return CallShape(min(u, n_users), u, fits[u])
 
 
 def _probe(model: ServingModel, size: int, support_size: int, num_candidates: int) -> None:
     """Test predictions through the request path (a batch of ``size`` users with
-    ``support_size`` interactions: Recommend over per-user lists, Score of the catalogue):
-    compiles the programs of those shapes and raises when scores are not finite and well
-    shaped."""
+    ``support_size`` interactions: Recommend over per-user lists, Score of the catalogue, with
+    some or all users cached): compiles the programs of that shape and raises when scores are
+    not finite and well shaped."""
     n_items = len(model.catalog)
     low, high = model.rating_range or (0.0, 1.0)
     rating = high if model.feedback == "implicit" else (low + high) / 2
@@ -246,17 +265,19 @@ def make_warm(
     in the background for a server's first version (which serves meanwhile with the shapes the
     check compiled), before the swap for later ones.
 
-    Order: first every batch size (ascending) with the longest support, so that any batch
-    soon runs in one call (its supports padded up); then the other supports. Each shape is
-    marked only once the smaller batch sizes of its support are ready, which the adapted-user
-    cache's path (adapt the users not cached) relies on. With ``low_priority`` the warm-up
+    Order: first every batch size with the longest support, the largest but one first and
+    then down (under load the batches are large, and split into one-user calls they cost most;
+    the largest size comes last, as two calls of half its size cost about the same); then the
+    other supports in the same order. With ``low_priority`` the warm-up
     runs at the lowest CPU priority (:func:`lower_thread_priority` of the calling thread, for
     good: the registry's watcher thread does only background work), so that on a busy machine
     requests come first.
     """
     longest = max(support_sizes)
-    order = [(size, longest) for size in sorted(batch_sizes)]
-    order += [(size, s) for size in sorted(batch_sizes) for s in sorted(support_sizes) if s != longest]
+    sizes = sorted(set(batch_sizes), reverse=True)
+    sizes = sizes[1:] + sizes[:1]
+    order = [(size, longest) for size in sizes]
+    order += [(size, s) for s in sorted(set(support_sizes)) if s != longest for size in sizes]
 
     def warm(model: ServingModel, stop: threading.Event | None = None) -> None:
         if low_priority:
@@ -360,12 +381,17 @@ def run_batch(
 
     While the version warms up, the batch runs on shapes already compiled (``model.shapes``);
     ``exact_shapes=True`` (the warm-up's own probes) runs it on its own shapes, compiling them.
+    The users not cached and the cached ones each run on the batch's user rows, so the cache
+    adds no compiled shape either.
     """
-    users, support_pad = (len(jobs), 0) if exact_shapes else model.shapes.plan(
-        len(jobs), max(len(job.support_idx) for job in jobs))
-    if users < len(jobs):  # warming up: only smaller batch sizes are compiled yet
-        return [result for start in range(0, len(jobs), users)
-                for result in run_batch(model, jobs[start:start + users], cache)]
+    if exact_shapes:
+        shape = CallShape(len(jobs), bucket(len(jobs)), 0)
+    else:
+        shape = model.shapes.plan(len(jobs), max(len(job.support_idx) for job in jobs))
+    if shape.users_per_call < len(jobs):  # warming up: run as calls of a compiled size
+        n = shape.users_per_call
+        return [result for start in range(0, len(jobs), n)
+                for result in run_batch(model, jobs[start:start + n], cache)]
     learner, catalog = model.learner, model.catalog
     adapted: list[Any] = [None] * len(jobs)
     if cache is not None:
@@ -387,8 +413,7 @@ def run_batch(
     if missing:
         # The jobs hold validated item indices: adapt on them directly (no DataFrames, no
         # second lookup of the ids), and score in the same compiled call. With some users
-        # cached this is the same program on fewer users, so the cache adds no compiled shape
-        # that depends on the support length.
+        # cached this is the same program with fewer real users on the same padded shape.
         todo = [jobs[i] for i in missing]
         support = (
             np.concatenate([job.support_idx for job in todo]).astype(np.int32, copy=False),
@@ -400,24 +425,23 @@ def run_batch(
             *support, None if whole else [cand_idx[i] for i in missing], head=head,
             user_features=[job.user_features or None for job in todo],
             seen_items=[catalog.raw(job.support_idx) for job in todo], ratings_checked=True,
-            min_support_pad=support_pad)
+            min_support_pad=shape.support_rows, min_users_pad=shape.user_rows)
         for i, user, user_scores in zip(missing, new, new_scores):
             adapted[i], scores[i] = user, user_scores
             if cache is not None and jobs[i].cache_key is not None:
                 cache.put(jobs[i].cache_key, user)
     if cached:
         users_cached = [adapted[i] for i in cached]
-        again = (learner.score_many(users_cached, None, head=head) if whole  # one shared array
-                 else learner.score_indices(users_cached, [cand_idx[i] for i in cached], head=head))
+        again = learner.score_indices(users_cached, None if whole else [cand_idx[i] for i in cached],
+                                      head=head, min_users_pad=shape.user_rows)
         for i, user_scores in zip(cached, again):
             scores[i] = user_scores
 
     if any(h != head for h in heads):
         # A batch mixing Score and Recommend on a two-headed model: Score's jobs get ratings.
         rated = [i for i, h in enumerate(heads) if h != head]
-        again = (learner.score_many([adapted[i] for i in rated], None, head=RATING_HEAD) if whole
-                 else learner.score_indices([adapted[i] for i in rated], [cand_idx[i] for i in rated],
-                                            head=RATING_HEAD))
+        again = learner.score_indices([adapted[i] for i in rated], None if whole else [cand_idx[i] for i in rated],
+                                      head=RATING_HEAD, min_users_pad=shape.user_rows)
         scores = list(scores)
         for i, s in zip(rated, again):
             scores[i] = s

@@ -4,7 +4,8 @@ Recommend path ranking exactly as ``AdaptedUser.recommend``."""
 import numpy as np
 import pytest
 
-from metarec.ranking import bucket, is_seen, mask_padding, mask_seen, mask_seen_lists, support_bucket, top_k
+from metarec.ranking import (bucket, is_seen, mask_padding, mask_seen, mask_seen_lists, padded_users, support_bucket,
+                             top_k)
 
 INF = np.inf
 
@@ -13,6 +14,15 @@ def test_bucket_powers_of_two_then_multiples_of_1024():
     assert [bucket(n) for n in (0, 1, 2, 3, 5, 8, 9, 1000, 1024, 1025, 3000)] == \
         [1, 1, 2, 4, 8, 8, 16, 1024, 1024, 2048, 3072]
     assert bucket(3, minimum=8) == 8 and bucket(9, minimum=8) == 16
+
+
+def test_padded_users_is_the_bucket_unless_asked_for_more_rows():
+    assert padded_users(5) == 8
+    assert padded_users(5, 32) == 32
+    assert padded_users(20, 16) == 32  # never fewer rows than the users need
+    for bad in (-1, 2.0, True, "8"):
+        with pytest.raises(ValueError, match=f"min_users_pad must be an integer >= 0; got min_users_pad={bad!r}"):
+            padded_users(3, bad)
 
 
 def test_support_bucket_multiples_of_eight_up_to_64():

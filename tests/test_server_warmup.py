@@ -73,43 +73,63 @@ def test_a_small_catalogue_scored_whole_gives_each_request_its_candidates_scores
     assert_same(partly, run_batch(whole, keyed, AdaptedUserCache(10)))
 
 
-def test_while_warming_a_batch_runs_on_ready_shapes():
+def test_while_warming_a_batch_runs_on_the_cheapest_ready_shape():
     shapes = WarmShapes()
-    assert shapes.plan(5, 3) == (5, 0)  # no shape set: each batch its own shape
+    assert shapes.plan(5, 3) == (5, 8, 8)  # no shape set: each batch its own shape
     shapes.start([(1, 8), (1, 64)])
     assert shapes.pending
-    assert shapes.plan(1, 3) == (1, 0)  # its own shape (1 user, 8 rows) is ready
-    assert shapes.plan(1, 20) == (1, 64)  # 24 rows are not: padded up to 64
-    assert shapes.plan(5, 3) == (1, 0)  # 8 users are not: calls of one user
+    assert shapes.plan(1, 3) == (1, 1, 8)  # its own shape (1 user, 8 rows) is ready
+    assert shapes.plan(1, 20) == (1, 1, 64)  # 24 rows are not: padded up to 64
+    assert shapes.plan(5, 3) == (1, 1, 8)  # 8 users are not: calls of one user
+    shapes.mark_ready(32, 64)
+    # 20 users: one call padded to 32 users (cost 34) beats 20 calls of one (cost 60)...
+    assert shapes.plan(20, 30) == (20, 32, 64)
+    # ...but 5 users cost less as calls of one (15) than padded to 32 (34).
+    assert shapes.plan(5, 3) == (1, 1, 8)
     shapes.mark_ready(4, 64)
-    assert shapes.plan(3, 3) == (3, 64)  # 4 users ready at 64 rows: one call, padded
-    assert shapes.plan(5, 30) == (4, 64)  # 8 users are not: calls of 4
-    assert shapes.plan(1, 70) == (1, 0)  # longer than every warmed support: its own shape
+    assert shapes.plan(3, 3) == (3, 4, 64)  # 4 users ready at 64 rows: one call, padded
+    assert shapes.plan(5, 30) == (4, 4, 64)  # two calls of 4 (12) beat 32 rows (34)
+    assert shapes.plan(1, 70) == (1, 1, 128)  # longer than every warmed support: its own shape
     shapes.finish()
-    assert not shapes.pending and shapes.plan(5, 30) == (4, 64)  # the set stays the server's
+    assert not shapes.pending and shapes.plan(5, 30) == (4, 4, 64)  # the set stays the server's
 
 
-def test_padded_and_split_batches_answer_like_one_call(learner):
+@pytest.mark.parametrize("ready, expected_shape", [
+    ([(1, 8), (2, 64)], (2, 2, 64)),  # split into calls of 2 users
+    ([(1, 8), (16, 64)], (7, 16, 64)),  # one call, padded up to 16 users
+])
+def test_padded_and_split_batches_answer_like_one_call(learner, ready, expected_shape):
     served = ServingModel.from_learner(learner)
     jobs = jobs_of(served, 7, seed=3)
     expected = run_batch(served, jobs, None)
-    served.shapes.start([(1, 8), (2, 64)])
-    assert served.shapes.plan(7, 8) == (2, 64)
+    served.shapes.start(ready)
+    assert served.shapes.plan(7, 8) == expected_shape
     assert_same(run_batch(served, jobs, None), expected)
     keyed = jobs_of(served, 7, seed=3, cached=True)
     cache = AdaptedUserCache(10)
     run_batch(served, keyed[:3], cache)  # the cache path too: adapt the others, score all
     assert_same(run_batch(served, keyed, cache), expected)
+    assert_same(run_batch(served, keyed, cache), expected)  # and every user cached
 
 
 def test_check_then_warm_compile_every_shape_and_end_the_restriction(learner):
     served = ServingModel.from_learner(learner)
     make_check(batch_sizes=(1,), support_sizes=(3, 24), num_candidates=50, warm_up_follows=True)(served)
-    assert served.shapes.pending and served.shapes.plan(4, 3) == (1, 0)
-    assert served.shapes.plan(1, 20) == (1, 0) and served.shapes.plan(1, 12) == (1, 24)
+    assert served.shapes.pending and served.shapes.plan(4, 3) == (1, 1, 8)
+    assert served.shapes.plan(1, 20) == (1, 1, 24) and served.shapes.plan(1, 12) == (1, 1, 24)
     make_warm(batch_sizes=(1, 2, 4), support_sizes=(8, 16, 24), num_candidates=50, low_priority=False)(served)
     assert all(served.shapes.is_ready(u, s) for u in (1, 2, 4) for s in (8, 16, 24))
-    assert not served.shapes.pending and served.shapes.plan(4, 12) == (4, 0)
+    assert not served.shapes.pending and served.shapes.plan(4, 12) == (4, 4, 16)
+
+
+def test_the_warm_up_compiles_large_batches_first_and_the_largest_last(learner):
+    served = ServingModel.from_learner(learner)
+    make_check(batch_sizes=(1,), support_sizes=(24,), num_candidates=50, warm_up_follows=True)(served)
+    order = []
+    mark = served.shapes.mark_ready
+    served.shapes.mark_ready = lambda u, s: (order.append((u, s)), mark(u, s))
+    make_warm(batch_sizes=(1, 2, 4, 8), support_sizes=(8, 24), num_candidates=50, low_priority=False)(served)
+    assert order == [(4, 24), (2, 24), (8, 24), (4, 8), (2, 8), (1, 8), (8, 8)]
 
 
 def test_a_support_padded_up_adapts_the_same_user(learner):
@@ -117,11 +137,21 @@ def test_a_support_padded_up_adapts_the_same_user(learner):
     rng = np.random.default_rng(5)
     items = rng.choice(np.arange(1, 301), size=6, replace=False).astype(np.int32)
     ratings = rng.integers(1, 6, 6).astype(np.float32)
-    _, tight = learner.adapt_score_indices(items, ratings, [6], None)
+    users, tight = learner.adapt_score_indices(items, ratings, [6], None)
     _, padded = learner.adapt_score_indices(items, ratings, [6], None, min_support_pad=64)
     np.testing.assert_allclose(padded[0], tight[0], rtol=1e-5, atol=1e-5)
+    # So do the padded users of a call on more user rows, adapting or scoring.
+    wide, padded = learner.adapt_score_indices(items, ratings, [6], None, min_users_pad=8)
+    np.testing.assert_allclose(padded[0], tight[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(learner.score_indices(users, None, min_users_pad=8)[0], tight[0],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(learner.score_indices(wide, None)[0], tight[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"min_support_pad must be an integer >= 0; got min_support_pad=-1"):
         learner.adapt_score_indices(items, ratings, [6], None, min_support_pad=-1)
+    with pytest.raises(ValueError, match=r"min_users_pad must be an integer >= 0; got min_users_pad=2.5"):
+        learner.score_indices(users, None, min_users_pad=2.5)
+    with pytest.raises(ValueError, match=r"min_users_pad must be an integer >= 0; got min_users_pad=True"):
+        learner.adapt_indices(items, ratings, [6], min_users_pad=True)
 
 
 def test_short_gil_turns_last_while_any_warm_up_runs():

@@ -42,7 +42,7 @@ import pandas as pd
 from keras import ops
 
 from metarec import backend
-from metarec.ranking import mask_padding, mask_seen, mask_seen_lists, top_k
+from metarec.ranking import check_min_pad, mask_padding, mask_seen, mask_seen_lists, top_k
 from metarec.runtime import requests
 from metarec.runtime.kernels import KernelCache, ScoreSpec
 from metarec.runtime.requests import EncodedCandidates
@@ -78,19 +78,21 @@ class Personalizer:
         users = users_of_batch(self.learner, adapted, batch)
         return users[0] if one else users
 
-    def score(self, users, candidates=None, head="rating", unknown_ids=None):
+    def score(self, users, candidates=None, head="rating", unknown_ids=None, min_users_pad=0):
         """Scores of each user's candidates (one array for one ``AdaptedUser``, else a list).
 
         ``head="rating"`` (default): predicted ratings (probabilities for implicit feedback).
         ``head="ranking"``: the scores ``recommend`` ranks by; the same as the ratings except
-        for a model with a separate ranking head (``models.two_tower``)."""
+        for a model with a separate ranking head (``models.two_tower``). ``min_users_pad``:
+        run on at least this many user rows (``metarec.ranking.padded_users``)."""
         requests.check_head(head)
+        check_min_pad("min_users_pad", min_users_pad)
         one = isinstance(users, AdaptedUser)
         users, candidates = ([users], _one_user(candidates)) if one else (list(users), candidates)
         if not users:
             return []
         cands = requests.candidates(self.encoder, candidates, len(users), self._policy(unknown_ids))
-        scores, sizes = self._score(users, cands, head)
+        scores, sizes = self._score(users, cands, head, min_users_pad)
         out = [np.array(scores[u, : sizes[u]]) for u in range(len(users))]  # writable copies
         return out[0] if one else out
 
@@ -204,12 +206,12 @@ class Personalizer:
         head = "ranking" if requests.check_head(head) == "ranking" and self.has_ranking_head() else "rating"
         return ScoreSpec(shared, self.user_row_broadcasts(), head)
 
-    def _score(self, users, cands, head):
+    def _score(self, users, cands, head, min_users_pad=0):
         """Scores of adapted users as one padded numpy array ``[users_bucket,
         candidates_bucket]``, and each user's number of candidates."""
         spec = self._spec(cands.shared, head)
-        weights, inputs = stack(users)
-        items, sizes = requests.item_batch(cands, len(users))
+        weights, inputs = stack(users, min_users_pad)
+        items, sizes = requests.item_batch(cands, len(users), len(weights[0]))
         params, non_trainable = self._weights()
         program = self.kernels.score(self.learner, spec)
         scores = program(params, non_trainable, weights, inputs, items, self._item_tables())
@@ -219,7 +221,7 @@ class Personalizer:
         """The fused program on a support batch: (stacked adapted weights, scores as numpy
         ``[users_bucket, candidates_bucket]``, each user's number of candidates)."""
         spec = self._spec(cands.shared, head)
-        items, sizes = requests.item_batch(cands, len(batch.per_user))
+        items, sizes = requests.item_batch(cands, len(batch.per_user), len(batch.target))
         params, non_trainable = self._weights()
         program = self.kernels.adapt_and_score(self.learner, spec)
         adapted, scores = program(params, non_trainable, *batch.padded, batch.users, items,

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from metarec.ranking import bucket, support_bucket
+from metarec.ranking import bucket, check_min_pad, padded_users, support_bucket
 from metarec.unknown_ids import apply_policy, unknown_features_message, unknown_items_message
 
 
@@ -51,7 +51,8 @@ class EncodedSupports:
     ``min_support_pad``: pad the support axis to at least this many rows (the padded rows are
     masked out, so the adapted users are the same): a caller that keeps a set of compiled
     shapes, such as the server while it warms up, pads a short support up to a compiled one
-    instead of compiling a new shape.
+    instead of compiling a new shape. ``min_users_pad``: likewise for the users axis (the
+    padded users are dropped from the results).
     """
 
     item_index: Any
@@ -60,6 +61,7 @@ class EncodedSupports:
     seen_items: Any = None
     ratings_checked: bool = False
     min_support_pad: int = 0
+    min_users_pad: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +218,7 @@ def support_batch(encoder, features, supports, user_features=None, unknown_ids="
         if seen is None:
             seen = np.split(encoder.item_ids[item_index], np.cumsum(lengths)[:-1])
         return pad_supports(encoder, features, item_index, y, lengths, user_features, seen,
-                            supports.min_support_pad)
+                            supports.min_support_pad, supports.min_users_pad)
     frames = [supports] if isinstance(supports, pd.DataFrame) else frame_list(supports)
     user_features = check_user_features(user_features, len(frames), encoder, unknown_ids)
     seen = []
@@ -234,16 +236,16 @@ def support_batch(encoder, features, supports, user_features=None, unknown_ids="
     )
 
 
-def pad_supports(encoder, features, idx, y, lengths, user_features, seen, min_support_pad=0):
+def pad_supports(encoder, features, idx, y, lengths, user_features, seen, min_support_pad=0,
+                 min_users_pad=0):
     """Encoded interactions of many users, flat (user ``u``'s are the next ``lengths[u]``
     rows), padded into arrays ``[B_bucket, S_bucket]`` in one scatter (``S_bucket`` at least
-    ``min_support_pad``)."""
-    if isinstance(min_support_pad, bool) or not isinstance(min_support_pad, (int, np.integer)) or min_support_pad < 0:
-        raise ValueError(f"min_support_pad must be an integer >= 0; got min_support_pad={min_support_pad!r}.")
+    ``min_support_pad``, ``B_bucket`` at least ``min_users_pad``)."""
+    min_support_pad = check_min_pad("min_support_pad", min_support_pad)
     lengths = np.asarray(lengths, dtype=np.int64)
     n_users = len(lengths)
-    b = bucket(n_users)
-    s = max(support_bucket(int(lengths.max())), int(min_support_pad))
+    b = padded_users(n_users, min_users_pad)
+    s = max(support_bucket(int(lengths.max())), min_support_pad)
     rows = np.repeat(np.arange(n_users), lengths)
     cols = np.arange(len(idx)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     item_idx = np.zeros((b, s), np.int32)
@@ -415,10 +417,11 @@ def _all_equal(lists):
     return True
 
 
-def item_batch(cands, n_users):
+def item_batch(cands, n_users, user_rows=None):
     """Candidate item indices for a score program (int32), and each user's number of them.
 
-    Per-user arrays are padded into ``[users_bucket, candidates_bucket]``; a shared array is
+    Per-user arrays are padded into ``[user_rows, candidates_bucket]`` (``user_rows``: by
+    default ``bucket(n_users)``, else the users axis of the call); a shared array is
     padded to a bucket too (a new list length must not recompile), except the whole
     catalogue, whose length is fixed per model."""
     index = cands.index
@@ -428,7 +431,7 @@ def item_batch(cands, n_users):
             index = np.concatenate([index, np.zeros(bucket(len(index), minimum=8) - len(index), np.int32)])
         return np.asarray(index, np.int32), sizes
     sizes = [len(i) for i in index]
-    padded = np.zeros((bucket(n_users), bucket(max(sizes), minimum=8)), np.int32)
+    padded = np.zeros((user_rows or bucket(n_users), bucket(max(sizes), minimum=8)), np.int32)
     for u, idx in enumerate(index):
         padded[u, : len(idx)] = idx
     return padded, sizes

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from metarec import backend
-from metarec.ranking import bucket
+from metarec.ranking import padded_users
 
 
 class _AdaptedBatch:
@@ -83,15 +83,16 @@ def users_of_batch(learner, adapted, batch):
     return users
 
 
-def stack(users):
-    """Adapted users -> (stacked weights ``[users_bucket, ...]``, stacked user inputs).
+def stack(users, min_users_pad=0):
+    """Adapted users -> (stacked weights ``[users_bucket, ...]``, stacked user inputs); the
+    users axis holds at least ``min_users_pad`` rows.
 
     Exactly the users of one adaptation call, in order, give that call's device arrays as they
     are (their padding rows differ from the plain path's, but padded users are dropped); any
     other list stacks the users' numpy weights, padded with copies of the first user.
     """
     n = len(users)
-    b = bucket(n)
+    b = padded_users(n, min_users_pad)
     batch = users[0]._batch
     if (
         batch is not None
