@@ -16,6 +16,12 @@ empty, the later ones find what the first compiled), and for each start reports:
 * ``warmed_s``: process start -> the server's log says the background warm-up ended;
 * ``steady``: the same mix again after that, the machine's steady state for comparison.
 
+With ``--load-while-warming``, 32 clients keep calling from the end of the mix until the
+warm-up ends (the hardest case: full load on a machine that is still compiling), and
+``while_warming`` reports those calls: how many took over 100 ms, in all and per 5-second
+window since process start. ``steady_load`` is the same load for 20 s once warm: what the
+machine gives at that load anyway.
+
     python bench/startup.py                          # both backends
     python bench/startup.py --backends jax --starts 2 --json bench/results/startup.json
 """
@@ -129,6 +135,53 @@ def after_serving(address: str, n: int) -> dict:
             "over_100ms_by_clients": [int((part > 100).sum()) for part in np.split(ms, levels[1:])]}
 
 
+async def _load_until_warm(address: str, log: Path | None, t0: float, clients: int, timeout: float):
+    import grpc
+
+    from metarec.api.v1 import recommender_pb2_grpc as pb_grpc
+
+    requests = request_mix(400, seed=7)
+    calls = []  # (seconds since process start at the call's end, latency in seconds)
+    done = asyncio.Event()
+
+    async def client(offset):
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.RecommenderServiceStub(channel)
+            i = offset
+            while not done.is_set():
+                method, request = requests[i % len(requests)]
+                t = time.perf_counter()
+                await getattr(stub, method)(request, timeout=120)
+                calls.append((time.perf_counter() - t0, time.perf_counter() - t))
+                i += clients
+
+    async def watch():  # until the warm-up ends (no log: for ``timeout`` seconds)
+        deadline = time.perf_counter() + timeout
+        while (log is None or "warmed up in" not in log.read_text()) and time.perf_counter() < deadline:
+            await asyncio.sleep(0.25)
+        done.set()
+
+    await asyncio.gather(watch(), *(client(c) for c in range(clients)))
+    return calls
+
+
+def load_until_warm(address: str, log: Path | None, t0: float, clients: int = 32, timeout: float = 900) -> dict:
+    """``clients`` clients calling without pause until the server logs the warm-up's end
+    (``log=None``: for ``timeout`` seconds)."""
+    calls = asyncio.run(_load_until_warm(address, log, t0, clients, timeout))
+    at = np.asarray([c[0] for c in calls])
+    ms = np.asarray([c[1] for c in calls]) * 1e3
+    windows = []
+    for start in np.arange(5 * np.floor(at.min() / 5), at.max(), 5.0):
+        inside = (at >= start) & (at < start + 5)
+        windows.append([float(start), int(inside.sum()), int((ms[inside] > 100).sum())])
+    return {"clients": clients, "from_s": round(float(at.min()), 1), "to_s": round(float(at.max()), 1),
+            "calls": int(len(ms)), "over_100ms": int((ms > 100).sum()),
+            "median_ms": round(float(np.median(ms)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 1),
+            "max_ms": round(float(ms.max()), 1),
+            "windows": windows}  # [start s, calls, calls over 100 ms] per 5 s
+
+
 def wait_warmed(log: Path, t0: float, timeout: float = 900) -> float | None:
     """Seconds from process start until the server logs that its background warm-up ended
     (None if it never says so within ``timeout``)."""
@@ -155,11 +208,15 @@ def bench_backend(backend: str, model_path: Path, workdir: Path, args) -> list[d
             loaded = [line.strip() for line in log.read_text().splitlines() if "loaded and checked" in line]
             run["load_log"] = re.sub(r"^.*?model ", "model ", loaded[0]) if loaded else None
             run.update(after_serving(address, args.requests))
+            if args.load_while_warming:
+                run["while_warming"] = load_until_warm(address, log, t0)
             # The same mix again once every shape is compiled: what the machine gives at
             # steady state, so that calls slow from load are told from calls slow from start-up.
             warmed = wait_warmed(log, t0)
             run["warmed_s"] = None if warmed is None else round(warmed, 1)
             run["steady"] = after_serving(address, args.requests)
+            if args.load_while_warming:
+                run["steady_load"] = load_until_warm(address, None, t0, timeout=20)
         except Exception:
             print(f"{backend}: start {i + 1} failed; the server's log ends with:\n"
                   + "\n".join(log.read_text().splitlines()[-20:]), file=sys.stderr)
@@ -181,6 +238,8 @@ def main(argv=None) -> int:
     p.add_argument("--starts", type=int, default=2, help="starts in a row sharing one compile cache")
     p.add_argument("--requests", type=int, default=300, help="calls measured after SERVING")
     p.add_argument("--no-cache", action="store_true", help="start without --compile-cache")
+    p.add_argument("--load-while-warming", action="store_true",
+                   help="after the mix, 32 clients call without pause until the warm-up ends")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     results = {"machine": machine.describe(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),

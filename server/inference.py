@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +30,8 @@ import numpy as np
 from metarec.ranking import bucket, is_seen, support_bucket, top_k
 from metarec_server.cache import AdaptedUserCache, CacheKey
 from metarec_server.registry import model_file
+
+log = logging.getLogger(__name__)
 
 RECOMMEND = "recommend"
 SCORE = "score"
@@ -289,8 +293,11 @@ def make_warm(
                     continue
                 if stop is not None and stop.is_set():
                     return  # shutting down: batches keep to the shapes ready so far
+                started = time.monotonic()
                 _probe(model, size, support_size, num_candidates)
                 model.shapes.mark_ready(*shape)
+                log.debug("warm-up: %d users x %d support rows compiled in %.2f s", *shape,
+                          time.monotonic() - started)
         model.shapes.finish()
 
     return warm
