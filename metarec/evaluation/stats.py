@@ -30,8 +30,11 @@ def wilcoxon_paired(a, b, alternative: str = "two-sided") -> WilcoxonResult:
 
     ``a[i]`` and ``b[i]`` must belong to the same user. Users where either figure is NaN
     (e.g. no relevant item) are left out of the pair. Zero differences are dropped
-    (Wilcoxon's original treatment, scipy's ``zero_method="wilcox"``); when *every*
-    difference is zero the methods are indistinguishable on these users and ``p = 1``.
+    (Wilcoxon's original treatment, scipy's ``zero_method="wilcox"``); so are differences of
+    rounding error only (``|a - b| <= 1e-9 * max(1, |b|)``): a per-user figure averaged
+    over seeds, such as three equal recalls of 0.1 (mean 0.10000000000000002), must tie with
+    the same figure, not count as a tiny win. When *every* difference is zero the methods are
+    indistinguishable on these users and ``p = 1``.
     With no usable pair the result is all NaN rather than an exception, so a report can
     still be written.
     """
@@ -44,6 +47,7 @@ def wilcoxon_paired(a, b, alternative: str = "two-sided") -> WilcoxonResult:
         raise ValueError(f"alternative must be 'two-sided', 'less' or 'greater', got {alternative!r}")
     keep = np.isfinite(a) & np.isfinite(b)
     diff = a[keep] - b[keep]
+    diff[np.abs(diff) <= 1e-9 * np.maximum(1.0, np.abs(b[keep]))] = 0.0
     n = int(diff.size)
     if n == 0:
         return WilcoxonResult(float("nan"), float("nan"), 0, float("nan"))
