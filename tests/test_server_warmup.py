@@ -122,14 +122,14 @@ def test_check_then_warm_compile_every_shape_and_end_the_restriction(learner):
     assert not served.shapes.pending and served.shapes.plan(4, 12) == (4, 4, 16)
 
 
-def test_the_warm_up_compiles_large_batches_first_and_the_largest_last(learner):
+def test_the_warm_up_compiles_the_longest_support_first_small_batches_first(learner):
     served = ServingModel.from_learner(learner)
     make_check(batch_sizes=(1,), support_sizes=(24,), num_candidates=50, warm_up_follows=True)(served)
     order = []
     mark = served.shapes.mark_ready
     served.shapes.mark_ready = lambda u, s: (order.append((u, s)), mark(u, s))
     make_warm(batch_sizes=(1, 2, 4, 8), support_sizes=(8, 24), num_candidates=50, low_priority=False)(served)
-    assert order == [(4, 24), (2, 24), (8, 24), (4, 8), (2, 8), (1, 8), (8, 8)]
+    assert order == [(2, 24), (4, 24), (8, 24), (1, 8), (2, 8), (4, 8), (8, 8)]
 
 
 def test_a_support_padded_up_adapts_the_same_user(learner):
