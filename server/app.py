@@ -176,15 +176,16 @@ class MetarecServer:
             # The server runs on a fixed set of shapes: batch sizes in powers of two up to the
             # largest batch x supports padded to 16, 32 or 64 interactions (few shapes, so the
             # warm-up is short; past 16 interactions a support pads by less than 2x). A version
-            # serves once the one-user call is compiled for 64 (every support up to 64 pads to
-            # it meanwhile); the other shapes compile after that, in the background for the
-            # first version (inference.make_warm, inference.WarmShapes).
+            # serves once one-user calls are compiled for 16 and 64 (with 64 alone, SERVING came
+            # no sooner on JAX, and some one- and four-client calls right after it took over
+            # 100 ms); the other shapes compile after that, in the background for the first
+            # version (inference.make_warm, inference.WarmShapes).
             sizes, size = [], 1
             while size < config.batching.max_batch_size:
                 sizes.append(size)
                 size *= 2
             sizes.append(size)
-            check = make_check(batch_sizes=(1,), support_sizes=(64,), warm_up_follows=True)
+            check = make_check(batch_sizes=(1,), support_sizes=(16, 64), warm_up_follows=True)
             warm = make_warm(batch_sizes=sizes, support_sizes=(16, 32, 64))
         folders = {config.model_name: Path(config.model_dir), **{n: Path(p) for n, p in config.extra_models.items()}}
         self.registries = {
