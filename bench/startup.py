@@ -53,7 +53,8 @@ import machine  # noqa: E402
 NUM_ITEMS = 2000
 
 
-def start(model_dir: Path, workdir: Path, backend: str, cache: Path | None, tag: str):
+def start(model_dir: Path, workdir: Path, backend: str, cache: Path | None, tag: str,
+          serve_after_warm_up: bool = False):
     """The server in a fresh process; returns (process, address, listening seconds, t0, log)."""
     env = dict(os.environ, KERAS_BACKEND=backend)
     log = workdir / f"server-{backend}-{tag}.log"
@@ -62,6 +63,8 @@ def start(model_dir: Path, workdir: Path, backend: str, cache: Path | None, tag:
                "--log-level", "INFO"]
     if cache is not None:
         command += ["--compile-cache", str(cache)]
+    if serve_after_warm_up:
+        command += ["--serve-after-warm-up"]
     t0 = time.perf_counter()
     with open(log, "w") as err:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
@@ -169,6 +172,8 @@ def load_until_warm(address: str, log: Path | None, t0: float, clients: int = 32
     """``clients`` clients calling without pause until the server logs the warm-up's end
     (``log=None``: for ``timeout`` seconds)."""
     calls = asyncio.run(_load_until_warm(address, log, t0, clients, timeout))
+    if not calls:  # already warm (``--serve-after-warm-up``)
+        return {"clients": clients, "calls": 0}
     at = np.asarray([c[0] for c in calls])
     ms = np.asarray([c[1] for c in calls]) * 1e3
     windows = []
@@ -200,7 +205,8 @@ def bench_backend(backend: str, model_path: Path, workdir: Path, args) -> list[d
     cache = None if args.no_cache else workdir / f"compile-cache-{backend}"
     runs = []
     for i in range(args.starts):
-        proc, address, listening, t0, log = start(model_dir, workdir, backend, cache, str(i))
+        proc, address, listening, t0, log = start(model_dir, workdir, backend, cache, str(i),
+                                                  args.serve_after_warm_up)
         try:
             grpc_bench.wait_serving(address, timeout=600)
             serving = time.perf_counter() - t0
@@ -238,6 +244,8 @@ def main(argv=None) -> int:
     p.add_argument("--starts", type=int, default=2, help="starts in a row sharing one compile cache")
     p.add_argument("--requests", type=int, default=300, help="calls measured after SERVING")
     p.add_argument("--no-cache", action="store_true", help="start without --compile-cache")
+    p.add_argument("--serve-after-warm-up", action="store_true",
+                   help="start the server with --serve-after-warm-up (SERVING once every shape is compiled)")
     p.add_argument("--load-while-warming", action="store_true",
                    help="after the mix, 32 clients call without pause until the warm-up ends")
     p.add_argument("--json", type=Path, help="also write the results here")

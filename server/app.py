@@ -76,6 +76,10 @@ class ServerConfig:
             endpoint (the metrics are still counted, e.g. for a supervisor to serve).
         tracing: trace every call with OpenTelemetry (``metarec_server.tracing``; needs
             ``pip install 'metarec[tracing]'``).
+        serve_after_warm_up: become SERVING only once the first version has compiled every
+            served shape (by default it serves after its check and compiles the rest in the
+            background): slower to SERVING, and no call meets a machine still compiling. For
+            replicas behind a load balancer that routes by health.
         loader, check: how a version is loaded and verified (defaults: ``metarec.load`` in
             safe mode, and a test prediction that also compiles the kernels of one-user
             batches; the larger batch sizes compile after it, see ``inference.make_warm``).
@@ -106,6 +110,7 @@ class ServerConfig:
     tracing: bool = False
     loader: Callable[[Path], Any] = load_serving_model
     compile_cache: str | Path | None = None
+    serve_after_warm_up: bool = False
     check: Callable[[Any], None] | None = None
 
     def __post_init__(self) -> None:
@@ -198,6 +203,7 @@ class MetarecServer:
                 poll_interval_s=config.poll_interval_s,
                 on_swap=self._swapped,
                 on_refuse=lambda refusal, name=name: self.metrics.version_refused(name, refusal.version),
+                warm_first_before_serving=config.serve_after_warm_up,
             )
             for name, folder in folders.items()
         }

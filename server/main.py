@@ -135,6 +135,11 @@ def build_parser(prog: str = "metarec serve") -> argparse.ArgumentParser:
                    help="keep compiled model programs in DIR across restarts (JAX backend: a "
                         "restarted or added worker loads them instead of compiling; TensorFlow has "
                         "no such cache and ignores it)")
+    p.add_argument("--serve-after-warm-up", action="store_true",
+                   help="report SERVING only once the first model version has compiled every served "
+                        "shape (seconds to a minute later; by default it serves after its check and "
+                        "compiles the rest in the background, when calls may be slower): for replicas "
+                        "behind a load balancer that routes by health")
     p.add_argument("--max-feature-values", type=int, default=d_limits.max_feature_values,
                    help="most values of one multi-hot user feature (default: %(default)s); each "
                         "categorical value or token is at most --max-id-length characters")
@@ -187,6 +192,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         poll_interval_s=args.poll_interval,
         grace_s=args.grace,
         compile_cache=args.compile_cache,
+        serve_after_warm_up=args.serve_after_warm_up,
         limits=Limits(
             max_interactions=args.max_interactions,
             max_candidates=args.max_candidates,

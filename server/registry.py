@@ -108,6 +108,9 @@ class ModelRegistry:
             serves at once and warms on the watcher thread after its swap (a server becomes
             SERVING sooner); a later version warms before its swap, while the old one serves.
             A failure is logged; it refuses a later version, and the first keeps serving.
+        warm_first_before_serving: warm the first version before its swap too, as later ones
+            (a server becomes SERVING only once every shape is compiled, and a failed warm-up
+            refuses the version: for replicas behind a load balancer).
         poll_interval_s: how often the watcher looks for new versions.
         on_swap: called with the new :class:`ServedVersion` after each swap (cache eviction,
             metrics).
@@ -124,8 +127,10 @@ class ModelRegistry:
         on_swap: Callable[[ServedVersion], None] | None = None,
         warm: Callable[[Any, threading.Event], None] | None = None,
         on_refuse: Callable[[RefusedVersion], None] | None = None,
+        warm_first_before_serving: bool = False,
     ) -> None:
         self.name = name
+        self._warm_first_before_serving = bool(warm_first_before_serving)
         self.model_dir = Path(model_dir)
         self._loader = loader
         self._check = check
@@ -194,8 +199,11 @@ class ModelRegistry:
                 model = self._loader(folder)
                 if self._check is not None:
                     self._check(model)
-                if self._warm is not None and current is not None:
+                if self._warm is not None and (current is not None or self._warm_first_before_serving):
+                    warm_started = time.monotonic()
                     self._warm(model, self._stop)
+                    log.info("model %r: version %d warmed up in %.1f s", self.name, version,
+                             time.monotonic() - warm_started)
             except Exception as error:  # noqa: BLE001 - any failure refuses the version
                 reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 reason = f"{type(error).__name__}: {self._relative(reason)}"[:500]
@@ -230,7 +238,7 @@ class ModelRegistry:
                     self._on_swap(served)
                 except Exception:  # noqa: BLE001 - a hook must not undo a good swap
                     log.exception("model %r: on_swap hook failed", self.name)
-            if self._warm is not None and current is None:
+            if self._warm is not None and current is None and not self._warm_first_before_serving:
                 started = time.monotonic()
                 try:
                     self._warm(model, self._stop)

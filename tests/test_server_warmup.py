@@ -6,13 +6,16 @@ a real (untrained) Keras model; the compilation cache in a subprocess."""
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
+import pandas as pd
 import pytest
 
 keras = pytest.importorskip("keras")
@@ -22,6 +25,10 @@ from metarec_server.cache import AdaptedUserCache, CacheKey  # noqa: E402
 from metarec_server.inference import (  # noqa: E402
     RECOMMEND, SCORE, Job, ServingModel, WarmShapes, lower_thread_priority, make_check, make_warm, run_batch,
     short_gil_turns)
+from metarec.client import Client  # noqa: E402
+from metarec_server.app import ServerConfig  # noqa: E402
+from metarec_server.background import BackgroundServer  # noqa: E402
+from metarec_server.batcher import BatcherConfig  # noqa: E402
 from metarec_server.registry import ModelRegistry  # noqa: E402
 
 
@@ -209,6 +216,54 @@ def test_the_first_version_serves_before_its_warm_up_later_ones_after(tmp_path):
     assert not registry.poll()  # a later version whose warm-up fails is refused
     assert registry.current.version == 2
     assert "warm-up failed" in registry.refused[0].reason
+
+
+def test_warming_the_first_version_before_it_serves_when_asked(tmp_path):
+    seen = []
+
+    def warm(model, stop):
+        seen.append((model["weight"], registry.current.model["weight"] if registry.current else None))
+        if model["weight"] < 0:
+            raise ValueError("warm-up failed")
+
+    registry = ModelRegistry("m", tmp_path, json_loader, warm=warm, warm_first_before_serving=True)
+    publish(tmp_path, 1, -1)
+    assert not registry.poll()  # its warm-up fails: refused, nothing serves
+    assert registry.current is None and "warm-up failed" in registry.refused[0].reason
+    publish(tmp_path, 2, 2)
+    assert registry.poll()
+    assert seen[-1] == (2, None)  # warmed while nothing served yet
+    assert registry.current.version == 2
+
+
+@pytest.mark.parametrize("serve_after_warm_up", [True, False])
+def test_a_server_serves_after_its_warm_up_only_when_asked(learner, tmp_path, caplog, serve_after_warm_up):
+    caplog.set_level(logging.DEBUG, logger="metarec_server")
+    version = tmp_path / "models" / "1"
+    version.mkdir(parents=True)
+    learner.save(version / "model.keras")
+    config = ServerConfig(model_dir=tmp_path / "models", port=0, log_path=tmp_path / "log.sqlite",
+                          batching=BatcherConfig(max_batch_size=2), serve_after_warm_up=serve_after_warm_up)
+    with BackgroundServer(config) as background:
+        assert background.serving
+        with Client(background.address, timeout=60) as client:
+            items = [str(i) for i in learner.encoder.item_ids[1:6]]
+            got = client.recommend(pd.DataFrame({"item_id": items, "rating": [5.0, 4.0, 3.0, 4.0, 5.0]}), k=3)
+            assert len(got.item_ids) == 3
+        registry = background.server.registries["default"]
+        deadline = time.monotonic() + 120
+        while registry.current.model.shapes.pending and time.monotonic() < deadline:
+            time.sleep(0.1)
+        served = registry.current.model
+        assert all(served.shapes.is_ready(u, s) for u in (1, 2) for s in (16, 32, 64))
+    messages = [record.getMessage() for record in caplog.records]
+    serving = next(i for i, m in enumerate(messages) if "serving version 1" in m)
+    compiled = [i for i, m in enumerate(messages) if m.startswith("warm-up:") and "compiled" in m]
+    assert len(compiled) == 4  # 2 batch sizes x 3 supports, less the two one-user shapes of the check
+    if serve_after_warm_up:
+        assert max(compiled) < serving  # every shape compiled before the version served
+    else:
+        assert min(compiled) > serving  # the version served first, then compiled the rest
 
 
 def test_a_failed_warm_up_of_the_first_version_leaves_it_serving(tmp_path, caplog):
