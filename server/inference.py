@@ -4,8 +4,8 @@
 (a string → index catalogue for validation, the user-feature specs, the rating range).
 :func:`run_batch` runs in the batcher's worker thread, on the requests' validated item indices:
 the users not in the adapted-user cache are adapted and scored in one compiled call
-(``learner.adapt_score_indices``), the cached ones scored in one ``score_indices`` call. Then it takes each request's top k. Nothing here runs on
-the event loop.
+(``learner.adapt_score_indices``), the cached ones scored in one ``score_indices`` call. Then it
+takes each request's top k. Nothing here runs on the event loop.
 
 Scores are those of the SDK: a predicted rating for explicit feedback, a probability for
 implicit feedback; ``Recommend`` ranks exactly like ``AdaptedUser.recommend``.
@@ -134,8 +134,8 @@ class CallShape(NamedTuple):
 
 
 # The cost of one compiled call, in users: a call of u users costs about u + CALL_OVERHEAD
-# users' worth of time. Measured on the quickstart-sized model (adapt + score of 2,000 items
-# on 2 CPU cores): 2.0 ms for 1 user, 8.5 ms for 8, 24 ms for 32.
+# users' worth of time. Measured on the quickstart-sized model (adapt + score of 2,000 items,
+# JAX, 2 CPU cores with one busy elsewhere): 2.0 ms for 1 user, 8.5 ms for 8, 24 ms for 32.
 CALL_OVERHEAD = 2
 
 
@@ -267,7 +267,8 @@ def make_warm(
     """A registry warm-up: compiles the programs of every batch size x support size, marking
     each shape ready for :func:`run_batch` once compiled. The registry runs it after the check:
     in the background for a server's first version (which serves meanwhile with the shapes the
-    check compiled), before the swap for later ones.
+    check compiled), before the swap for later ones (and for the first one too with
+    ``ServerConfig.serve_after_warm_up``).
 
     Order: first every batch size with the longest support, in ascending order (small shapes
     compile fastest, so that batches soon run in calls of a few users rather than one; the
