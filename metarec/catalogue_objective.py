@@ -15,11 +15,15 @@ output uses it for both.
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Sequence
+
 from keras import ops
 
 from metarec.sampling import NegativeSampler
 
-__all__ = ["INNER_LOSSES", "POSITIVES", "CatalogueObjective"]
+__all__ = ["INNER_LOSSES", "POSITIVES", "CatalogueObjective", "piecewise_linear", "rating_weight_knots"]
 
 #: What counts as a positive item of a user (explicit feedback; implicit uses label 1).
 POSITIVES = ("liked", "all")
@@ -55,6 +59,12 @@ class CatalogueObjective:
         inner_loss: ``"softmax"`` (the same loss as the outer loop) or ``"linear"`` (above).
         inner_positives: what counts as a positive in the inner loop; default ``positives``.
             (``"all"`` folds in every support item, liked or not, as EASE^R's fold-in does.)
+        inner_rating_weights: explicit feedback only, instead of ``inner_positives``: the
+            weight of each support item in the inner loss as a function of its rating,
+            given as ``(rating, weight)`` knots: linear between knots, flat beyond the first
+            and the last. ``((2, 0), (4, 1))`` weighs 1 and 2 stars 0, 3 stars 0.5 and 4 or
+            5 stars 1; a negative weight makes a disliked item push its neighbours down.
+            Implicit feedback keeps weight 1 per interaction.
         start_weight: weight, in the meta-loss, of the query loss of the *unadapted* start
             (0: the start is trained only through adaptation). A user with no interactions
             yet is ranked by the start: without this term meta-training may trade its list
@@ -64,7 +74,8 @@ class CatalogueObjective:
     def __init__(self, sampler: NegativeSampler | None = None, rating_weight: float = 1.0,
                  positives: str = "liked", relevance_threshold: float = 4.0,
                  inner_loss: str = "softmax", inner_positives: str | None = None,
-                 start_weight: float = 0.0) -> None:
+                 start_weight: float = 0.0,
+                 inner_rating_weights: Sequence[tuple[float, float]] | None = None) -> None:
         if sampler is None:
             sampler = NegativeSampler("catalogue")
         if not isinstance(sampler, NegativeSampler):
@@ -89,8 +100,15 @@ class CatalogueObjective:
         if inner_positives is not None and inner_positives not in POSITIVES:
             raise ValueError(f"inner_positives must be None or one of {POSITIVES}; got "
                              f"inner_positives={inner_positives!r}.")
+        if inner_rating_weights is not None:
+            if inner_positives is not None:
+                raise ValueError("inner_positives and inner_rating_weights both say what the inner loop "
+                                 f"folds in: pass one of them; got inner_positives={inner_positives!r} "
+                                 f"and inner_rating_weights={inner_rating_weights!r}.")
+            inner_rating_weights = rating_weight_knots(inner_rating_weights)
         self.inner_loss = inner_loss
         self.inner_positives = inner_positives
+        self.inner_rating_weights = inner_rating_weights
         self.sampler = sampler
         self.rating_weight = rating_weight
         self.positives = positives
@@ -108,6 +126,8 @@ class CatalogueObjective:
         """Per-row weight of each interaction as a positive (0 or 1, padding 0)."""
         if feedback != "explicit":
             return mask * ops.cast(target > 0.5, mask.dtype)
+        if inner and self.inner_rating_weights is not None:
+            return mask * piecewise_linear(target, self.inner_rating_weights)
         positives = self.inner_positives if inner and self.inner_positives else self.positives
         if positives == "all":
             return mask
@@ -174,7 +194,9 @@ class CatalogueObjective:
         return {"sampler": self.sampler.get_config(), "rating_weight": self.rating_weight,
                 "positives": self.positives, "relevance_threshold": self.relevance_threshold,
                 "inner_loss": self.inner_loss, "inner_positives": self.inner_positives,
-                "start_weight": self.start_weight}
+                "start_weight": self.start_weight,
+                "inner_rating_weights": (None if self.inner_rating_weights is None
+                                         else [list(knot) for knot in self.inner_rating_weights])}
 
     @classmethod
     def from_config(cls, config: dict) -> CatalogueObjective:
@@ -185,4 +207,37 @@ class CatalogueObjective:
     def __repr__(self) -> str:
         return (f"CatalogueObjective(sampler={self.sampler!r}, rating_weight={self.rating_weight}, "
                 f"positives={self.positives!r}, relevance_threshold={self.relevance_threshold}, "
-                f"inner_loss={self.inner_loss!r}, inner_positives={self.inner_positives!r})")
+                f"inner_loss={self.inner_loss!r}, inner_positives={self.inner_positives!r}, "
+                f"start_weight={self.start_weight}, inner_rating_weights={self.inner_rating_weights!r})")
+
+
+# ---------------------------------------------------------------------- rating weights
+def rating_weight_knots(knots) -> tuple[tuple[float, float], ...]:
+    """``knots`` checked: a non-empty sequence of ``(rating, weight)`` pairs of finite
+    numbers with strictly increasing ratings, returned as a tuple of float pairs."""
+    what = ("inner_rating_weights must be a non-empty sequence of (rating, weight) pairs of "
+            "finite numbers with increasing ratings, such as ((2, 0), (4, 1))")
+    if isinstance(knots, (str, bytes)) or not isinstance(knots, Sequence) or not len(knots):
+        raise ValueError(f"{what}; got {knots!r}.")
+    checked = []
+    for knot in knots:
+        if isinstance(knot, (str, bytes)) or not isinstance(knot, Sequence) or len(knot) != 2:
+            raise ValueError(f"{what}; got the knot {knot!r} in {knots!r}.")
+        pair = []
+        for value in knot:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{what}; got the value {value!r} in {knots!r}.")
+            pair.append(float(value))
+        if checked and pair[0] <= checked[-1][0]:
+            raise ValueError(f"{what}; got rating {pair[0]!r} after {checked[-1][0]!r} in {knots!r}.")
+        checked.append(tuple(pair))
+    return tuple(checked)
+
+
+def piecewise_linear(x, knots: Sequence[tuple[float, float]]):
+    """``x`` mapped through the piecewise-linear function through ``knots`` (``(x, y)``
+    pairs, increasing ``x``), flat beyond the first and the last knot."""
+    y = ops.zeros_like(x) + knots[0][1]
+    for (x0, y0), (x1, y1) in zip(knots[:-1], knots[1:]):
+        y = y + (y1 - y0) * ops.clip((x - x0) / (x1 - x0), 0.0, 1.0)
+    return y

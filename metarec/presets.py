@@ -137,7 +137,8 @@ def residual_memory(encoder, item_prior, inner_steps=0, inner_lr=0.01, units=64,
 
 def catalogue_two_tower(tasks, embedding_dim=80, cosine_dim=16, inner_steps=1, inner_lr=1.0,
                         outer_lr=1e-4, sampler=None, rating_weight=1.0, relevance_threshold=4.0,
-                        first_order=False, item_prior=None, rating_inner_lr=0.01, start_weight=1.0):
+                        first_order=False, item_prior=None, rating_inner_lr=0.01, start_weight=1.0,
+                        inner_rating_weights=None):
     """MAML over :func:`metarec.models.two_tower` for catalogue top-k lists.
 
     The recipe chosen on validation users of protocol Q1 (docs/BENCHMARKS.md):
@@ -172,6 +173,9 @@ def catalogue_two_tower(tasks, embedding_dim=80, cosine_dim=16, inner_steps=1, i
         first_order: drop the second-order terms.
         item_prior: optional per-item rating baseline for the rating head (e.g.
             ``metarec.priors.item_mean_prior(tasks)``).
+        inner_rating_weights: ``(rating, weight)`` knots weighing each support item in the
+            inner step by its rating (``CatalogueObjective``); None folds in every support
+            item with weight 1.
 
     Returns:
         A compiled ``metarec.MAML``.
@@ -200,7 +204,8 @@ def catalogue_two_tower(tasks, embedding_dim=80, cosine_dim=16, inner_steps=1, i
         sampler.fit(item_counts_of(train))
     objective = CatalogueObjective(sampler, rating_weight=rating_weight, positives="liked",
                                    relevance_threshold=relevance_threshold, inner_loss="linear",
-                                   inner_positives="all", start_weight=start_weight)
+                                   inner_positives=None if inner_rating_weights is not None else "all",
+                                   inner_rating_weights=inner_rating_weights, start_weight=start_weight)
     adapt = [r"^decision_user_vector/bias$", r"^decision_user_rating_vector/bias$"]
     learner = MAML(model, inner_steps=inner_steps, inner_lr=inner_lr, adapt=adapt,
                    learn_inner_lr="per_layer", first_order=first_order, clipnorm=None,

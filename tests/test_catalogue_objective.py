@@ -176,6 +176,13 @@ def test_save_and_load_keep_the_objective_and_the_scores(trained, tasks, tmp_pat
     ({"inner_loss": "bpr"}, "inner_loss='bpr'"),
     ({"inner_positives": "some"}, "inner_positives='some'"),
     ({"start_weight": -1}, "start_weight"),
+    ({"inner_rating_weights": ()}, r"got \(\)"),
+    ({"inner_rating_weights": ((4, 1), (2, 0))}, "got rating 2.0 after 4.0"),
+    ({"inner_rating_weights": ((2, float("nan")),)}, "got the value nan"),
+    ({"inner_rating_weights": ((2, "1"),)}, "got the value '1'"),
+    ({"inner_rating_weights": ((2, 0, 1),)}, r"got the knot \(2, 0, 1\)"),
+    ({"inner_rating_weights": "2:0,4:1"}, "got '2:0,4:1'"),
+    ({"inner_rating_weights": ((2, 0), (4, 1)), "inner_positives": "all"}, "pass one of them"),
 ])
 def test_bad_objective_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -211,3 +218,56 @@ def test_start_weight_trains_the_unadapted_start_too(tasks):
     weight = np.asarray(episode.query_mask).sum(axis=1) > 0
     assert float(backend.to_numpy(logs1["start_loss"])) == pytest.approx(
         float(np.asarray(backend.to_numpy(before))[weight].mean()), rel=1e-4)
+
+
+def test_inner_rating_weights_follow_the_knots_on_every_backend():
+    from metarec.catalogue_objective import piecewise_linear
+
+    ratings = np.array([0.5, 1, 2, 2.5, 3, 4, 5, 6], dtype="float32")
+    got = backend.to_numpy(piecewise_linear(keras.ops.convert_to_tensor(ratings), ((2, 0), (4, 1))))
+    np.testing.assert_allclose(got, [0, 0, 0, 0.25, 0.5, 1, 1, 1])
+    got = backend.to_numpy(piecewise_linear(keras.ops.convert_to_tensor(ratings), ((1, -1), (3, 0), (5, 2))))
+    np.testing.assert_allclose(got, [-1, -1, -0.5, -0.25, 0, 1, 2, 2])
+    assert backend.to_numpy(piecewise_linear(keras.ops.convert_to_tensor(ratings), ((3, 0.7),))).tolist() == \
+        pytest.approx([0.7] * len(ratings))
+
+
+def _ranking_after(learner, tasks, support):
+    learner.prepare(tasks.train)  # the encoder, as fit would set it
+    features = tasks.test.user_features(0)
+    top = learner.adapt(support, features).recommend(k=60, exclude_seen=False)
+    return top.set_index("item_id")["score"].sort_index()
+
+
+def test_inner_rating_weights_decide_how_far_each_support_item_moves_the_list(tasks):
+    """The linear inner step moves the user vector by each support item's weight: weight 0
+    leaves the list as it was, a negative weight pushes the item (and its neighbours) down."""
+    knots = ((3, -1.0), (4, 0.0), (5, 1.0))  # the data's ratings run from 3 to 5
+    weighted = make(tasks, inner_steps=1, inner_loss="linear", rating_weight=0.0, inner_rating_weights=knots)
+    plain = make(tasks, inner_steps=1, inner_loss="linear", rating_weight=0.0, inner_positives="all")
+    item = int(tasks.test.support_frame(0)["item_id"].iloc[0])
+    scores = {}
+    for rating in (3.0, 4.0, 5.0):
+        support = pd.DataFrame({"item_id": [item], "rating": [rating]})
+        scores[rating] = (_ranking_after(weighted, tasks, support), _ranking_after(plain, tasks, support))
+    disliked, neutral, liked = (scores[r][0] for r in (3.0, 4.0, 5.0))
+    assert disliked[item] < neutral[item] < liked[item]
+    # weight 0: exactly the unadapted list, which a different 4-star item gives as well
+    other = int(tasks.test.support_frame(0)["item_id"].iloc[1])
+    neutral_other = _ranking_after(weighted, tasks, pd.DataFrame({"item_id": [other], "rating": [4.0]}))
+    np.testing.assert_allclose(neutral.to_numpy(), neutral_other.to_numpy(), rtol=1e-6, atol=1e-6)
+    # without the knots every rated item counts alike
+    np.testing.assert_allclose(scores[3.0][1].to_numpy(), scores[5.0][1].to_numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_inner_rating_weights_are_saved_with_the_learner(tasks, tmp_path):
+    knots = ((2, 0), (4, 1))
+    learner = make(tasks, inner_steps=1, inner_loss="linear", inner_rating_weights=knots)
+    assert CatalogueObjective.from_config(learner.objective.get_config()).inner_rating_weights == \
+        ((2.0, 0.0), (4.0, 1.0))
+    learner.save(tmp_path / "weighted.keras")
+    loaded = metarec.load(tmp_path / "weighted.keras")
+    assert loaded.objective.inner_rating_weights == ((2.0, 0.0), (4.0, 1.0))
+    support = tasks.test.support_frame(0)[["item_id", "rating"]]
+    np.testing.assert_allclose(_ranking_after(learner, tasks, support).to_numpy(),
+                               _ranking_after(loaded, tasks, support).to_numpy(), rtol=1e-5, atol=1e-6)
