@@ -138,7 +138,7 @@ def residual_memory(encoder, item_prior, inner_steps=0, inner_lr=0.01, units=64,
 def catalogue_two_tower(tasks, embedding_dim=80, cosine_dim=16, inner_steps=1, inner_lr=1.0,
                         outer_lr=1e-4, sampler=None, rating_weight=1.0, relevance_threshold=4.0,
                         first_order=False, item_prior=None, rating_inner_lr=0.01, start_weight=1.0,
-                        inner_rating_weights=None):
+                        inner_rating_weights="ramp"):
     """MAML over :func:`metarec.models.two_tower` for catalogue top-k lists.
 
     The recipe chosen on validation users of protocol Q1 (docs/BENCHMARKS.md):
@@ -174,8 +174,10 @@ def catalogue_two_tower(tasks, embedding_dim=80, cosine_dim=16, inner_steps=1, i
         item_prior: optional per-item rating baseline for the rating head (e.g.
             ``metarec.priors.item_mean_prior(tasks)``).
         inner_rating_weights: ``(rating, weight)`` knots weighing each support item in the
-            inner step by its rating (``CatalogueObjective``); None folds in every support
-            item with weight 1.
+            inner step by its rating (``CatalogueObjective``); ``"ramp"`` (the default,
+            explicit feedback): weight 0 up to ``relevance_threshold - 2``, 1 from
+            ``relevance_threshold``, linear between; None folds in every support item with
+            weight 1.
 
     Returns:
         A compiled ``metarec.MAML``.
@@ -192,6 +194,11 @@ def catalogue_two_tower(tasks, embedding_dim=80, cosine_dim=16, inner_steps=1, i
     encoder = train.encoder
     feedback = encoder.schema.feedback
     threshold = relevance_threshold if feedback == "explicit" else None
+    if isinstance(inner_rating_weights, str) and inner_rating_weights == "ramp":
+        # Chosen on Q1's validation users at K = 10 (docs/BENCHMARKS.md): 0 up to two stars
+        # below the threshold, 1 from the threshold on (1-5 stars: 0, 0, 0.5, 1, 1).
+        inner_rating_weights = (((relevance_threshold - 2.0, 0.0), (relevance_threshold, 1.0))
+                                if feedback == "explicit" else None)
     model = two_tower(
         encoder, embedding_dim=embedding_dim, item_prior=item_prior,
         item_embeddings=cooccurrence_embeddings(train, embedding_dim, threshold,
