@@ -123,7 +123,8 @@ class CatalogueObjective:
 
     # ------------------------------------------------------------------ the loss
     def positive_weights(self, target, mask, feedback: str, inner: bool = False):
-        """Per-row weight of each interaction as a positive (0 or 1, padding 0)."""
+        """Per-row weight of each interaction as a positive (0 or 1, or the rating's
+        ``inner_rating_weights`` in the inner loop; padding 0)."""
         if feedback != "explicit":
             return mask * ops.cast(target > 0.5, mask.dtype)
         if inner and self.inner_rating_weights is not None:

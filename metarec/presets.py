@@ -152,8 +152,9 @@ def catalogue_two_tower(tasks, embedding_dim=80, cosine_dim=16, inner_steps=1, i
       ``decision_user_rating_vector/bias``), with per-layer meta-learned inner rates
       (starting at ``inner_lr`` for the ranking vector, ``rating_inner_lr`` for the rating one:
       a squared error's gradient is far larger than the linear ranking loss's wants);
-    * the inner loop takes ``inner_steps`` steps of the *linear* ranking loss over every
-      support item (a learned item-item fold-in, see ``CatalogueObjective``) next to the
+    * the inner loop takes ``inner_steps`` steps of the *linear* ranking loss over the
+      support items, each weighted by its rating (``inner_rating_weights``; a learned
+      item-item fold-in, see ``CatalogueObjective``) next to the
       rating head's squared error; the outer loop, the softmax of each liked query item
       against the catalogue (``sampler``, default the whole catalogue) plus the rating error.
 
@@ -194,7 +195,7 @@ def catalogue_two_tower(tasks, embedding_dim=80, cosine_dim=16, inner_steps=1, i
     encoder = train.encoder
     feedback = encoder.schema.feedback
     threshold = relevance_threshold if feedback == "explicit" else None
-    if isinstance(inner_rating_weights, str) and inner_rating_weights == "ramp":
+    if inner_rating_weights == "ramp":
         # Chosen on Q1's validation users at K = 10 (docs/BENCHMARKS.md): 0 up to two stars
         # below the threshold, 1 from the threshold on (1-5 stars: 0, 0, 0.5, 1, 1).
         inner_rating_weights = (((relevance_threshold - 2.0, 0.0), (relevance_threshold, 1.0))
