@@ -26,11 +26,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from metarec.backend_choice import configured_backend
 from metarec.interaction_log import open_interaction_log
 from metarec_server.auth import BearerTokenInterceptor
 from metarec_server.batcher import BatcherConfig
 from metarec_server.cache import AdaptedUserCache
-from metarec_server.inference import load_serving_model, make_check, make_warm
+from metarec_server.inference import check_support_sizes, load_serving_model, make_check, make_warm
 from metarec_server.metrics import MetricsEndpoint, ServerMetrics, start_metrics_endpoint
 from metarec_server.registry import ModelRegistry
 from metarec_server.service import SERVICE_NAME, RecommenderService, add_service
@@ -181,16 +182,17 @@ class MetarecServer:
             # The server runs on a fixed set of shapes: batch sizes in powers of two up to the
             # largest batch x supports padded to 16, 32 or 64 interactions (few shapes, so the
             # warm-up is short; past 16 interactions a support pads by less than 2x). A version
-            # serves once one-user calls are compiled for 16 and 64 (with 64 alone, SERVING came
-            # no sooner on JAX, and some one- and four-client calls right after it took over
-            # 100 ms); the other shapes compile after that, in the background for the first
-            # version (inference.make_warm, inference.WarmShapes).
+            # serves once the one-user calls of inference.check_support_sizes are compiled (the
+            # backend decides which); the other shapes compile after that, in the background
+            # for the first version (inference.make_warm, inference.WarmShapes).
             sizes, size = [], 1
             while size < config.batching.max_batch_size:
                 sizes.append(size)
                 size *= 2
             sizes.append(size)
-            check = make_check(batch_sizes=(1,), support_sizes=(16, 64), warm_up_follows=True)
+            backend, _ = configured_backend()
+            check = make_check(batch_sizes=(1,), support_sizes=check_support_sizes(backend),
+                               warm_up_follows=True)
             warm = make_warm(batch_sizes=sizes, support_sizes=(16, 32, 64))
         folders = {config.model_name: Path(config.model_dir), **{n: Path(p) for n, p in config.extra_models.items()}}
         self.registries = {

@@ -23,8 +23,8 @@ metarec = pytest.importorskip("metarec")
 
 from metarec_server.cache import AdaptedUserCache, CacheKey  # noqa: E402
 from metarec_server.inference import (  # noqa: E402
-    RECOMMEND, SCORE, Job, ServingModel, WarmShapes, lower_thread_priority, make_check, make_warm, run_batch,
-    short_gil_turns)
+    RECOMMEND, SCORE, Job, ServingModel, WarmShapes, check_support_sizes, lower_thread_priority, make_check,
+    make_warm, run_batch, short_gil_turns)
 from metarec.client import Client  # noqa: E402
 from metarec_server.app import ServerConfig  # noqa: E402
 from metarec_server.background import BackgroundServer  # noqa: E402
@@ -259,11 +259,21 @@ def test_a_server_serves_after_its_warm_up_only_when_asked(learner, tmp_path, ca
     messages = [record.getMessage() for record in caplog.records]
     serving = next(i for i, m in enumerate(messages) if "serving version 1" in m)
     compiled = [i for i, m in enumerate(messages) if m.startswith("warm-up:") and "compiled" in m]
-    assert len(compiled) == 4  # 2 batch sizes x 3 supports, less the two one-user shapes of the check
+    # 2 batch sizes x 3 supports, less the one-user shapes of the check (64 rows on TensorFlow,
+    # 16 and 64 on JAX)
+    checked = check_support_sizes(keras.backend.backend())
+    assert len(compiled) == 6 - len(checked)
+    assert not any(f"1 users x {size} support rows" in messages[i] for i in compiled for size in checked)
     if serve_after_warm_up:
         assert max(compiled) < serving  # every shape compiled before the version served
     else:
         assert min(compiled) > serving  # the version served first, then compiled the rest
+
+
+def test_the_start_up_check_compiles_64_rows_on_tensorflow_16_and_64_on_jax():
+    assert check_support_sizes("tensorflow") == (64,)
+    assert check_support_sizes(None) == (64,)  # nothing chosen: Keras loads TensorFlow
+    assert check_support_sizes("jax") == (16, 64)
 
 
 def test_a_failed_warm_up_of_the_first_version_leaves_it_serving(tmp_path, caplog):
