@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "date": datetime.date.today().isoformat(),
         "machine": machine.describe(),
-        "command": "python bench/catalogue_variants.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python bench/catalogue_variants.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "seconds": round(time.perf_counter() - started),
         "variants": {name: {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
                      for name, kwargs in variants},
