@@ -234,9 +234,10 @@ def check_support_sizes(backend: str | None) -> tuple[int, ...]:
 
     A version serves once these are compiled (:func:`make_check`); the other shapes follow in
     the background. On TensorFlow (``backend`` "tensorflow", or None: Keras's default) the
-    64-row call alone: SERVING came 0.6-1.2 s sooner on the 2-core benchmark machine, and a
-    short support runs padded to 64 rows until its own shape is ready, with no call over
-    100 ms at 1 or 4 clients (docs/BENCHMARKS.md, start-up). On JAX 16 and 64: with 64 alone
+    64-row call alone: SERVING came about 2.8 s sooner on the 2-core benchmark machine
+    (median 12.0 -> 9.2 s over four interleaved pairs), and a short support runs padded to
+    64 rows until its own shape is ready, with no call over 100 ms at 1 or 4 clients
+    (docs/BENCHMARKS.md, start-up). On JAX 16 and 64: with 64 alone
     SERVING came no sooner, and some one- and four-client calls right after it took over 100 ms.
     """
     if backend in (None, "tensorflow"):
