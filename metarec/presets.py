@@ -191,6 +191,9 @@ def catalogue_two_tower(tasks, embedding_dim=80, cosine_dim=16, inner_steps=1, i
     from metarec.priors import _train_set, cooccurrence_embeddings, log_popularity
     from metarec.sampling import NegativeSampler, item_counts_of
 
+    if isinstance(inner_rating_weights, str) and inner_rating_weights != "ramp":
+        raise ValueError('inner_rating_weights must be "ramp", None or (rating, weight) knots such as '
+                         f"((2, 0), (4, 1)); got {inner_rating_weights!r}.")
     train = _train_set(tasks)
     encoder = train.encoder
     feedback = encoder.schema.feedback

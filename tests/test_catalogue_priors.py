@@ -65,6 +65,15 @@ def test_bad_settings_are_refused(tasks, kwargs, message):
         log_popularity("tasks")
 
 
+def test_the_preset_weighs_support_ratings_by_the_ramp_and_refuses_an_unknown_name(tasks):
+    assert tasks.encoder.schema.feedback == "explicit"
+    learner = metarec.presets.catalogue_two_tower(tasks, embedding_dim=16, cosine_dim=4,
+                                                  relevance_threshold=3.5)
+    assert learner.objective.inner_rating_weights == ((1.5, 0.0), (3.5, 1.0))
+    with pytest.raises(ValueError, match="\"ramp\", None or .*got 'Ramp'"):
+        metarec.presets.catalogue_two_tower(tasks, inner_rating_weights="Ramp")
+
+
 def test_the_preset_starts_as_most_popular_and_adapts_only_the_user_offsets(tasks):
     learner = metarec.presets.catalogue_two_tower(tasks, embedding_dim=16, cosine_dim=4)
     adapted = [learner.model.trainable_variables[i].path for i in learner.forward.adapt_index]
