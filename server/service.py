@@ -191,13 +191,15 @@ class RecommenderService(pb_grpc.RecommenderServiceServicer):
         code = grpc.StatusCode.CANCELLED  # unless an answer is reached
         try:
             reply, code, message = await self._outcome(method, work)
-            if code is grpc.StatusCode.OK:
-                return reply
-            await context.abort(code, message)
         finally:
+            # Counted before the answer leaves: grpc.aio's abort sends the status at once, so a
+            # client that scrapes right after its failed call must already see it counted.
             self.metrics.observe_request(method, code.name, time.perf_counter() - started)
             if outcome is not None:
                 outcome.code = code
+        if code is grpc.StatusCode.OK:
+            return reply
+        await context.abort(code, message)
 
     async def _outcome(self, method: str, work) -> tuple[Any, grpc.StatusCode, str]:
         """``(reply, OK, "")``, or ``(None, code, message)`` for a failure."""
