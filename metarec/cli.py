@@ -135,11 +135,18 @@ def build_parser():
                    help="comma-separated method names (see --list-methods)")
     p.add_argument("--feedback", choices=["explicit", "implicit"], default="explicit",
                    help="implicit: every rating becomes an interaction labelled 1 (protocol Q2-implicit)")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--k", default="5,10,20", help="support sizes")
-    p.add_argument("--out", default="runs/evaluate")
-    p.add_argument("--epochs", type=_positive_int, default=None)
-    p.add_argument("--list-methods", action="store_true")
+    p.add_argument("--seeds", default="0,1,2",
+                   help="comma-separated seeds: each trained method is fitted once per seed, a deterministic "
+                        "one once (default: %(default)s)")
+    p.add_argument("--k", default="5,10,20",
+                   help="comma-separated support sizes K: the first K interactions of each user "
+                        "(default: %(default)s)")
+    p.add_argument("--out", default="runs/evaluate",
+                   help="folder for report.md, report.json and the plots (default: %(default)s)")
+    p.add_argument("--epochs", type=_positive_int, default=None,
+                   help="most training epochs of each neural method (default 30; catalogue-two-tower at most "
+                        "10); early stopping on the validation users still applies")
+    p.add_argument("--list-methods", action="store_true", help="print the method names and exit")
     p.add_argument("--search", metavar="METHOD",
                    help="instead of the report: search METHOD's hyper-parameters on validation "
                         "users (grid in metarec.evaluation.search.GRIDS; first of --seeds and --k)")
