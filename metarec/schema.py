@@ -288,9 +288,11 @@ def warn_if_unusual_scale(rating_range: tuple[float, float], ratings: pd.Series)
         return
     values = pd.to_numeric(pd.Series(ratings), errors="coerce").to_numpy(np.float64)
     values = values[np.isfinite(values)]
-    median = float(np.median(values)) if values.size else high
-    usual_high = min((h for h in USUAL_SCALE_HIGHS if h >= median), default=high)
-    usual_low = max((lo for lo in USUAL_SCALE_LOWS if lo <= low), default=low)
+    # The nearest usual scale that holds all but the extreme 1 % on either side: one stray
+    # rating of 50 among 1-5 stars suggests (1, 5), not a scale that would refuse the 5s.
+    bottom, top = np.quantile(values, [0.01, 0.99]) if values.size else (low, high)
+    usual_high = min((h for h in USUAL_SCALE_HIGHS if h >= top), default=high)
+    usual_low = max((lo for lo in USUAL_SCALE_LOWS if lo <= bottom), default=low)
     outside = int(((values < usual_low) | (values > usual_high)).sum())
     warnings.warn(
         f"the rating range inferred from the data, {rating_range}, is not a usual scale"

@@ -150,8 +150,20 @@ def test_ratings_error_quotes_the_bad_value():
 
 def test_an_unusual_inferred_rating_range_warns_and_rating_range_fixes_it():
     frame = pd.DataFrame({"user_id": [1, 1, 2, 2], "item_id": [1, 2, 1, 3], "rating": [1, 5, 4, 50]})
-    with pytest.warns(RatingRangeWarning, match=r"\(1.0, 50.0\), is not a usual scale \(1 rating"):
+    with pytest.warns(RatingRangeWarning, match=r"\(1.0, 50.0\), is not a usual scale"):
         assert metarec.InteractionData(frame).schema.rating_range == (1.0, 50.0)
+    # The suggested scale is the usual one that holds nearly every rating, whatever their
+    # median: one stray 50 among mostly high 1-5 star ratings suggests (1, 5), which keeps the 5s.
+    rng = np.random.default_rng(0)
+    stars = rng.choice([1, 2, 3, 4, 5], size=2000, p=[0.05, 0.1, 0.25, 0.35, 0.25]).astype(float)
+    many = pd.DataFrame({"user_id": np.arange(2001) // 20, "item_id": np.arange(2001) % 97,
+                         "rating": np.append(stars, 50.0)})
+    with pytest.warns(RatingRangeWarning, match=r"\(1 rating\(s\) lie outside \(1, 5\)\).*"
+                                                r"rating_range=\(1, 5\)"):
+        metarec.InteractionData(many)
+    continuous = many.assign(rating=np.append(rng.uniform(1.2, 4.9, size=2000), 3.0))
+    with pytest.warns(RatingRangeWarning, match=r"e\.g\. rating_range=\(1, 5\)"):
+        metarec.InteractionData(continuous)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert metarec.InteractionData(frame.assign(rating=[1, 5, 4, 3])).schema.rating_range == (1.0, 5.0)
