@@ -302,10 +302,14 @@ class UnknownInteractions:
                 self.report()
 
     def report(self):
-        if self.rows:
-            ids = list(self.ids)
-            apply_policy(self.policy, unknown_items_message("interaction", ids, self.rows, self.encoder.item_ids[1:])
-                         + f" (in the supports of {len(self.users)} of {len(self.all_users)} users: "
+        self.report_counts(list(self.ids), self.rows, len(self.users), len(self.all_users))
+
+    def report_counts(self, ids, rows, users, all_users):
+        """The policy over counts gathered elsewhere (e.g. by ``score_batch_ray``'s actors):
+        ``rows`` rows of ``users`` of ``all_users`` users hold the distinct unknown ``ids``."""
+        if rows:
+            apply_policy(self.policy, unknown_items_message("interaction", ids, rows, self.encoder.item_ids[1:])
+                         + f" (in the supports of {users} of {all_users} users: "
                            f"distinct unknown ids {len(ids)})")
 
 

@@ -53,7 +53,8 @@ def _score_batch(args):
                                   k=args.k, user_features=features,
                                   exclude_seen=not args.include_seen, chunk_users=args.chunk_users,
                                   actors=args.actors, num_gpus=args.num_gpus,
-                                  partitions=args.partitions, address=args.ray_address)
+                                  partitions=args.partitions, address=args.ray_address,
+                                  unknown_ids=args.unknown_ids)
         else:
             out = score_batch(args.model, args.interactions, args.out, candidates=candidates, k=args.k,
                               user_features=features, exclude_seen=not args.include_seen,
@@ -178,7 +179,7 @@ def build_parser():
                    help="no progress output (otherwise a bar on a terminal, one line per chunk when piped)")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local: one process, streamed (default); ray: Ray Data (pip install "
-                        "'metarec[ray]'; --unknown-ids is not checked there)")
+                        "'metarec[ray]')")
     p.add_argument("--actors", type=_positive_int, default=1,
                    help="--engine ray: scoring actors, each holding the model once")
     p.add_argument("--num-gpus", type=float, default=0.0, help="--engine ray: GPUs per actor")

@@ -20,6 +20,7 @@ Ray is imported only when this job runs: ``pip install 'metarec[ray]'``.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -28,7 +29,9 @@ import pandas as pd
 
 from metarec.batch_scoring import (
     INPUT_COLUMNS,
+    UnknownInteractions,
     UserFeatureLookup,
+    _check_candidates_and_features,
     _check_columns,
     _check_manifest,
     _users_of,
@@ -37,6 +40,7 @@ from metarec.batch_scoring import (
     top_k_frame,
     write_atomically,
 )
+from metarec.unknown_ids import check_policy
 from metarec.user_chunks import chunks_of_frame, input_fingerprint, open_dataset, user_hash
 
 #: Input rows per hash partition when ``partitions`` is not given.
@@ -72,13 +76,17 @@ class TopKScorer:
         candidates: raw item ids shared by every user, or None (the catalogue).
         k, exclude_seen, chunk_users: as in :func:`metarec.batch_scoring.score_batch`.
         user_features: a Ray object reference to the user-feature DataFrame, or None.
+        unknown_ids: the job's policy for interaction item ids unknown to the model: the
+            actor counts them (the driver warns once, with the job's counts); with
+            ``"error"`` a partition that holds one is not scored.
     """
 
     def __init__(self, model_path, out_dir, candidates, k, exclude_seen, chunk_users,
-                 user_features=None):
+                 user_features=None, unknown_ids="warn"):
         from metarec.saving import load
 
         self.learner = load(model_path)
+        self.unknown_ids = unknown_ids
         self.out_dir = Path(out_dir)
         self.candidates = candidates
         self.k = k
@@ -90,8 +98,20 @@ class TopKScorer:
             self.features = UserFeatureLookup(ray.get(user_features))
 
     def __call__(self, group: pd.DataFrame) -> pd.DataFrame:
-        """Rank one partition's users and write its part; returns a one-row summary."""
+        """Rank one partition's users and write its part; returns a one-row summary (with the
+        partition's unknown interaction ids, counted for the driver's report)."""
         partition = int(group[PARTITION_COLUMN].iloc[0])
+        summary = {"partition": [partition], "users": [int(group["user_id"].nunique())], "rows": [0],
+                   "unknown_rows": [0], "unknown_users": [0], "unknown_ids": ["[]"]}
+        if self.unknown_ids != "ignore":
+            unknown = self.learner.encoder.item_index(group["item_id"].to_numpy()) == 0
+            if unknown.any():
+                ids = pd.unique(group["item_id"].to_numpy()[unknown])
+                summary.update(unknown_rows=[int(unknown.sum())],
+                               unknown_users=[int(group["user_id"][unknown].nunique())],
+                               unknown_ids=[json.dumps(ids.tolist())])
+                if self.unknown_ids == "error":  # refused: this partition is not scored
+                    return pd.DataFrame(summary)
         frames = []
         for chunk in chunks_of_frame(group[list(INPUT_COLUMNS)], self.chunk_users):
             users, lengths = _users_of(chunk)
@@ -100,8 +120,8 @@ class TopKScorer:
             frames.append(top_k_frame(users, recs))
         frame = pd.concat(frames, ignore_index=True)
         write_atomically(frame, part_path(self.out_dir, partition))
-        return pd.DataFrame({"partition": [partition], "users": [int(frame["user_id"].nunique())],
-                             "rows": [len(frame)]})
+        summary["rows"] = [len(frame)]
+        return pd.DataFrame(summary)
 
 
 def _tag_partitions(batch: pd.DataFrame, partitions: int, done: frozenset) -> pd.DataFrame:
@@ -126,6 +146,7 @@ def score_batch_ray(
     num_gpus=0.0,
     partitions=None,
     address=None,
+    unknown_ids="warn",
 ):
     """:func:`metarec.batch_scoring.score_batch` on Ray Data; returns the output folder.
 
@@ -147,6 +168,11 @@ def score_batch_ray(
             one per million input rows, at least four per actor.
         address: the Ray cluster to join (``"ray://head:10001"``, ``"auto"``); None: the
             running Ray instance, else ``RAY_ADDRESS``, else a new local instance.
+        unknown_ids: ``"warn"`` (default), ``"error"`` or ``"ignore"``, as in ``score_batch``:
+            unknown candidates and user-feature columns are checked before Ray starts;
+            unknown interaction item ids are counted by the actors, and the job then warns
+            once with the counts of the partitions it scored (``"error"``: partitions holding
+            one are not written, and the job raises ``ValueError`` at the end).
 
     Returns:
         ``out_dir`` as a ``Path``, with one ``part-<partition>.parquet`` per non-empty partition.
@@ -154,6 +180,7 @@ def score_batch_ray(
     import keras
 
     ray = require_ray()
+    check_policy(unknown_ids)
     if not isinstance(chunk_users, int) or chunk_users < 1:
         raise ValueError(f"chunk_users must be a positive integer; got {chunk_users!r}.")
     if not isinstance(actors, int) or actors < 1:
@@ -176,6 +203,13 @@ def score_batch_ray(
             learner.save(model_path)
     else:
         model_path = resolve_model_path(learner).resolve()
+    encoder = None
+    if unknown_ids != "ignore":  # the model's ids, for the checks and the messages
+        from metarec.saving import load
+
+        encoder = (learner if isinstance(learner, keras.Model) else load(model_path)).encoder
+        cand = None if candidates is None else np.asarray(candidates)
+        user_features = _check_candidates_and_features(encoder, cand, user_features, unknown_ids)
     done = frozenset(p for p in range(partitions) if part_path(out_dir, p).exists())
     if len(done) == partitions:
         return out_dir
@@ -200,9 +234,20 @@ def score_batch_ray(
             "model_path": str(model_path), "out_dir": str(out_dir),
             "candidates": None if candidates is None else np.asarray(candidates), "k": int(k),
             "exclude_seen": bool(exclude_seen), "chunk_users": chunk_users,
-            "user_features": features,
+            "user_features": features, "unknown_ids": unknown_ids,
         },
     )
-    summary.materialize()  # runs the job; the parts are written by the actors
+    frame = summary.to_pandas()  # runs the job; the parts are written by the actors
+    if encoder is not None:
+        _report_unknown(encoder, unknown_ids, frame)
     return out_dir
+
+
+def _report_unknown(encoder, policy, summary: pd.DataFrame) -> None:
+    """The ``unknown_ids`` policy over the actors' per-partition counts (partitions hold
+    disjoint users, so the user counts add up)."""
+    ids = list(dict.fromkeys(i for text in summary["unknown_ids"] for i in json.loads(text)))
+    UnknownInteractions(encoder, policy).report_counts(
+        ids, int(summary["unknown_rows"].sum()), int(summary["unknown_users"].sum()),
+        int(summary["users"].sum()))
 

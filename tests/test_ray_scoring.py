@@ -1,6 +1,8 @@
 """`score-batch --engine ray`: Ray Data with a pool of scoring actors, on a real local Ray
 instance (one per module: Ray takes seconds to start)."""
 
+import warnings
+
 import keras
 import numpy as np
 import pandas as pd
@@ -88,3 +90,44 @@ def test_ray_top_k_equals_the_single_process_job_and_the_cli_resumes(local_ray, 
     other = list(args)
     other[other.index("--partitions") + 1] = "5"
     assert main(other) == 2
+
+
+def test_ray_job_applies_the_unknown_ids_policy_like_the_local_job(local_ray, saved_model, tmp_path):
+    """Unknown interaction ids are counted by the actors and reported once with the local
+    job's message; "error" writes no part that holds one; unknown feature columns are
+    refused before Ray runs anything."""
+    from metarec.unknown_ids import UnknownIdsWarning
+
+    folder, learner, interactions, _, data = saved_model
+    users = sorted(interactions["user_id"].unique())
+    strangers = interactions[interactions["user_id"].isin(users[:3])].groupby("user_id").head(1)
+    bad = pd.concat([interactions, strangers.assign(item_id=[10_000_000, 10_000_001, 10_000_000])],
+                    ignore_index=True)
+    path = tmp_path / "bad.parquet"
+    bad.to_parquet(path)
+    with pytest.warns(UnknownIdsWarning) as local_warning:
+        score_batch(learner, bad, tmp_path / "local", k=5, verbose=0)
+    with pytest.warns(UnknownIdsWarning) as ray_warning:
+        score_batch_ray(folder, path, tmp_path / "ray", k=5, chunk_users=16, num_cpus=0.5, partitions=4)
+    (message,) = [str(w.message) for w in ray_warning if w.category is UnknownIdsWarning]
+    assert [message] == [str(w.message) for w in local_warning if w.category is UnknownIdsWarning]
+    assert message.startswith("3 interaction item id(s) unknown to the model's catalogue: ")
+    assert f"in the supports of 3 of {len(users)} users: distinct unknown ids 2" in message
+    assert pd.read_parquet(tmp_path / "ray")["user_id"].nunique() == len(users)
+
+    with pytest.raises(ValueError, match="3 interaction item id.*unknown_ids='warn' or 'ignore'"):
+        score_batch_ray(folder, path, tmp_path / "refused", k=5, num_cpus=0.5, partitions=4,
+                        unknown_ids="error")
+    written = pd.read_parquet(tmp_path / "refused")["user_id"].unique() if any(
+        (tmp_path / "refused").glob("part-*.parquet")) else []
+    assert not set(written) & set(users[:3])  # no user of a refused partition was written
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnknownIdsWarning)
+        score_batch_ray(folder, path, tmp_path / "quiet", k=5, num_cpus=0.5, partitions=4,
+                        unknown_ids="ignore")
+    features = data.users.loc[users].assign(shoe_size=42)
+    with pytest.raises(ValueError, match="unknown user feature 'shoe_size'"):
+        score_batch_ray(folder, path, tmp_path / "features", k=5, user_features=features,
+                        unknown_ids="error")
+    assert not any((tmp_path / "features").glob("part-*.parquet"))
