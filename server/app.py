@@ -211,8 +211,9 @@ class MetarecServer:
         }
         tracer = None
         if config.tracing:
-            from metarec_server.tracing import RpcTracer  # opentelemetry is an optional extra
+            from metarec_server.tracing import RpcTracer, ensure_tracer_provider  # an optional extra
 
+            log.info("tracing: one span per call, sent to %s", ensure_tracer_provider())
             tracer = RpcTracer(SERVICE_NAME)
         self.interaction_log = open_interaction_log(config.log_path)
         self.service = RecommenderService(

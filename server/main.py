@@ -55,8 +55,10 @@ metrics (--metrics-port):
   With --workers N the supervisor serves the sum over the workers.
 
 tracing (--tracing, off by default):
-  One OpenTelemetry server span per call, under the caller's W3C traceparent, sent to the
-  exporter of the process's OpenTelemetry SDK set-up (pip install 'metarec[tracing]').
+  One OpenTelemetry server span per call, under the caller's W3C traceparent (pip install
+  'metarec[tracing]'), sent over OTLP/HTTP to OTEL_EXPORTER_OTLP_ENDPOINT (default
+  http://localhost:4318); OTEL_TRACES_EXPORTER=console prints them. A tracer provider the
+  process already has (opentelemetry-instrument) is kept.
 """
 
 REQUEST_RULES = """\
@@ -101,8 +103,8 @@ def build_parser(prog: str = "metarec serve") -> argparse.ArgumentParser:
                         "default: no metrics endpoint; see below)")
     p.add_argument("--metrics-in-supervisor", action="store_true", help=argparse.SUPPRESS)  # set by --workers
     p.add_argument("--tracing", action="store_true",
-                   help="trace every call with OpenTelemetry (off by default; needs "
-                        "pip install 'metarec[tracing]' and a configured OpenTelemetry SDK)")
+                   help="trace every call with OpenTelemetry, exported over OTLP/HTTP (off by "
+                        "default; needs pip install 'metarec[tracing]'; see below)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain; enables TLS with --tls-key")
     p.add_argument("--tls-key", type=Path, help="PEM private key")
     p.add_argument("--token-file", type=Path, help=f"file holding the bearer token (or set ${TOKEN_ENV})")

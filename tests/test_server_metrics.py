@@ -240,3 +240,89 @@ def test_tracing_makes_one_server_span_per_call_under_the_callers_trace(tmp_path
     assert status.status.is_ok
     assert recommend.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
     assert recommend.status.status_code == trace.StatusCode.ERROR
+
+
+class _OtlpReceiver:
+    """An OTLP/HTTP trace receiver on loopback: keeps the body of every POST to /v1/traces."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        bodies = self.bodies = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path == "/v1/traces":
+                    bodies.append(body)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def spans(self):
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        found = []
+        for body in list(self.bodies):
+            request = ExportTraceServiceRequest.FromString(body)
+            for resource_spans in request.resource_spans:
+                service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+                for scope in resource_spans.scope_spans:
+                    found += [(service.get("service.name"), span) for span in scope.spans]
+        return found
+
+
+def test_serve_tracing_exports_spans_over_otlp_http_with_no_set_up_of_its_own(tmp_path):
+    """``metarec serve --tracing`` as a user runs it, with nothing but the standard OTEL_*
+    variables: the server sets up the OpenTelemetry SDK, and its spans reach an OTLP/HTTP
+    collector (a real HTTP receiver here, decoding the protobuf export requests)."""
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+    receiver = _OtlpReceiver()
+    env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, OTEL_SERVICE_NAME="recs-eu",
+               OTEL_BSP_SCHEDULE_DELAY="100")
+    env.pop("OTEL_TRACES_EXPORTER", None)
+    proc = subprocess.Popen([sys.executable, "-m", "metarec_server.main", "--model-dir", str(tmp_path / "models"),
+                             "--port", "0", "--log-db", str(tmp_path / "log.sqlite"), "--tracing"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        address = proc.stdout.readline().strip().rsplit(" ", 1)[1]
+        with Client(address, timeout=30, retry_attempts=1) as client:
+            with pytest.raises(grpc.RpcError) as error:
+                client.recommend({1: 5.0}, k=3)
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE  # no model version yet
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+                span.name.endswith("/Recommend") for _, span in receiver.spans()):
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        receiver.server.shutdown()
+    stderr = proc.stderr.read()
+    assert f"tracing: one span per call, sent to the OpenTelemetry SDK, exporting to otlp ({receiver.endpoint}" \
+        in stderr, stderr
+    recommend = [(service, span) for service, span in receiver.spans() if span.name.endswith("/Recommend")]
+    assert len(recommend) == 1, receiver.spans()
+    service, span = recommend[0]
+    assert service == "recs-eu" and span.name == "metarec.v1.RecommenderService/Recommend"
+    attributes = {a.key: a.value for a in span.attributes}
+    assert attributes["rpc.grpc.status_code"].int_value == grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+def test_serve_tracing_names_a_missing_exporter(tmp_path):
+    env = dict(os.environ, OTEL_TRACES_EXPORTER="zipkin")
+    done = subprocess.run([sys.executable, "-m", "metarec_server.main", "--model-dir", str(tmp_path / "models"),
+                           "--port", "0", "--log-db", str(tmp_path / "log.sqlite"), "--tracing"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "OTEL_TRACES_EXPORTER names 'zipkin', but no installed package provides" in done.stderr
+    assert "Traceback" not in done.stderr
