@@ -114,7 +114,7 @@ def early_stopping(patience):
                                          restore_best_weights=True)
 
 
-def train_maml(tasks, epochs=10, batch_size=32, patience=3, seed=0, verbose=1):
+def train_maml(tasks, epochs=10, batch_size=32, patience=3, seed=0, verbose="auto"):
     """MeLU-style, second-order MAML: one inner SGD step on the decision layers."""
     keras.utils.set_random_seed(seed)  # the same initial weights every run
     learner = metarec.presets.melu(tasks.encoder, local_steps=1)  # compiled (Adam 1e-3)
@@ -123,7 +123,7 @@ def train_maml(tasks, epochs=10, batch_size=32, patience=3, seed=0, verbose=1):
     return learner
 
 
-def train_memory(tasks, epochs=10, batch_size=32, patience=3, units=64, seed=0, verbose=1):
+def train_memory(tasks, epochs=10, batch_size=32, patience=3, units=64, seed=0, verbose="auto"):
     """Memory-based learner: a GRU reads the support set; no gradient step at adaptation."""
     keras.utils.set_random_seed(seed)
     model = metarec.models.rating_mlp(tasks.encoder, embedding_dim=32, hidden_units=(64, 64))
@@ -254,7 +254,7 @@ def save_and_reload(learner, path, support, features, candidates):
 
 # ---------------------------------------------------------------------------- the tutorial
 def run(data="synthetic", epochs=10, batch_size=32, patience=3, k=10, seed=0, out=None,
-        verbose=1, print_fn=print):
+        verbose="auto", print_fn=print):
     """Run every step; returns a dict of what each step produced (for tests and notebooks)."""
     started = time.perf_counter()
     dataset, titles = load_data(data)
@@ -330,7 +330,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     return run(data=args.data, epochs=args.epochs, batch_size=args.batch_size,
                patience=args.patience, k=args.k, seed=args.seed, out=args.out,
-               verbose=0 if args.quiet else 1)
+               verbose=0 if args.quiet else "auto")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def cold_start_scores(data, taskset, score_fn, rating_range):
     return float(np.mean(maes)), float(np.mean(ndcgs))
 
 
-def run_quickstart(seed=0, epochs=15, inner_steps=3, inner_lr=0.05, support_size=10, verbose=1,
+def run_quickstart(seed=0, epochs=15, inner_steps=3, inner_lr=0.05, support_size=10, verbose="auto",
                    print_fn=print):
     """Run the quickstart and return its result rows ``[(method, mae, ndcg3)]``.
 

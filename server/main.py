@@ -114,9 +114,10 @@ def build_parser(prog: str = "metarec serve") -> argparse.ArgumentParser:
                    help="how long an idle server waits for a batch to fill (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=d_batch.max_queue,
                    help="requests waiting for the model before RESOURCE_EXHAUSTED (default: %(default)s)")
-    p.add_argument("--cache-size", type=int, default=10_000, help="adapted users cached (0 disables)")
-    p.add_argument("--poll-interval", type=float, default=5.0, help="seconds between model-folder scans")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds to finish in-flight calls on shutdown")
+    p.add_argument("--cache-size", type=int, default=10_000, help="adapted users cached (0 disables; default: %(default)s)")
+    p.add_argument("--poll-interval", type=float, default=5.0, help="seconds between model-folder scans for a new version (default: %(default)s)")
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="seconds to finish in-flight calls on shutdown (default: %(default)s)")
     p.add_argument("--max-message-mb", type=float, default=4.0,
                    help="largest request or reply, in MiB (default: %(default)s)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=4096,
@@ -145,7 +146,9 @@ def build_parser(prog: str = "metarec serve") -> argparse.ArgumentParser:
     p.add_argument("--max-feature-values", type=int, default=d_limits.max_feature_values,
                    help="most values of one multi-hot user feature (default: %(default)s); each "
                         "categorical value or token is at most --max-id-length characters")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="the server's log on stderr (default: %(default)s; DEBUG adds the warm-up's "
+                        "compiled shapes)")
     return p
 
 
