@@ -6,8 +6,7 @@ support points fit the line; the question is how each method gets there.
 
     python examples/linear_tasks.py --out runs/linear_tasks
 
-compares, on held-out tasks, the query loss after 0..10 inner steps of every family in one run
-(progress is printed as each method trains):
+compares, on held-out tasks, the query loss after 0..10 inner steps of every family in one run:
 
 * gradient-based: MAML (second order: the meta-gradient flows *through* the inner updates),
   first-order MAML and Reptile;
@@ -20,9 +19,11 @@ compares, on held-out tasks, the query loss after 0..10 inner steps of every fam
   another and call it meta-learning. It never differentiates through an adaptation, so it only
   learns an average function, like pre-training; the plot shows it does not adapt as MAML does.
 
-Progress is printed as each of the ten methods finishes, and the total time at the end.
-``--tasks 500 --epochs 5`` ran in about 38 minutes on a 2-core VM shared with other jobs (the
-per-method times are printed); the defaults (2,000 tasks, 20 epochs) take several times longer.
+A line is printed when each of the ten methods starts, after each of its training epochs
+(with its losses and the time so far), and when it finishes, and the total time at the end.
+The defaults (500 training tasks, 5 epochs) ran in about 38 minutes on a 2-core VM shared with
+other jobs; ``--tasks 1000 --epochs 10`` (the run in docs/BENCHMARKS.md) trains four times as
+much.
 
 The functions are importable (``tests/test_examples.py`` runs a tiny version).
 """
@@ -58,21 +59,36 @@ def regression_mlp(hidden=40, seed=0):
     return keras.Model({"x": x}, keras.layers.Dense(1, name="decision_output")(h))
 
 
-def train_meta_learner(cls, train, val, epochs, inner_steps=3, inner_lr=0.02, seed=0, **kwargs):
+def epoch_lines(say, epochs):
+    """A callback that reports each finished epoch through ``say`` (one plain line: readable
+    in a log or a pipe, unlike a progress bar)."""
+    started = time.perf_counter()
+
+    def report(epoch, logs):
+        losses = ", ".join(f"{k} {v:.3f}" for k, v in (logs or {}).items() if "loss" in k)
+        say(f"    epoch {epoch + 1}/{epochs}: {losses} ({time.perf_counter() - started:.0f} s)")
+
+    return keras.callbacks.LambdaCallback(on_epoch_end=report)
+
+
+def train_meta_learner(cls, train, val, epochs, inner_steps=3, inner_lr=0.02, seed=0, say=None, **kwargs):
     learner = cls(regression_mlp(seed=seed), inner_steps=inner_steps, inner_lr=inner_lr,
                   adapt="all", feedback="explicit", **kwargs)
     learner.compile(optimizer=keras.optimizers.Adam(1e-3))
-    learner.fit(train, validation_data=val, epochs=epochs, batch_size=32, seed=seed, verbose=0)
+    callbacks = [epoch_lines(say, epochs)] if say else None
+    learner.fit(train, validation_data=val, epochs=epochs, batch_size=32, seed=seed, verbose=0,
+                callbacks=callbacks)
     return learner
 
 
-def pretrain(train, epochs, seed=0):
+def pretrain(train, epochs, seed=0, say=None):
     """Ordinary training on every point of every training task."""
     model = regression_mlp(seed=seed)
     x = np.concatenate([train.support_x["x"], train.query_x["x"]], axis=1).reshape(-1, 1)
     y = np.concatenate([train.support_y, train.query_y], axis=1).reshape(-1)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
-    model.fit({"x": x}, y, epochs=epochs, batch_size=320, verbose=0)
+    model.fit({"x": x}, y, epochs=epochs, batch_size=320, verbose=0,
+              callbacks=[epoch_lines(say, epochs)] if say else None)
     return model
 
 
@@ -102,34 +118,35 @@ def loss_vs_steps(learner, tasks, max_steps=10):
     return out
 
 
-def run(num_train=2000, num_test=200, epochs=20, seed=0, out=None, max_steps=10, print_fn=print):
+def run(num_train=500, num_test=200, epochs=5, seed=0, out=None, max_steps=10, print_fn=print):
     """Train every method on ``num_train`` tasks and return ``{method: {steps: query MSE}}`` on
-    ``num_test`` held-out tasks; ``print_fn`` reports progress (None for silence)."""
+    ``num_test`` held-out tasks; ``print_fn`` reports progress, a line per method start, epoch
+    and result (None for silence)."""
     train = make_tasks(num_train, seed)
     val = make_tasks(num_test, seed + 1)
     test = make_tasks(num_test, seed + 2)
+    say = print_fn or (lambda *args: None)
+
+    def meta(cls, **kwargs):
+        return lambda: train_meta_learner(cls, train, val, epochs, seed=seed, say=say, **kwargs)
+
     builders = {
-        "MAML (second order)": lambda: train_meta_learner(metarec.MAML, train, val, epochs, seed=seed),
-        "first-order MAML": lambda: train_meta_learner(metarec.MAML, train, val, epochs, seed=seed,
-                                                       first_order=True),
-        "Reptile": lambda: train_meta_learner(metarec.Reptile, train, val, epochs, seed=seed),
-        "Meta-SGD": lambda: train_meta_learner(metarec.MetaSGD, train, val, epochs, seed=seed, inner_steps=1),
-        "LSTM meta-learner (learned update)": lambda: train_meta_learner(
-            metarec.LSTMMetaLearner, train, val, epochs, seed=seed),
-        "LSTM meta-learner (Ravi-Larochelle form)": lambda: train_meta_learner(
-            metarec.LSTMMetaLearner, train, val, epochs, seed=seed, form="ravi_larochelle"),
-        "memory-based (GRU, no steps)": lambda: train_meta_learner(
-            metarec.MemoryLearner, train, val, epochs, seed=seed, inner_steps=0, units=40),
-        "memory-based (LSTM, no steps)": lambda: train_meta_learner(
-            metarec.MemoryLearner, train, val, epochs, seed=seed, inner_steps=0, units=40, cell="lstm"),
-        "pre-training + fine-tuning": lambda: as_fine_tuner(pretrain(train, epochs, seed)),
+        "MAML (second order)": meta(metarec.MAML),
+        "first-order MAML": meta(metarec.MAML, first_order=True),
+        "Reptile": meta(metarec.Reptile),
+        "Meta-SGD": meta(metarec.MetaSGD, inner_steps=1),
+        "LSTM meta-learner (learned update)": meta(metarec.LSTMMetaLearner),
+        "LSTM meta-learner (Ravi-Larochelle form)": meta(metarec.LSTMMetaLearner, form="ravi_larochelle"),
+        "memory-based (GRU, no steps)": meta(metarec.MemoryLearner, inner_steps=0, units=40),
+        "memory-based (LSTM, no steps)": meta(metarec.MemoryLearner, inner_steps=0, units=40, cell="lstm"),
+        "pre-training + fine-tuning": lambda: as_fine_tuner(pretrain(train, epochs, seed, say=say)),
         "sequential fine-tuning (not MAML)": lambda: as_fine_tuner(sequential_fine_tuning(train, seed=seed)),
     }
-    say = print_fn or (lambda *args: None)
     curves = {}
     started = time.perf_counter()
     for i, (name, build) in enumerate(builders.items(), 1):
         t0 = time.perf_counter()
+        say(f"[{i}/{len(builders)}] {name}: training on {num_train} tasks ...")
         curves[name] = loss_vs_steps(build(), test, max_steps)
         say(f"[{i}/{len(builders)}] {name}: query MSE {curves[name][0]:.3f} at 0 steps, "
             f"{curves[name][max_steps]:.3f} at {max_steps} ({time.perf_counter() - t0:.0f} s; "
@@ -161,8 +178,8 @@ def plot(curves, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/linear_tasks")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--epochs", type=int, default=5, help="meta-training epochs (default: %(default)s)")
+    parser.add_argument("--tasks", type=int, default=500, help="training tasks (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     started = time.perf_counter()
