@@ -185,19 +185,25 @@ def check_no_repeats(item_idx: np.ndarray, ids: Sequence[str], what: str) -> Non
 
 
 def usable_logged(rows: Sequence[tuple[str, float, int]], model: ServingModel) -> Interactions | None:
-    """Logged interactions the model can use (known items, valid ratings), or ``None``."""
+    """Logged interactions the model can use (known items, valid ratings), or ``None``.
+
+    ``rows`` are oldest first. An item logged more than once counts once, with its latest
+    rating (the log keeps every row; a request may not repeat an item, and neither does the
+    support built from the log)."""
     item_idx = model.catalog.index([r[0] for r in rows])
-    keep = []
-    for i, (_, rating, _) in enumerate(rows):
-        if item_idx[i] == 0:
+    keep, seen = [], set()
+    for i in reversed(range(len(rows))):
+        if item_idx[i] == 0 or item_idx[i] in seen:
             continue
         try:
-            check_rating(rating, model, "logged")
+            check_rating(rows[i][1], model, "logged")
         except RequestError:
             continue
+        seen.add(item_idx[i])
         keep.append(i)
     if not keep:
         return None
+    keep.reverse()
     return _to_interactions(item_idx[keep], [rows[i] for i in keep])
 
 

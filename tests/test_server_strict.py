@@ -137,6 +137,25 @@ def test_repeated_items_follow_one_rule_in_interactions_and_candidates(stub):
     assert details.startswith("candidate item ids contain duplicates (1 repeated, e.g. '3')")
 
 
+def test_a_user_id_support_counts_a_repeatedly_logged_item_once_with_its_latest_rating(stub):
+    """Recommend and Score by user id build the support from the log, which keeps every row:
+    an item logged twice counts once, with the rating logged last, as a request must."""
+    service, _ = stub
+    rows = [("5", 1.0, 100), ("17", 4.0, 101), ("5", 5.0, 102), ("42", 1.0, 103), ("17", 2.0, 104)]
+    service.LogInteractions(pb.LogInteractionsRequest(user_id="twice", interactions=[
+        pb.Interaction(item_id=i, rating=r, timestamp=t) for i, r, t in rows]), timeout=30)
+    candidates = ["3", "9", "60", "77"]
+    by_id = service.Score(pb.ScoreRequest(user=pb.UserContext(user_id="twice"),
+                                          candidate_item_ids=candidates), timeout=30)
+    latest = service.Score(pb.ScoreRequest(user=user(interactions=[("5", 5.0), ("42", 1.0), ("17", 2.0)]),
+                                           candidate_item_ids=candidates), timeout=30)
+    first = service.Score(pb.ScoreRequest(user=user(interactions=[("5", 1.0), ("17", 4.0), ("42", 1.0)]),
+                                          candidate_item_ids=candidates), timeout=30)
+    scores = [list(r.scores) for r in (by_id, latest, first)]
+    np.testing.assert_allclose(scores[0], scores[1], rtol=1e-5)
+    assert not np.allclose(scores[0], scores[2], rtol=1e-5)
+
+
 def test_categorical_values_are_capped_like_ids(stub):
     service, _ = stub
     assert service.Score(pb.ScoreRequest(user=user({"segment": "x" * 256}), candidate_item_ids=["1"]),
