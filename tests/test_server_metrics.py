@@ -326,3 +326,43 @@ def test_serve_tracing_names_a_missing_exporter(tmp_path):
     assert done.returncode == 2
     assert "OTEL_TRACES_EXPORTER names 'zipkin', but no installed package provides" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_supervisor_shows_the_served_version_and_every_workers_refusal(tmp_path, model_file):
+    """``--workers 2``: the version gauge is the version the workers serve (one series, not
+    one per worker), and a corrupt new version is refused by each worker, which the summed
+    refusal counter shows twice."""
+    (tmp_path / "models" / "1").mkdir(parents=True)
+    shutil.copy(model_file, tmp_path / "models" / "1" / "model.keras")
+    stderr = (tmp_path / "stderr.txt").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metarec_server.main", "--model-dir", str(tmp_path / "models"),
+         "--log", str(tmp_path / "log.sqlite"), "--port", "0", "--workers", "2", "--metrics-port", "0",
+         "--poll-interval", "0.2", "--log-level", "WARNING"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True,
+    )
+    try:
+        metrics_port = int(proc.stdout.readline().rsplit(":", 1)[1].split("/")[0])
+        proc.stdout.readline()  # listening
+
+        def wait_for(name, expected, **labels):
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                got = value(scrape(metrics_port), name, **labels)
+                if got == expected:
+                    return
+                time.sleep(0.2)
+            raise AssertionError(f"{name}{labels} is {got}, not {expected}; log:\n"
+                                 + (tmp_path / "stderr.txt").read_text()[-3000:])
+
+        wait_for("metarec_model_version", 1, model="default")
+        (tmp_path / "models" / ".tmp-2").mkdir()
+        (tmp_path / "models" / ".tmp-2" / "model.keras").write_bytes(b"not a keras archive")
+        os.rename(tmp_path / "models" / ".tmp-2", tmp_path / "models" / "2")
+        wait_for("metarec_model_version_refusals_total", 2, model="default", version="2")
+        # Still version 1 (the lowest any live worker serves, not a sum over the workers).
+        assert value(scrape(metrics_port), "metarec_model_version", model="default") == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        stderr.close()
