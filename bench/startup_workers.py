@@ -128,7 +128,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backends", default="tensorflow,jax", help="comma-separated (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="server processes (default: %(default)s)")
-    p.add_argument("--no-cache", action="store_true", help="start without --compile-cache")
+    p.add_argument("--no-cache", action="store_true",
+                   help="start without --compile-cache (JAX workers then share the supervisor's "
+                        "temporary one)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     results = {"machine": machine.describe(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(

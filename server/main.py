@@ -26,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from metarec.backend_choice import configured_backend
 from metarec.interaction_log import is_postgres_url, open_interaction_log
 from metarec_server.app import MetarecServer, ServerConfig
 from metarec_server.batcher import BatcherConfig
@@ -137,7 +138,8 @@ def build_parser(prog: str = "metarec serve") -> argparse.ArgumentParser:
     p.add_argument("--compile-cache", type=Path, metavar="DIR",
                    help="keep compiled model programs in DIR across restarts (JAX backend: a "
                         "restarted or added worker loads them instead of compiling; TensorFlow has "
-                        "no such cache and ignores it)")
+                        "no such cache and ignores it). Without it, --workers N on JAX shares a "
+                        "temporary one among its workers, removed at exit")
     p.add_argument("--serve-after-warm-up", action="store_true",
                    help="report SERVING only once the first model version has compiled every served "
                         "shape (seconds to a minute later; by default it serves after its check and "
@@ -249,9 +251,10 @@ def serve_workers(argv: list[str], config: ServerConfig, workers: int, ready, pr
     """Supervise ``workers`` server processes on one port (see ``metarec_server.workers``).
 
     With a metrics port, the workers write their metrics into a temporary folder
-    (prometheus-client's multiprocess mode) and this process serves their sum.
+    (prometheus-client's multiprocess mode) and this process serves their sum. On JAX without
+    ``--compile-cache`` they share a temporary compile cache, removed when this process ends.
     """
-    metrics_dir = endpoint = None
+    metrics_dir = endpoint = shared_cache = None
     try:
         hold = reserve_port(config.host, config.port)
         # Created here, once: workers starting together would race to switch it to WAL mode
@@ -267,6 +270,14 @@ def serve_workers(argv: list[str], config: ServerConfig, workers: int, ready, pr
     # argparse keeps the last of repeated options: these override the user's own.
     command = [sys.executable, "-m", "metarec_server.main", *argv, "--workers", "1",
                "--port", str(port), "--reuse-port", "--parent-pid", str(os.getpid()), "--metrics-in-supervisor"]
+    if config.compile_cache is None and configured_backend()[0] == "jax":
+        # Without --compile-cache the workers still share one for this server's lifetime: a
+        # restarted worker then loads what the others compiled instead of compiling again.
+        shared_cache = tempfile.TemporaryDirectory(prefix="metarec-compile-cache-")
+        command += ["--compile-cache", shared_cache.name]
+        logging.getLogger(__name__).info(
+            "workers share the compile cache %s (removed at exit; --compile-cache DIR keeps one "
+            "across restarts of the whole server)", shared_cache.name)
     env = None
     on_exit = None
     if metrics_dir is not None:
@@ -290,6 +301,8 @@ def serve_workers(argv: list[str], config: ServerConfig, workers: int, ready, pr
         if endpoint is not None:
             endpoint.close()
             metrics_dir.cleanup()
+        if shared_cache is not None:
+            shared_cache.cleanup()
 
 
 if __name__ == "__main__":

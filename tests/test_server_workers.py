@@ -322,3 +322,38 @@ def test_client_spreads_calls_over_its_connections(tmp_path):
                 assert established_connections(running.port) == connections
     with pytest.raises(ValueError, match="connections must be an integer >= 1, got 0"):
         Client("127.0.0.1:1", connections=0)
+
+
+def test_workers_on_jax_share_a_compile_cache_that_is_removed_at_exit(tmp_path, model_file):
+    """``--workers 2`` with no ``--compile-cache``: on JAX the supervisor gives its workers one
+    temporary cache (filled by their compiles, so a restarted worker loads instead of
+    compiling) and removes it when it stops; on TensorFlow, which keeps none, there is none."""
+    from metarec.backend_choice import configured_backend
+
+    (tmp_path / "models" / "1").mkdir(parents=True)
+    (tmp_path / "models" / "1" / "model.keras").write_bytes(model_file.read_bytes())
+    stderr = (tmp_path / "stderr.txt").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metarec_server.main", "--workers", "2", "--port", "0",
+         "--model-dir", str(tmp_path / "models"), "--log-db", str(tmp_path / "log.sqlite"),
+         "--log-level", "INFO"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True,
+    )
+    try:
+        assert proc.stdout.readline().startswith("metarec server listening on")
+        log = tmp_path / "stderr.txt"
+        wait_for(lambda: log.read_text().count("serving version 1") == 2, what="both workers serving")
+        shared = [line.split("workers share the compile cache ", 1)[1].split(" ", 1)[0]
+                  for line in log.read_text().splitlines() if "workers share the compile cache" in line]
+        if configured_backend()[0] != "jax":
+            assert shared == []
+            return
+        assert len(shared) == 1, log.read_text()[-3000:]
+        cache = Path(shared[0])
+        assert cache.name.startswith("metarec-compile-cache-")
+        assert any(path.is_file() for path in cache.rglob("*")), "nothing was compiled into the cache"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+        stderr.close()
+    assert not cache.exists()
