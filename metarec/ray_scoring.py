@@ -203,6 +203,9 @@ def score_batch_ray(
             learner.save(model_path)
     else:
         model_path = resolve_model_path(learner).resolve()
+    done = frozenset(p for p in range(partitions) if part_path(out_dir, p).exists())
+    if len(done) == partitions:
+        return out_dir
     encoder = None
     if unknown_ids != "ignore":  # the model's ids, for the checks and the messages
         from metarec.saving import load
@@ -210,9 +213,6 @@ def score_batch_ray(
         encoder = (learner if isinstance(learner, keras.Model) else load(model_path)).encoder
         cand = None if candidates is None else np.asarray(candidates)
         user_features = _check_candidates_and_features(encoder, cand, user_features, unknown_ids)
-    done = frozenset(p for p in range(partitions) if part_path(out_dir, p).exists())
-    if len(done) == partitions:
-        return out_dir
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     features = None

@@ -115,8 +115,10 @@ def build_parser(prog: str = "metarec serve") -> argparse.ArgumentParser:
                    help="how long an idle server waits for a batch to fill (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=d_batch.max_queue,
                    help="requests waiting for the model before RESOURCE_EXHAUSTED (default: %(default)s)")
-    p.add_argument("--cache-size", type=int, default=10_000, help="adapted users cached (0 disables; default: %(default)s)")
-    p.add_argument("--poll-interval", type=float, default=5.0, help="seconds between model-folder scans for a new version (default: %(default)s)")
+    p.add_argument("--cache-size", type=int, default=10_000,
+                   help="adapted users cached (0 disables; default: %(default)s)")
+    p.add_argument("--poll-interval", type=float, default=5.0,
+                   help="seconds between model-folder scans for a new version (default: %(default)s)")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds to finish in-flight calls on shutdown (default: %(default)s)")
     p.add_argument("--max-message-mb", type=float, default=4.0,

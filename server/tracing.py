@@ -88,8 +88,13 @@ def ensure_tracer_provider() -> str:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return "the OpenTelemetry SDK, exporting to " + ", ".join(
-        f"{name} ({getattr(exporter, '_endpoint', 'stdout' if name == 'console' else '')})".replace(" ()", "")
-        for name, exporter in exporters)
+        _destination(name, exporter) for name, exporter in exporters)
+
+
+def _destination(name: str, exporter: Any) -> str:
+    """``otlp (http://localhost:4318/v1/traces)``, ``console (stdout)``, or the name alone."""
+    where = "stdout" if name == "console" else getattr(exporter, "_endpoint", None)  # OTLP keeps its URL there
+    return f"{name} ({where})" if where else name
 
 
 class RpcOutcome:
