@@ -126,6 +126,9 @@ def test_ray_job_applies_the_unknown_ids_policy_like_the_local_job(local_ray, sa
         warnings.simplefilter("error", UnknownIdsWarning)
         score_batch_ray(folder, path, tmp_path / "quiet", k=5, num_cpus=0.5, partitions=4,
                         unknown_ids="ignore")
+    with pytest.raises(ValueError, match="unknown_ids must be one of .* got unknown_ids='sometimes'"):
+        score_batch_ray(folder, path, tmp_path / "policy", k=5, unknown_ids="sometimes")
+    assert not (tmp_path / "policy").exists()
     features = data.users.loc[users].assign(shoe_size=42)
     with pytest.raises(ValueError, match="unknown user feature 'shoe_size'"):
         score_batch_ray(folder, path, tmp_path / "features", k=5, user_features=features,

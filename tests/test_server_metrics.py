@@ -318,13 +318,18 @@ def test_serve_tracing_exports_spans_over_otlp_http_with_no_set_up_of_its_own(tm
     assert attributes["rpc.grpc.status_code"].int_value == grpc.StatusCode.UNAVAILABLE.value[0]
 
 
-def test_serve_tracing_names_a_missing_exporter(tmp_path):
-    env = dict(os.environ, OTEL_TRACES_EXPORTER="zipkin")
+@pytest.mark.parametrize("variables, message", [
+    ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER names 'zipkin', but no installed package provides"),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"},
+     "OTEL_EXPORTER_OTLP_PROTOCOL must be one of ['grpc', 'http/protobuf']; got 'carrier-pigeon'"),
+])
+def test_serve_tracing_names_a_missing_exporter(tmp_path, variables, message):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")}
     done = subprocess.run([sys.executable, "-m", "metarec_server.main", "--model-dir", str(tmp_path / "models"),
                            "--port", "0", "--log-db", str(tmp_path / "log.sqlite"), "--tracing"],
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env={**env, **variables}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "OTEL_TRACES_EXPORTER names 'zipkin', but no installed package provides" in done.stderr
+    assert message in done.stderr
     assert "Traceback" not in done.stderr
 
 
